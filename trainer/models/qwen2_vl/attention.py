@@ -1,0 +1,77 @@
+"""Attention kernels shared by the ViT and the LLM.
+
+Both go through `torch.nn.functional.scaled_dot_product_attention`; where the `flash_attn` package is installed and
+the tensors are half precision on a GPU, the varlen kernel runs instead (no mask is materialised).
+
+- ViT: block-diagonal over segments of different lengths. Segments of equal length (all slices of a video, images
+  of one size) are stacked into a batch and attended in one call; there is no padding anywhere.
+- LLM: causal attention within each sample of a packed row. A row of one sample uses the causal kernel; rows with
+  several samples or padding use a boolean mask (same sample and not in the future).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional GPU kernel
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - not installable without CUDA
+    flash_attn_varlen_func = None
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             segments: torch.Tensor) -> torch.Tensor:
+    """q, k, v (N, H, D); segments: lengths of consecutive segments summing to N. Returns (N, H, D)."""
+    lengths = segments.tolist()
+    if _use_flash(q):
+        cu = F.pad(segments.cumsum(0, dtype=torch.int32), (1, 0)).to(q.device)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=False)
+    if len(set(lengths)) == 1:  # one length: a plain reshape, no gather
+        s = len(lengths)
+        qb, kb, vb = (t.view(s, lengths[0], *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    by_length: dict[int, list[int]] = {}
+    for start, n in zip(starts, lengths, strict=True):
+        by_length.setdefault(n, []).append(start)
+    out = torch.empty_like(q)
+    for n, group_starts in by_length.items():
+        index = (torch.tensor(group_starts, device=q.device)[:, None]
+                 + torch.arange(n, device=q.device)).reshape(-1)
+        qb, kb, vb = (t.index_select(0, index).view(len(group_starts), n, *t.shape[1:]).transpose(1, 2)
+                      for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(-1, *q.shape[1:])
+        out = out.index_copy(0, index, o)
+    return out
+
+
+def segment_mask(segment_ids: torch.Tensor, q_len: int | None = None) -> torch.Tensor:
+    """Boolean mask (B, 1, Lq, Lk): key j is visible to query i when it is in the same sample and not later.
+
+    Queries are the last `q_len` positions (all by default). A padding query (segment -1) sees only itself, so no
+    softmax row is empty; its output is never used.
+    """
+    k_len = segment_ids.shape[1]
+    q_len = k_len if q_len is None else q_len
+    q_seg = segment_ids[:, k_len - q_len:]
+    q_pos = torch.arange(k_len - q_len, k_len, device=segment_ids.device)
+    k_pos = torch.arange(k_len, device=segment_ids.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (Lq, Lk)
+    same = (q_seg[:, :, None] == segment_ids[:, None, :]) & (q_seg[:, :, None] >= 0)
+    itself = k_pos[None, :] == q_pos[:, None]
+    return ((same & causal) | itself).unsqueeze(1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (B, H, Lq, D), k and v (B, KV, Lk, D) with KV dividing H; mask None means plain causal. Returns q's shape."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
