@@ -1,0 +1,100 @@
+"""Model behaviour that needs no reference implementation: packing, presets, checkpointing, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_fixtures import IMAGE_GRIDS, VIDEO_GRIDS, random_model, sample_rows, tiny
+
+from trainer.models.qwen2_vl import Qwen2VL, preset
+from trainer.models.qwen2_vl.info import count_parameters
+from trainer.models.qwen2_vl.weights import build_on_meta
+
+
+def _pixels(cfg, grids, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t * h * w, cfg.vision.patch_dim, generator=g) for t, h, w in grids]
+
+
+def test_packed_row_equals_each_sample_alone():
+    """Three samples (images, a video, plain text) packed in one padded row give their solo logits."""
+    cfg = tiny()
+    model = random_model(cfg, seed=7)
+    row_a, row_b = sample_rows(cfg, seed=2)
+    row_c = torch.randint(0, 400, (9,)).tolist()
+    images, videos = _pixels(cfg, IMAGE_GRIDS, 1), _pixels(cfg, VIDEO_GRIDS, 2)
+    # Vision inputs per sample, in order of appearance: A has images 0 and 1; B has the video, then image 2.
+    solo_inputs = [
+        (row_a, dict(pixel_values=torch.cat(images[:2]), image_grid_thw=torch.tensor(IMAGE_GRIDS[:2]))),
+        (row_b, dict(pixel_values=images[2], image_grid_thw=torch.tensor(IMAGE_GRIDS[2:]),
+                     pixel_values_videos=videos[0], video_grid_thw=torch.tensor(VIDEO_GRIDS))),
+        (row_c, {}),
+    ]
+    pad = 5
+    packed = torch.tensor(row_a + row_b + row_c + [cfg.pad_token_id] * pad)[None]
+    segments = torch.tensor([0] * len(row_a) + [1] * len(row_b) + [2] * len(row_c) + [-1] * pad)[None]
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments, pixel_values=torch.cat(images),
+                    image_grid_thw=torch.tensor(IMAGE_GRIDS), pixel_values_videos=videos[0],
+                    video_grid_thw=torch.tensor(VIDEO_GRIDS)).logits[0]
+        start = 0
+        for ids, vision in solo_inputs:
+            alone = model(torch.tensor(ids)[None], **vision).logits[0]
+            assert (out[start:start + len(ids)] - alone).abs().max() < 1e-5
+            start += len(ids)
+
+
+def test_packed_loss_never_crosses_samples():
+    cfg = tiny()
+    model = random_model(cfg)
+    ids = torch.randint(0, 400, (1, 12))
+    segments = torch.tensor([[0] * 6 + [1] * 6])
+    labels = ids.clone()
+    out = model(ids, segment_ids=segments, labels=labels)
+    assert out.num_loss_tokens == 10  # 11 shifted targets minus the one at the boundary
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("2b", 2_208_985_600), ("7b", 8_291_375_616), ("72b", 73_405_560_320)])
+def test_released_parameter_counts_on_meta(name, expected):
+    model = build_on_meta(preset(name))
+    assert all(p.is_meta for p in model.parameters())
+    counts = count_parameters(model)
+    assert counts.total == expected
+    assert counts.vision == {"2b": 665_271_296, "7b": 675_759_104, "72b": 699_356_672}[name]
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*2b, 7b, 72b"):
+        preset("huge")
+
+
+def test_activation_checkpointing_keeps_gradients():
+    cfg = tiny()
+    rows = sample_rows(cfg)
+    ids = torch.tensor(rows[0])[None]
+    kwargs = dict(pixel_values=torch.cat(_pixels(cfg, IMAGE_GRIDS[:2], 0)),
+                  image_grid_thw=torch.tensor(IMAGE_GRIDS[:2]), labels=ids)
+    grads = []
+    for on in (False, True):
+        model = random_model(cfg, seed=4).train()
+        model.set_activation_checkpointing(vision=on, text={1} if on else False)
+        model(ids, **kwargs).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_config_validation_names_the_field():
+    cfg = tiny()
+    with pytest.raises(ValueError, match="text.mrope_section"):
+        type(cfg.text)(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 2, 2))
+    with pytest.raises(ValueError, match="vision.hidden_size"):
+        cfg.replace(vision=type(cfg.vision)(hidden_size=32))
+
+
+def test_grid_patch_count_mismatch_is_an_error():
+    cfg = tiny()
+    model = Qwen2VL(cfg)
+    with pytest.raises(ValueError, match="pixel_values has 10 patches"):
+        model.visual(torch.randn(10, cfg.vision.patch_dim), torch.tensor([[1, 4, 4]]))
