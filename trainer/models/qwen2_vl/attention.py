@@ -3,8 +3,8 @@
 Both go through `torch.nn.functional.scaled_dot_product_attention`; where the `flash_attn` package is installed and
 the tensors are half precision on a GPU, the varlen kernel runs instead (no mask is materialised).
 
-- ViT: block-diagonal over segments of different lengths. Segments of equal length (all slices of a video, images
-  of one size) are stacked into a batch and attended in one call; there is no padding anywhere.
+- ViT: block-diagonal over segments of different lengths. Consecutive segments of equal length (all slices of a
+  video, same-size images in a row) are stacked into a batch and attended in one call; there is no padding.
 - LLM: causal attention within each sample of a packed row. A row of one sample uses the causal kernel; rows with
   several samples or padding use a boolean mask (same sample and not in the future).
 """
@@ -31,25 +31,18 @@ def block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if _use_flash(q):
         cu = F.pad(segments.cumsum(0, dtype=torch.int32), (1, 0)).to(q.device)
         return flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=False)
-    if len(set(lengths)) == 1:  # one length: a plain reshape, no gather
-        s = len(lengths)
-        qb, kb, vb = (t.view(s, lengths[0], *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    by_length: dict[int, list[int]] = {}
-    for start, n in zip(starts, lengths, strict=True):
-        by_length.setdefault(n, []).append(start)
-    out = torch.empty_like(q)
-    for n, group_starts in by_length.items():
-        index = (torch.tensor(group_starts, device=q.device)[:, None]
-                 + torch.arange(n, device=q.device)).reshape(-1)
-        qb, kb, vb = (t.index_select(0, index).view(len(group_starts), n, *t.shape[1:]).transpose(1, 2)
-                      for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(-1, *q.shape[1:])
-        out = out.index_copy(0, index, o)
-    return out
+    # Runs of consecutive equal-length segments (a video's slices, same-size images in a row) are stacked into one
+    # batched call; runs are contiguous, so slicing needs no gather.
+    outputs, start, i = [], 0, 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        n, count = lengths[i], j - i
+        qb, kb, vb = (t[start:start + n * count].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        outputs.append(F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(n * count, *q.shape[1:]))
+        start, i = start + n * count, j
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def segment_mask(segment_ids: torch.Tensor, q_len: int | None = None) -> torch.Tensor:

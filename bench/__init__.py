@@ -1,0 +1,1 @@
+"""Benchmarks: one script per claim, each a ratio against a baseline measured in the same run."""

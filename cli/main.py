@@ -1,0 +1,64 @@
+"""`vlctl`: train Qwen2-VL models and supervise the runs."""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
+import typer
+
+from . import model
+from .errors import exit_code_for
+from .tool import run_model_tool  # noqa: F401 - re-exported for tests
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(model.app, name="model")
+
+
+def _version() -> str:
+    try:
+        return version("vlctl")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"vlctl {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version_: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                           help="print the version and exit")] = False,
+) -> None:
+    """Train Qwen2-VL models and supervise the runs."""
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="folder for the demo's files")] = "runs/demo",
+) -> None:
+    """The main demo: build the demo model, fit it to a synthetic grounding sample, save it in the Hugging Face
+    format, reload it and ask it about the image."""
+    from .demo import run_demo
+
+    run_demo(out)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        sys.exit(exit_code_for(err))

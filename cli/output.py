@@ -1,0 +1,42 @@
+"""One output path for every command: data to stdout (a table for people, `--output json` for scripts),
+messages to stderr, so JSON output always parses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+from rich.console import Console
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def emit(data: Any, fmt: OutputFormat, render: Callable[[Any], Any]) -> None:
+    """Print `data` as JSON alone on stdout, or as what `render` returns (a rich renderable or text)."""
+    if fmt is OutputFormat.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        stdout.print(render(data))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
