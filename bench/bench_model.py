@@ -29,11 +29,23 @@ def bench_config() -> Qwen2VLConfig:
     vocab = 8192
     return Qwen2VLConfig(
         vision=VisionConfig(depth=4, embed_dim=256, num_heads=4, hidden_size=512),
-        text=TextConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12),
-                        tie_word_embeddings=False),
-        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
-        vision_end_token_id=vocab - 4, bos_token_id=vocab - 5, eos_token_id=vocab - 6, pad_token_id=vocab - 5,
+        text=TextConfig(
+            vocab_size=vocab,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            mrope_section=(8, 12, 12),
+            tie_word_embeddings=False,
+        ),
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4,
+        bos_token_id=vocab - 5,
+        eos_token_id=vocab - 6,
+        pad_token_id=vocab - 5,
         torch_dtype="float32",
     )
 
@@ -42,9 +54,13 @@ def make_samples(cfg: Qwen2VLConfig, samples) -> tuple[list[list[int]], torch.Te
     g = torch.Generator().manual_seed(0)
     rows, pixels = [], []
     for before, (t, h, w), after in samples:
-        rows.append(torch.randint(0, 8000, (before,), generator=g).tolist() + [cfg.vision_start_token_id]
-                    + [cfg.image_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id]
-                    + torch.randint(0, 8000, (after,), generator=g).tolist())
+        rows.append(
+            torch.randint(0, 8000, (before,), generator=g).tolist()
+            + [cfg.vision_start_token_id]
+            + [cfg.image_token_id] * (t * h * w // 4)
+            + [cfg.vision_end_token_id]
+            + torch.randint(0, 8000, (after,), generator=g).tolist()
+        )
         pixels.append(torch.randn(t * h * w, cfg.vision.patch_dim, generator=g))
     return rows, torch.cat(pixels), torch.tensor([grid for _, grid, _ in samples])
 
@@ -54,8 +70,8 @@ def padded(cfg, rows):
     ids = torch.full((len(rows), length), cfg.pad_token_id)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
@@ -96,20 +112,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step_theirs():
         theirs.zero_grad(set_to_none=True)
-        theirs(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixel_values,
-               image_grid_thw=grids).loss.backward()
+        theirs(
+            input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixel_values, image_grid_thw=grids
+        ).loss.backward()
 
     def step_ours_padded():
         ours.zero_grad(set_to_none=True)
-        ours(ids, attention_mask=mask, labels=labels, pixel_values=pixel_values,
-             image_grid_thw=grids).loss.backward()
+        ours(
+            ids, attention_mask=mask, labels=labels, pixel_values=pixel_values, image_grid_thw=grids
+        ).loss.backward()
 
     p_ids, p_segments, p_labels = packed(rows)
 
     def step_ours_packed():
         ours.zero_grad(set_to_none=True)
-        ours(p_ids, segment_ids=p_segments, labels=p_labels, pixel_values=pixel_values,
-             image_grid_thw=grids).loss.backward()
+        ours(
+            p_ids, segment_ids=p_segments, labels=p_labels, pixel_values=pixel_values, image_grid_thw=grids
+        ).loss.backward()
 
     t_theirs = timed(step_theirs, reps)
     t_padded = timed(step_ours_padded, reps)

@@ -28,6 +28,9 @@ def exit_code_for(err: BaseException) -> int:
     if isinstance(err, (ValueError, FileNotFoundError)):
         stderr.print(f"error: {err}", markup=False, highlight=False)
         return EXIT_USER_ERROR
-    stderr.print(f"error: {type(err).__name__}: {err} (VLCTL_DEBUG=1 shows the traceback)", markup=False,
-                 highlight=False)
+    stderr.print(
+        f"error: {type(err).__name__}: {err} (VLCTL_DEBUG=1 shows the traceback)",
+        markup=False,
+        highlight=False,
+    )
     return EXIT_FAILURE

@@ -7,12 +7,29 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from . import model
 from .errors import exit_code_for
-from .tool import run_model_tool  # noqa: F401 - re-exported for tests
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+
+class _Root(TyperGroup):
+    """Turns any error from a command into its one-line message and exit code (see errors.py), so the console
+    script and CliRunner behave the same."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
+            # Usage errors and exits belong to typer/click (typer >= 0.29 vendors its own click).
+            if isinstance(err, (typer.Exit, typer.Abort)) or type(err).__module__.startswith(
+                ("typer", "click")
+            ):
+                raise
+            raise typer.Exit(exit_code_for(err)) from None
+
+
+app = typer.Typer(cls=_Root, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(model.app, name="model")
 
 
@@ -31,8 +48,10 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version_: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                           help="print the version and exit")] = False,
+    version_: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
 ) -> None:
     """Train Qwen2-VL models and supervise the runs."""
 
@@ -50,15 +69,6 @@ def demo(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+        app()
+    except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        sys.exit(exit_code_for(err))

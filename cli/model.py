@@ -13,12 +13,16 @@ from .tool import run_model_tool
 
 app = typer.Typer(help="Inspect Qwen2-VL presets and checkpoints; generate answers.", no_args_is_help=True)
 
-OutputOption = Annotated[OutputFormat, typer.Option("--output", "-o", help="table for people, json for scripts")]
+OutputOption = Annotated[
+    OutputFormat, typer.Option("--output", "-o", help="table for people, json for scripts")
+]
 
 
 def _info_table(info: dict) -> Table:
-    table = Table(title=f"{info['source']}: {human_count(info['total'])} parameters "
-                        f"({'tied' if info['tied_embeddings'] else 'untied'} embeddings)")
+    table = Table(
+        title=f"{info['source']}: {human_count(info['total'])} parameters "
+        f"({'tied' if info['tied_embeddings'] else 'untied'} embeddings)"
+    )
     table.add_column("part")
     table.add_column("parameters", justify="right")
     for part, n in info["parameters"].items():
@@ -28,15 +32,19 @@ def _info_table(info: dict) -> Table:
     table.add_row("total", f"{info['total']:,}", style="bold")
     table.add_section()
     for m in info["memory"]:
-        table.add_row(f"memory {m['dtype']}: weights / grads / Adam",
-                      f"{human_bytes(m['weights'])} / {human_bytes(m['gradients'])} / {human_bytes(m['optimizer'])}")
+        table.add_row(
+            f"memory {m['dtype']}: weights / grads / Adam",
+            f"{human_bytes(m['weights'])} / {human_bytes(m['gradients'])} / {human_bytes(m['optimizer'])}",
+        )
     return table
 
 
 @app.command()
 def info(
     spec: Annotated[str, typer.Argument(help="a preset (2b, 7b, 72b, demo, tiny) or a checkpoint directory")],
-    zero_shards: Annotated[int, typer.Option(help="data-parallel ranks sharing optimizer state (ZeRO-1)")] = 1,
+    zero_shards: Annotated[
+        int, typer.Option(help="data-parallel ranks sharing optimizer state (ZeRO-1)")
+    ] = 1,
     output: OutputOption = OutputFormat.table,
 ) -> None:
     """Parameters by part and training memory (weights, gradients, Adam states) per dtype; no weights are read."""
@@ -53,6 +61,16 @@ def generate(
     output: OutputOption = OutputFormat.table,
 ) -> None:
     """Greedy answer of the model at PATH to PROMPT about IMAGE."""
-    result = run_model_tool("generate", str(path), "--image", str(image), "--prompt", prompt,
-                            "--max-new-tokens", str(max_new_tokens), "--dtype", dtype)
+    result = run_model_tool(
+        "generate",
+        str(path),
+        "--image",
+        str(image),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--dtype",
+        dtype,
+    )
     emit(result, output, lambda r: r["text"])

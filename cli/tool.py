@@ -13,8 +13,9 @@ from .errors import EXIT_FAILURE, CliError
 
 def run_model_tool(*args: str) -> dict:
     """`python -m trainer.model_tool ARGS` with this interpreter; its JSON result, or its one-line error."""
-    proc = subprocess.run([sys.executable, "-m", MODEL_TOOL_MODULE, *args], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", MODEL_TOOL_MODULE, *args], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         message = lines[-1].removeprefix("error: ") if lines else f"model tool exited with {proc.returncode}"

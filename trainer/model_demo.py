@@ -35,8 +35,10 @@ def draw_sample(size: tuple[int, int] = (224, 168)) -> tuple[Image.Image, str]:
     x1, y1, x2, y2 = 130, 40, 200, 120
     ImageDraw.Draw(image).polygon([(x1, y2), ((x1 + x2) // 2, y1), (x2, y2)], fill=(220, 30, 30))
     box = [int(x1 / width * 1000), int(y1 / height * 1000), int(x2 / width * 1000), int(y2 / height * 1000)]
-    answer = (f"<|object_ref_start|>the red triangle<|object_ref_end|>"
-              f"<|box_start|>({box[0]},{box[1]}),({box[2]},{box[3]})<|box_end|>")
+    answer = (
+        f"<|object_ref_start|>the red triangle<|object_ref_end|>"
+        f"<|box_start|>({box[0]},{box[1]}),({box[2]},{box[3]})<|box_end|>"
+    )
     return image, answer
 
 
@@ -58,13 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     image, answer = draw_sample()
     pixel_values, grid = preprocess_images([image], ImageProcessorConfig())
     num_image_tokens = int(grid[0].prod()) // cfg.vision.spatial_merge_size**2
-    messages = [{"role": "user", "content": [{"type": "image", "image": "demo.png"},
-                                             {"type": "text", "text": QUESTION}]},
-                {"role": "assistant", "content": answer}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": "demo.png"}, {"type": "text", "text": QUESTION}],
+        },
+        {"role": "assistant", "content": answer},
+    ]
     ids, labels = tokenize_chat(messages, tokenizer, image_token_counts=[num_image_tokens])
     supervised = sum(label != -100 for label in labels)
-    print(f"[2/5] sample: {image.size[0]}x{image.size[1]} image -> grid {grid[0].tolist()} -> "
-          f"{num_image_tokens} image tokens; {len(ids)} tokens, {supervised} supervised")
+    print(
+        f"[2/5] sample: {image.size[0]}x{image.size[1]} image -> grid {grid[0].tolist()} -> "
+        f"{num_image_tokens} image tokens; {len(ids)} tokens, {supervised} supervised"
+    )
 
     inputs = dict(pixel_values=pixel_values, image_grid_thw=grid)
     input_ids, label_ids = torch.tensor([ids]), torch.tensor([labels])
@@ -86,14 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     if diff != 0.0:
         raise SystemExit("reloaded model differs from the saved one")
 
-    prompt, _ = tokenize_chat(messages[:1], tokenizer, image_token_counts=[num_image_tokens],
-                              add_generation_prompt=True)
-    new = generate(reloaded, torch.tensor([prompt]), **inputs, max_new_tokens=40,
-                   eos_token_ids=[cfg.eos_token_id])[0, len(prompt):]
+    prompt, _ = tokenize_chat(
+        messages[:1], tokenizer, image_token_counts=[num_image_tokens], add_generation_prompt=True
+    )
+    new = generate(
+        reloaded, torch.tensor([prompt]), **inputs, max_new_tokens=40, eos_token_ids=[cfg.eos_token_id]
+    )[0, len(prompt) :]
     reply = tokenizer.decode(new.tolist(), skip_special_tokens=False).removesuffix("<|im_end|>")
-    print(f"[5/5] Q: {QUESTION}\n      A: {reply}\n      truth: {answer}\n"
-          f"      {'exact match' if reply == answer else 'differs'}; "
-          f"demo took {time.perf_counter() - started:.0f} s")
+    print(
+        f"[5/5] Q: {QUESTION}\n      A: {reply}\n      truth: {answer}\n"
+        f"      {'exact match' if reply == answer else 'differs'}; "
+        f"demo took {time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 

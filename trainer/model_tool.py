@@ -26,15 +26,22 @@ def model_info(spec: str, *, zero_shards: int = 1) -> ModelInfo:
     cfg = load_config(spec) if Path(spec).is_dir() else preset(spec)
     counts = count_parameters(build_on_meta(cfg))
     return ModelInfo(
-        source=spec, parameters=counts.parts, total=counts.total, vision=counts.vision, text=counts.text,
+        source=spec,
+        parameters=counts.parts,
+        total=counts.total,
+        vision=counts.vision,
+        text=counts.text,
         tied_embeddings=cfg.text.tie_word_embeddings,
-        memory=[{"dtype": d, **training_memory(counts.total, param_dtype=d, zero_shards=zero_shards)}
-                for d in DTYPES],
+        memory=[
+            {"dtype": d, **training_memory(counts.total, param_dtype=d, zero_shards=zero_shards)}
+            for d in DTYPES
+        ],
     )
 
 
-def generate_answer(path: str, *, image: str, prompt: str, max_new_tokens: int = 64,
-                    dtype: str = "float32") -> GenerateResult:
+def generate_answer(
+    path: str, *, image: str, prompt: str, max_new_tokens: int = 64, dtype: str = "float32"
+) -> GenerateResult:
     import torch
 
     from trainer.data.chat import tokenize_chat
@@ -46,15 +53,32 @@ def generate_answer(path: str, *, image: str, prompt: str, max_new_tokens: int =
     tokenizer = load_tokenizer(path if (Path(path) / "tokenizer.json").exists() else None)
     pixel_values, grid = preprocess_images([load_image(image)], ImageProcessorConfig())
     merge = model.cfg.vision.spatial_merge_size
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-    ids, _ = tokenize_chat(messages, tokenizer, image_token_counts=[int(grid[0].prod()) // merge**2],
-                           video_token_counts=[], add_generation_prompt=True)
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}
+    ]
+    ids, _ = tokenize_chat(
+        messages,
+        tokenizer,
+        image_token_counts=[int(grid[0].prod()) // merge**2],
+        video_token_counts=[],
+        add_generation_prompt=True,
+    )
     prompt_ids = torch.tensor([ids])
-    out = generate(model, prompt_ids, pixel_values=pixel_values, image_grid_thw=grid,
-                   max_new_tokens=max_new_tokens, eos_token_ids=[model.cfg.eos_token_id, model.cfg.pad_token_id])
-    new = out[0, prompt_ids.shape[1]:].tolist()
-    return GenerateResult(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=len(ids),
-                          new_tokens=len(new), image_grid_thw=grid[0].tolist())
+    out = generate(
+        model,
+        prompt_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=grid,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=[model.cfg.eos_token_id, model.cfg.pad_token_id],
+    )
+    new = out[0, prompt_ids.shape[1] :].tolist()
+    return GenerateResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=len(ids),
+        new_tokens=len(new),
+        image_grid_thw=grid[0].tolist(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not Path(args.image).is_file():
                 raise ValueError(f"--image: {args.image}: no such file")
-            result = dict(generate_answer(args.path, image=args.image, prompt=args.prompt,
-                                          max_new_tokens=args.max_new_tokens, dtype=args.dtype))
+            result = dict(
+                generate_answer(
+                    args.path,
+                    image=args.image,
+                    prompt=args.prompt,
+                    max_new_tokens=args.max_new_tokens,
+                    dtype=args.dtype,
+                )
+            )
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

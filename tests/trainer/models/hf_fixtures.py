@@ -58,9 +58,13 @@ class Batch:
     video_grid_thw: torch.Tensor
 
     def kwargs(self) -> dict:
-        return dict(attention_mask=self.attention_mask, pixel_values=self.pixel_values,
-                    image_grid_thw=self.image_grid_thw, pixel_values_videos=self.pixel_values_videos,
-                    video_grid_thw=self.video_grid_thw)
+        return dict(
+            attention_mask=self.attention_mask,
+            pixel_values=self.pixel_values,
+            image_grid_thw=self.image_grid_thw,
+            pixel_values_videos=self.pixel_values_videos,
+            video_grid_thw=self.video_grid_thw,
+        )
 
 
 def vision_block(cfg: Qwen2VLConfig, token_id: int, grid: tuple[int, int, int]) -> list[int]:
@@ -76,10 +80,20 @@ def sample_rows(cfg: Qwen2VLConfig, seed: int = 0) -> list[list[int]]:
     """Two samples: text with two images; text with a video, then an image."""
     g = torch.Generator().manual_seed(seed)
     img, vid = cfg.image_token_id, cfg.video_token_id
-    row_a = (text(g, 5) + vision_block(cfg, img, IMAGE_GRIDS[0]) + text(g, 4)
-             + vision_block(cfg, img, IMAGE_GRIDS[1]) + text(g, 6))
-    row_b = (text(g, 3) + vision_block(cfg, vid, VIDEO_GRIDS[0]) + text(g, 7)
-             + vision_block(cfg, img, IMAGE_GRIDS[2]) + text(g, 5))
+    row_a = (
+        text(g, 5)
+        + vision_block(cfg, img, IMAGE_GRIDS[0])
+        + text(g, 4)
+        + vision_block(cfg, img, IMAGE_GRIDS[1])
+        + text(g, 6)
+    )
+    row_b = (
+        text(g, 3)
+        + vision_block(cfg, vid, VIDEO_GRIDS[0])
+        + text(g, 7)
+        + vision_block(cfg, img, IMAGE_GRIDS[2])
+        + text(g, 5)
+    )
     return [row_a, row_b]
 
 
@@ -101,8 +115,15 @@ def mixed_batch(cfg: Qwen2VLConfig, *, left_pad: bool = False, seed: int = 0) ->
     patch_dim = cfg.vision.patch_dim
     n_img = sum(t * h * w for t, h, w in IMAGE_GRIDS)
     n_vid = sum(t * h * w for t, h, w in VIDEO_GRIDS)
-    return Batch(ids, mask, labels, torch.randn(n_img, patch_dim, generator=g),
-                 torch.tensor(IMAGE_GRIDS), torch.randn(n_vid, patch_dim, generator=g), torch.tensor(VIDEO_GRIDS))
+    return Batch(
+        ids,
+        mask,
+        labels,
+        torch.randn(n_img, patch_dim, generator=g),
+        torch.tensor(IMAGE_GRIDS),
+        torch.randn(n_vid, patch_dim, generator=g),
+        torch.tensor(VIDEO_GRIDS),
+    )
 
 
 def tiny() -> Qwen2VLConfig:

@@ -26,21 +26,33 @@ def test_packed_row_equals_each_sample_alone():
     # Vision inputs per sample, in order of appearance: A has images 0 and 1; B has the video, then image 2.
     solo_inputs = [
         (row_a, dict(pixel_values=torch.cat(images[:2]), image_grid_thw=torch.tensor(IMAGE_GRIDS[:2]))),
-        (row_b, dict(pixel_values=images[2], image_grid_thw=torch.tensor(IMAGE_GRIDS[2:]),
-                     pixel_values_videos=videos[0], video_grid_thw=torch.tensor(VIDEO_GRIDS))),
+        (
+            row_b,
+            dict(
+                pixel_values=images[2],
+                image_grid_thw=torch.tensor(IMAGE_GRIDS[2:]),
+                pixel_values_videos=videos[0],
+                video_grid_thw=torch.tensor(VIDEO_GRIDS),
+            ),
+        ),
         (row_c, {}),
     ]
     pad = 5
     packed = torch.tensor(row_a + row_b + row_c + [cfg.pad_token_id] * pad)[None]
     segments = torch.tensor([0] * len(row_a) + [1] * len(row_b) + [2] * len(row_c) + [-1] * pad)[None]
     with torch.no_grad():
-        out = model(packed, segment_ids=segments, pixel_values=torch.cat(images),
-                    image_grid_thw=torch.tensor(IMAGE_GRIDS), pixel_values_videos=videos[0],
-                    video_grid_thw=torch.tensor(VIDEO_GRIDS)).logits[0]
+        out = model(
+            packed,
+            segment_ids=segments,
+            pixel_values=torch.cat(images),
+            image_grid_thw=torch.tensor(IMAGE_GRIDS),
+            pixel_values_videos=videos[0],
+            video_grid_thw=torch.tensor(VIDEO_GRIDS),
+        ).logits[0]
         start = 0
         for ids, vision in solo_inputs:
             alone = model(torch.tensor(ids)[None], **vision).logits[0]
-            assert (out[start:start + len(ids)] - alone).abs().max() < 1e-5
+            assert (out[start : start + len(ids)] - alone).abs().max() < 1e-5
             start += len(ids)
 
 
@@ -54,8 +66,9 @@ def test_packed_loss_never_crosses_samples():
     assert out.num_loss_tokens == 10  # 11 shifted targets minus the one at the boundary
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("2b", 2_208_985_600), ("7b", 8_291_375_616), ("72b", 73_405_560_320)])
+@pytest.mark.parametrize(
+    ("name", "expected"), [("2b", 2_208_985_600), ("7b", 8_291_375_616), ("72b", 73_405_560_320)]
+)
 def test_released_parameter_counts_on_meta(name, expected):
     model = build_on_meta(preset(name))
     assert all(p.is_meta for p in model.parameters())
@@ -73,8 +86,11 @@ def test_activation_checkpointing_keeps_gradients():
     cfg = tiny()
     rows = sample_rows(cfg)
     ids = torch.tensor(rows[0])[None]
-    kwargs = dict(pixel_values=torch.cat(_pixels(cfg, IMAGE_GRIDS[:2], 0)),
-                  image_grid_thw=torch.tensor(IMAGE_GRIDS[:2]), labels=ids)
+    kwargs = dict(
+        pixel_values=torch.cat(_pixels(cfg, IMAGE_GRIDS[:2], 0)),
+        image_grid_thw=torch.tensor(IMAGE_GRIDS[:2]),
+        labels=ids,
+    )
     grads = []
     for on in (False, True):
         model = random_model(cfg, seed=4).train()
@@ -98,3 +114,12 @@ def test_grid_patch_count_mismatch_is_an_error():
     model = Qwen2VL(cfg)
     with pytest.raises(ValueError, match="pixel_values has 10 patches"):
         model.visual(torch.randn(10, cfg.vision.patch_dim), torch.tensor([[1, 4, 4]]))
+
+
+def test_varlen_boundaries_cover_samples_and_padding_runs():
+    from trainer.models.qwen2_vl.attention import varlen_segments
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    varlen = varlen_segments(segments)
+    assert varlen.cu_seqlens.tolist() == [0, 3, 5, 6, 12]
+    assert varlen.cu_seqlens.dtype == torch.int32 and varlen.max_len == 6

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from hf_fixtures import IMAGE_GRIDS, copy_weights, hf_model, mixed_batch, random_model, tiny
+from hf_fixtures import IMAGE_GRIDS, hf_model, mixed_batch, random_model, tiny
 from safetensors.torch import load_file, save_file
 
 from trainer.models.qwen2_vl import CheckpointError, Qwen2VL, from_pretrained, generate, save_pretrained
@@ -44,7 +44,7 @@ def test_logits_loss_and_grads_match_transformers(hf_dir, left_pad):
 
     ref = theirs(input_ids=batch.input_ids, labels=batch.labels, **batch.kwargs())
     out = ours(batch.input_ids, labels=batch.labels, **batch.kwargs())
-    diff = (valid_logits(out.logits, batch.attention_mask) - valid_logits(ref.logits, batch.attention_mask))
+    diff = valid_logits(out.logits, batch.attention_mask) - valid_logits(ref.logits, batch.attention_mask)
     assert diff.abs().max() < TOL
     assert abs(out.loss.item() - ref.loss.item()) < TOL
 
@@ -65,12 +65,16 @@ def test_reverse_direction_transformers_loads_our_save(tmp_path):
     cfg = tiny()
     ours = random_model(cfg, seed=3)
     save_pretrained(ours, tmp_path)
-    theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa")
+    theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        tmp_path, attn_implementation="sdpa"
+    )
     batch = mixed_batch(cfg, seed=5)
     with torch.no_grad():
         ref = theirs.eval()(input_ids=batch.input_ids, **batch.kwargs()).logits
         out = ours(batch.input_ids, **batch.kwargs()).logits
-    assert (valid_logits(out, batch.attention_mask) - valid_logits(ref, batch.attention_mask)).abs().max() < TOL
+    assert (
+        valid_logits(out, batch.attention_mask) - valid_logits(ref, batch.attention_mask)
+    ).abs().max() < TOL
 
 
 def test_tied_embeddings_round_trip(tmp_path):
@@ -89,7 +93,9 @@ def test_tied_embeddings_round_trip(tmp_path):
     with torch.no_grad():
         ref = theirs(input_ids=batch.input_ids, **batch.kwargs()).logits
         out = loaded(batch.input_ids, **batch.kwargs()).logits
-    assert (valid_logits(out, batch.attention_mask) - valid_logits(ref, batch.attention_mask)).abs().max() < TOL
+    assert (
+        valid_logits(out, batch.attention_mask) - valid_logits(ref, batch.attention_mask)
+    ).abs().max() < TOL
 
 
 def test_position_rule_on_long_video(hf_dir):
@@ -98,8 +104,9 @@ def test_position_rule_on_long_video(hf_dir):
     theirs = hf_model(cfg)
     ours = from_pretrained(hf_dir)
     batch = mixed_batch(cfg)
-    ref, ref_deltas = theirs.model.get_rope_index(batch.input_ids, batch.image_grid_thw, batch.video_grid_thw,
-                                                  batch.attention_mask)
+    ref, ref_deltas = theirs.model.get_rope_index(
+        batch.input_ids, batch.image_grid_thw, batch.video_grid_thw, batch.attention_mask
+    )
     segs = torch.where(batch.attention_mask.bool(), 0, -1)
     pos, deltas = ours.positions(batch.input_ids, segs, batch.image_grid_thw, batch.video_grid_thw)
     assert torch.equal(pos, ref) and torch.equal(deltas, ref_deltas)
@@ -117,8 +124,14 @@ def test_generate_matches_transformers_greedy(hf_dir):
     ours = from_pretrained(hf_dir)
     batch = mixed_batch(cfg, left_pad=True)
     eos = [cfg.eos_token_id]
-    ref = theirs.generate(input_ids=batch.input_ids, **batch.kwargs(), max_new_tokens=12, do_sample=False,
-                          eos_token_id=eos, pad_token_id=cfg.pad_token_id)
+    ref = theirs.generate(
+        input_ids=batch.input_ids,
+        **batch.kwargs(),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=cfg.pad_token_id,
+    )
     out = generate(ours, batch.input_ids, **batch.kwargs(), max_new_tokens=12, eos_token_ids=eos)
     assert out.shape[1] > batch.input_ids.shape[1]
     assert torch.equal(out, ref)
@@ -133,8 +146,14 @@ def test_generate_single_prompt_with_image(hf_dir):
     ids = batch.input_ids[:1, :n]
     n_img = sum(t * h * w for t, h, w in IMAGE_GRIDS[:2])
     kwargs = dict(pixel_values=batch.pixel_values[:n_img], image_grid_thw=batch.image_grid_thw[:2])
-    ref = theirs.generate(input_ids=ids, **kwargs, max_new_tokens=16, do_sample=False, eos_token_id=[-1],
-                          pad_token_id=cfg.pad_token_id)
+    ref = theirs.generate(
+        input_ids=ids,
+        **kwargs,
+        max_new_tokens=16,
+        do_sample=False,
+        eos_token_id=[-1],
+        pad_token_id=cfg.pad_token_id,
+    )
     out = generate(ours, ids, **kwargs, max_new_tokens=16, eos_token_ids=[-1])
     assert out.shape[1] == n + 16
     assert torch.equal(out, ref)
@@ -150,15 +169,26 @@ def test_nested_config_and_new_key_names(hf_dir, tmp_path):
     for key in list(raw):
         if key in text and key not in ("vision_config",):
             raw.pop(key)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
-                               "mrope_section": text.pop("rope_scaling")["mrope_section"]}
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": text.pop("rope_theta"),
+        "mrope_section": text.pop("rope_scaling")["mrope_section"],
+    }
     raw.update(text_config=text, dtype=raw.pop("torch_dtype", "float32"), tie_word_embeddings=False)
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         raw[key] = json.loads((hf_dir / "config.json").read_text())[key]
     (tmp_path / "config.json").write_text(json.dumps(raw))
     state = load_file(hf_dir / "model.safetensors")
-    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
-                "model." + k if k.startswith("visual.") else k): v for k, v in state.items()}
+    renamed = {
+        (
+            "model.language_model." + k[6:]
+            if k.startswith("model.")
+            else "model." + k
+            if k.startswith("visual.")
+            else k
+        ): v
+        for k, v in state.items()
+    }
     assert any(k.startswith("model.visual.") for k in renamed)
     save_file(renamed, tmp_path / "model.safetensors")
     a, b = from_pretrained(hf_dir), from_pretrained(tmp_path)
@@ -205,4 +235,6 @@ def test_vision_feature_count_mismatch_is_an_error():
     model = Qwen2VL(cfg)
     batch = mixed_batch(cfg)
     with pytest.raises(ValueError, match="pad tokens"):
-        model(batch.input_ids[:, :-3], pixel_values=batch.pixel_values[:-4], image_grid_thw=batch.image_grid_thw)
+        model(
+            batch.input_ids[:, :-3], pixel_values=batch.pixel_values[:-4], image_grid_thw=batch.image_grid_thw
+        )

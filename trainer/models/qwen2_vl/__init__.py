@@ -5,5 +5,17 @@ from .generate import generate
 from .model import ModelOutput, Qwen2VL
 from .weights import CheckpointError, from_pretrained, load_config, save_pretrained
 
-__all__ = ["PRESETS", "CheckpointError", "ModelOutput", "Qwen2VL", "Qwen2VLConfig", "TextConfig", "VisionConfig",
-           "from_pretrained", "generate", "load_config", "preset", "save_pretrained"]
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ModelOutput",
+    "Qwen2VL",
+    "Qwen2VLConfig",
+    "TextConfig",
+    "VisionConfig",
+    "from_pretrained",
+    "generate",
+    "load_config",
+    "preset",
+    "save_pretrained",
+]

@@ -41,8 +41,16 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        for name in ("depth", "embed_dim", "num_heads", "in_channels", "patch_size", "temporal_patch_size",
-                     "spatial_merge_size", "hidden_size"):
+        for name in (
+            "depth",
+            "embed_dim",
+            "num_heads",
+            "in_channels",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "hidden_size",
+        ):
             _require(getattr(self, name) > 0, f"vision.{name}", "must be positive")
         _require(self.embed_dim % self.num_heads == 0, "vision.num_heads", "must divide vision.embed_dim")
         # 2D rotary: half the head dim for rows, half for columns, each made of (cos, sin) pairs.
@@ -79,17 +87,32 @@ class TextConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ):
             _require(getattr(self, name) > 0, f"text.{name}", "must be positive")
-        _require(self.hidden_size % self.num_attention_heads == 0, "text.num_attention_heads",
-                 "must divide text.hidden_size")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0, "text.num_key_value_heads",
-                 "must divide text.num_attention_heads")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "text.num_attention_heads",
+            "must divide text.hidden_size",
+        )
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "text.num_key_value_heads",
+            "must divide text.num_attention_heads",
+        )
         self.mrope_section = tuple(int(s) for s in self.mrope_section)  # type: ignore[assignment]
         _require(len(self.mrope_section) == 3, "text.mrope_section", "needs three entries (t, h, w)")
-        _require(sum(self.mrope_section) * 2 == self.head_dim, "text.mrope_section",
-                 f"must sum to head_dim / 2 = {self.head_dim // 2}, got {sum(self.mrope_section)}")
+        _require(
+            sum(self.mrope_section) * 2 == self.head_dim,
+            "text.mrope_section",
+            f"must sum to head_dim / 2 = {self.head_dim // 2}, got {sum(self.mrope_section)}",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -110,12 +133,20 @@ class Qwen2VLConfig:
     torch_dtype: str = "bfloat16"  # dtype the weights are stored in; the model may run in another
 
     def __post_init__(self) -> None:
-        _require(self.vision.hidden_size == self.text.hidden_size, "vision.hidden_size",
-                 f"must equal text.hidden_size ({self.text.hidden_size}), got {self.vision.hidden_size}")
+        _require(
+            self.vision.hidden_size == self.text.hidden_size,
+            "vision.hidden_size",
+            f"must equal text.hidden_size ({self.text.hidden_size}), got {self.vision.hidden_size}",
+        )
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            _require(0 <= getattr(self, name) < self.text.vocab_size, name,
-                     f"must be a token id below text.vocab_size ({self.text.vocab_size})")
-        _require(self.image_token_id != self.video_token_id, "video_token_id", "must differ from image_token_id")
+            _require(
+                0 <= getattr(self, name) < self.text.vocab_size,
+                name,
+                f"must be a token id below text.vocab_size ({self.text.vocab_size})",
+            )
+        _require(
+            self.image_token_id != self.video_token_id, "video_token_id", "must differ from image_token_id"
+        )
         _require(self.torch_dtype in _DTYPES, "torch_dtype", f"must be one of {sorted(_DTYPES)}")
 
     @property
@@ -129,27 +160,53 @@ class Qwen2VLConfig:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _released(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
-              tied: bool) -> Qwen2VLConfig:
+def _released(
+    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, tied: bool
+) -> Qwen2VLConfig:
     return Qwen2VLConfig(
         vision=VisionConfig(hidden_size=hidden),
-        text=TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                        tie_word_embeddings=tied),
+        text=TextConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            tie_word_embeddings=tied,
+        ),
     )
 
 
-def tiny_config(*, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
-                vision_depth: int = 2, vision_dim: int = 32) -> Qwen2VLConfig:
+def tiny_config(
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_depth: int = 2,
+    vision_dim: int = 32,
+) -> Qwen2VLConfig:
     """A model small enough for unit tests; special tokens sit at the top of its small vocabulary."""
     top = vocab_size - 1
     return Qwen2VLConfig(
         vision=VisionConfig(depth=vision_depth, embed_dim=vision_dim, num_heads=2, hidden_size=hidden_size),
-        text=TextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                        mrope_section=(2, 3, 3), tie_word_embeddings=False),
-        image_token_id=top, video_token_id=top - 1, vision_start_token_id=top - 2, vision_end_token_id=top - 3,
-        bos_token_id=top - 4, eos_token_id=top - 5, pad_token_id=top - 4, torch_dtype="float32",
+        text=TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(2, 3, 3),
+            tie_word_embeddings=False,
+        ),
+        image_token_id=top,
+        video_token_id=top - 1,
+        vision_start_token_id=top - 2,
+        vision_end_token_id=top - 3,
+        bos_token_id=top - 4,
+        eos_token_id=top - 5,
+        pad_token_id=top - 4,
+        torch_dtype="float32",
     )
 
 
@@ -157,8 +214,15 @@ def demo_config() -> Qwen2VLConfig:
     """The CPU demo model: the real tokenizer's vocabulary and token ids, a few narrow layers."""
     return Qwen2VLConfig(
         vision=VisionConfig(depth=4, embed_dim=128, num_heads=4, hidden_size=256),
-        text=TextConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, mrope_section=(8, 12, 12), tie_word_embeddings=True),
+        text=TextConfig(
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(8, 12, 12),
+            tie_word_embeddings=True,
+        ),
         torch_dtype="float32",
     )
 

@@ -18,29 +18,51 @@ from .model import Qwen2VL
 
 
 @torch.no_grad()
-def generate(model: Qwen2VL, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-             pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-             pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-             max_new_tokens: int = 32, eos_token_ids: Iterable[int] | None = None,
-             pad_token_id: int | None = None) -> torch.Tensor:
+def generate(
+    model: Qwen2VL,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    eos_token_ids: Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
     """Return (B, L + generated) token ids: the prompt followed by greedy continuations."""
     cfg = model.cfg
-    eos = torch.tensor(sorted(set(eos_token_ids if eos_token_ids is not None else [cfg.eos_token_id])),
-                       device=input_ids.device)
+    eos = torch.tensor(
+        sorted(set(eos_token_ids if eos_token_ids is not None else [cfg.eos_token_id])),
+        device=input_ids.device,
+    )
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     batch, prompt_len = input_ids.shape
-    key_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                 else attention_mask.bool())
+    key_valid = (
+        torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    )
     padded = not bool(key_valid.all())
     segment_ids = torch.where(key_valid, 0, -1)
 
     positions, deltas = model.positions(input_ids, segment_ids, image_grid_thw, video_grid_thw)
-    embeds = model.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                         pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    embeds = model.embed(
+        input_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+    )
     text = cfg.text
-    cache = KVCache(num_layers=text.num_hidden_layers, batch=batch, num_kv_heads=text.num_key_value_heads,
-                    head_dim=text.head_dim, max_len=prompt_len + max_new_tokens, dtype=embeds.dtype,
-                    device=embeds.device)
+    cache = KVCache(
+        num_layers=text.num_hidden_layers,
+        batch=batch,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        max_len=prompt_len + max_new_tokens,
+        dtype=embeds.dtype,
+        device=embeds.device,
+    )
     hidden = model.model(embeds, positions, segment_mask(segment_ids) if padded else None, cache)
     cache.advance(prompt_len)
 

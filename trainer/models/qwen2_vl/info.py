@@ -41,8 +41,9 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     return ParameterCounts(parts)
 
 
-def training_memory(num_params: int, *, param_dtype: str = "bfloat16", trainable: int | None = None,
-                    zero_shards: int = 1) -> dict[str, int]:
+def training_memory(
+    num_params: int, *, param_dtype: str = "bfloat16", trainable: int | None = None, zero_shards: int = 1
+) -> dict[str, int]:
     """Bytes for weights, gradients and Adam state (fp32 master copy plus two moments when weights are half
     precision; two moments only in fp32). Optimizer state is divided over `zero_shards` ranks (ZeRO-1).
     Activations depend on batch shape and checkpointing and are not included."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import causal_attention, segment_mask
+from .attention import causal_attention, text_attention_mask
 from .config import Qwen2VLConfig, TextConfig
 from .kv_cache import KVCache
 from .rope import apply_rotary, inverse_frequencies, mrope_cos_sin, position_ids
@@ -44,7 +44,11 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
@@ -98,8 +102,13 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta), persistent=False)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         rotary = mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section, embeds.dtype)
         x = embeds
         for i, layer in enumerate(self.layers):
@@ -144,8 +153,15 @@ class Qwen2VL(nn.Module):
 
     # ------------------------------------------------------------------------------------------- pieces
 
-    def embed(self, input_ids: torch.Tensor, *, pixel_values=None, image_grid_thw=None,
-              pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+    ) -> torch.Tensor:
         """Token embeddings with vision features written over the image and video pad tokens: (B, L, C)."""
         x = self.model.embed_tokens(input_ids)
         for kind, token_id, pixels, grid in (
@@ -156,20 +172,29 @@ class Qwen2VL(nn.Module):
             num_slots = int(slots.sum())
             if pixels is None:
                 if num_slots:
-                    raise ValueError(f"input_ids has {num_slots} {kind} pad tokens but no {kind} pixels were given")
+                    raise ValueError(
+                        f"input_ids has {num_slots} {kind} pad tokens but no {kind} pixels were given"
+                    )
                 continue
             features = self.visual(pixels, grid).to(x.dtype)
             if features.shape[0] != num_slots:
-                raise ValueError(f"{kind} features and {kind} pad tokens do not match: "
-                                 f"{features.shape[0]} features, {num_slots} tokens")
+                raise ValueError(
+                    f"{kind} features and {kind} pad tokens do not match: "
+                    f"{features.shape[0]} features, {num_slots} tokens"
+                )
             x = x.masked_scatter(slots.unsqueeze(-1), features)
         return x
 
     def positions(self, input_ids, segment_ids, image_grid_thw=None, video_grid_thw=None):
-        return position_ids(input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                            segment_ids=segment_ids, image_token_id=self.cfg.image_token_id,
-                            video_token_id=self.cfg.video_token_id,
-                            merge=self.cfg.vision.spatial_merge_size)
+        return position_ids(
+            input_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            segment_ids=segment_ids,
+            image_token_id=self.cfg.image_token_id,
+            video_token_id=self.cfg.video_token_id,
+            merge=self.cfg.vision.spatial_merge_size,
+        )
 
     def set_activation_checkpointing(self, *, vision: bool | set[int] = False, text: bool | set[int] = False):
         """Choose the ViT blocks and decoder layers (all, none, or a set of indices) to recompute in backward."""
@@ -179,23 +204,39 @@ class Qwen2VL(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
 
-    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
         """input_ids (B, L). Give `attention_mask` (1 keep, 0 pad) for padded batches or `segment_ids` (sample
         index per token, -1 pad) for packed rows; with neither, every row is one sample."""
         if segment_ids is None:
-            segment_ids = (torch.zeros_like(input_ids) if attention_mask is None
-                           else torch.where(attention_mask.bool(), 0, -1))
+            segment_ids = (
+                torch.zeros_like(input_ids)
+                if attention_mask is None
+                else torch.where(attention_mask.bool(), 0, -1)
+            )
         single = attention_mask is None and bool((segment_ids == 0).all())
         deltas = None
         if position_ids is None:
             position_ids, deltas = self.positions(input_ids, segment_ids, image_grid_thw, video_grid_thw)
-        embeds = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        mask = None if single else segment_mask(segment_ids)
+        embeds = self.embed(
+            input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+        )
+        mask = None if single else text_attention_mask(segment_ids, embeds)
         hidden = self.model(embeds, position_ids, mask)
         logits = self.lm_head(hidden)
         out = ModelOutput(logits=logits, rope_deltas=deltas)
@@ -204,8 +245,9 @@ class Qwen2VL(nn.Module):
         return out
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor,
-                    segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy (fp32) of predicting labels[t+1] from position t; targets in another sample are ignored."""
     targets = labels[:, 1:].clone()
     if segment_ids is not None:

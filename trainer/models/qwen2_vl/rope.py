@@ -41,7 +41,9 @@ def vision_patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def vision_rotary(grid_thw: torch.Tensor, head_dim: int, theta: float, merge: int) -> tuple[torch.Tensor, ...]:
+def vision_rotary(
+    grid_thw: torch.Tensor, head_dim: int, theta: float, merge: int
+) -> tuple[torch.Tensor, ...]:
     """cos and sin (N, head_dim) in fp32: the first quarter of the pairs rotate by row, the second by column."""
     inv_freq = inverse_frequencies(head_dim // 2, theta).to(grid_thw.device)
     positions = vision_patch_positions(grid_thw.cpu(), merge).to(grid_thw.device)  # (N, 2)
@@ -63,8 +65,9 @@ def apply_vision_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin
 # ----------------------------------------------------------------------------------------- language (M-RoPE)
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: Sequence[int],
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: Sequence[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids (3, B, L) -> cos, sin (B, L, D).
 
     Frequency j takes its angle from row 0 (time) for the first section, row 1 (height) for the second and row 2
@@ -72,8 +75,9 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     exactly the reference's select-after, since cos is elementwise.
     """
     freqs = position_ids[..., None].float() * inv_freq.float()  # (3, B, L, D/2)
-    row_of_freq = torch.repeat_interleave(torch.arange(3, device=freqs.device),
-                                          torch.tensor(list(mrope_section), device=freqs.device))
+    row_of_freq = torch.repeat_interleave(
+        torch.arange(3, device=freqs.device), torch.tensor(list(mrope_section), device=freqs.device)
+    )
     freqs = freqs.gather(0, row_of_freq.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -85,9 +89,15 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def sample_position_ids(tokens: np.ndarray, image_grids: list[tuple[int, int, int]],
-                        video_grids: list[tuple[int, int, int]], *, image_token_id: int, video_token_id: int,
-                        merge: int) -> tuple[np.ndarray, int]:
+def sample_position_ids(
+    tokens: np.ndarray,
+    image_grids: list[tuple[int, int, int]],
+    video_grids: list[tuple[int, int, int]],
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    merge: int,
+) -> tuple[np.ndarray, int]:
     """M-RoPE positions (3, n) of one sample's tokens and the next free position.
 
     Vision pad runs take the next grid of their kind in order; a block of LLM grid (t, h', w') starting at s gets
@@ -113,20 +123,29 @@ def sample_position_ids(tokens: np.ndarray, image_grids: list[tuple[int, int, in
         t, h, w = grids.pop(0)
         gh, gw = h // merge, w // merge
         count = t * gh * gw
-        block = tokens[cursor:cursor + count]
+        block = tokens[cursor : cursor + count]
         if len(block) < count or (block != tokens[cursor]).any():
-            raise ValueError(f"{kind} grid {(t, h, w)} needs {count} consecutive {kind} pad tokens at "
-                             f"position {cursor}, found fewer")
+            raise ValueError(
+                f"{kind} grid {(t, h, w)} needs {count} consecutive {kind} pad tokens at "
+                f"position {cursor}, found fewer"
+            )
         it, ih, iw = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-        pos[:, cursor:cursor + count] = next_pos + np.stack([it.ravel(), ih.ravel(), iw.ravel()])
+        pos[:, cursor : cursor + count] = next_pos + np.stack([it.ravel(), ih.ravel(), iw.ravel()])
         next_pos += max(t, gh, gw)
         cursor += count
     return pos, next_pos
 
 
-def position_ids(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | None,
-                 video_grid_thw: torch.Tensor | None, segment_ids: torch.Tensor, image_token_id: int,
-                 video_token_id: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+def position_ids(
+    input_ids: torch.Tensor,
+    *,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    segment_ids: torch.Tensor,
+    image_token_id: int,
+    video_token_id: int,
+    merge: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE position ids (3, B, L) for rows of one or more samples, and rope deltas (B, 1).
 
     `segment_ids` (B, L) numbers the samples of each row (0, 1, ...; -1 for padding). Each sample's positions start
@@ -143,8 +162,14 @@ def position_ids(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | None
         row_end = 0
         for seg in np.unique(segs[b][segs[b] >= 0]):
             where = np.flatnonzero(segs[b] == seg)
-            pos, row_end = sample_position_ids(ids[b, where], images, videos, image_token_id=image_token_id,
-                                               video_token_id=video_token_id, merge=merge)
+            pos, row_end = sample_position_ids(
+                ids[b, where],
+                images,
+                videos,
+                image_token_id=image_token_id,
+                video_token_id=video_token_id,
+                merge=merge,
+            )
             out[:, b, where] = pos
         deltas[b, 0] = row_end - ids.shape[1]
     if images or videos:

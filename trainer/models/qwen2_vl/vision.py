@@ -39,8 +39,9 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                segments: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], segments: torch.Tensor
+    ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each (N, H, D)
         q, k = apply_vision_rotary(q, k, *rotary)
@@ -80,8 +81,11 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.window_dim = cfg.embed_dim * cfg.spatial_merge_size**2
         self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.window_dim, self.window_dim), nn.GELU(),
-                                 nn.Linear(self.window_dim, cfg.hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.window_dim, self.window_dim),
+            nn.GELU(),
+            nn.Linear(self.window_dim, cfg.hidden_size),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N/4, hidden)
         return self.mlp(self.ln_q(x).view(-1, self.window_dim))
@@ -98,8 +102,10 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, patch_dim) in the processor's order; grid_thw (items, 3). Returns (N/4, hidden)."""
         if pixel_values.shape[0] != int(grid_thw.prod(-1).sum()):
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but the grids describe "
-                             f"{int(grid_thw.prod(-1).sum())}")
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but the grids describe "
+                f"{int(grid_thw.prod(-1).sum())}"
+            )
         x = self.patch_embed(pixel_values)
         rotary = vision_rotary(grid_thw, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.spatial_merge_size)
         # One attention segment per temporal slice of each item.

@@ -34,12 +34,36 @@ class CheckpointError(ValueError):
     """A checkpoint directory that does not describe this model."""
 
 
-_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings")
-_VISION_FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size", "temporal_patch_size",
-                  "spatial_merge_size", "hidden_size")
-_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                 "bos_token_id", "eos_token_id", "pad_token_id")
+_TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+)
+_VISION_FIELDS = (
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "mlp_ratio",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "hidden_size",
+)
+_TOKEN_FIELDS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 _RENAMES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
 
 
@@ -69,7 +93,9 @@ def config_from_hf(raw: dict, *, source: str = "config.json") -> Qwen2VLConfig:
     try:
         return Qwen2VLConfig(
             vision=VisionConfig(**vision_kwargs),
-            text=TextConfig(**text_kwargs, mrope_section=tuple(rope["mrope_section"]), tie_word_embeddings=tie),
+            text=TextConfig(
+                **text_kwargs, mrope_section=tuple(rope["mrope_section"]), tie_word_embeddings=tie
+            ),
             torch_dtype=dtype if dtype in _DTYPES else "bfloat16",
             **{k: v for k, v in tokens.items() if v is not None},
         )
@@ -91,8 +117,12 @@ def config_to_hf(cfg: Qwen2VLConfig) -> dict:
         "sliding_window": t.max_position_embeddings,
         "max_window_layers": t.num_hidden_layers,
         "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
-        "vision_config": {**{f: getattr(v, f) for f in _VISION_FIELDS}, "in_chans": v.in_channels,
-                          "hidden_act": "quick_gelu", "model_type": "qwen2_vl"},
+        "vision_config": {
+            **{f: getattr(v, f) for f in _VISION_FIELDS},
+            "in_chans": v.in_channels,
+            "hidden_act": "quick_gelu",
+            "model_type": "qwen2_vl",
+        },
         **{f: getattr(cfg, f) for f in _TOKEN_FIELDS},
         "torch_dtype": cfg.torch_dtype,
     }
@@ -103,7 +133,9 @@ def load_config(path: str | os.PathLike) -> Qwen2VLConfig:
     try:
         raw = json.loads(file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found (a Hugging Face checkpoint directory has a config.json)") from None
+        raise CheckpointError(
+            f"{file}: not found (a Hugging Face checkpoint directory has a config.json)"
+        ) from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file}: invalid JSON ({err})") from None
     return config_from_hf(raw, source=str(file))
@@ -139,8 +171,9 @@ def _materialize_buffers(model: Qwen2VL, device: torch.device) -> None:
     model.model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta).to(device)
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> Qwen2VL:
+def from_pretrained(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Qwen2VL:
     """Load a checkpoint directory; `dtype` None keeps the stored dtype."""
     path = Path(path)
     cfg = load_config(path)
@@ -165,9 +198,15 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
                 state[name] = tensor if dtype is None else tensor.to(dtype)
     missing = sorted(set(expected) - set(state) - {m.split(" ")[0] for m in mismatched})
     if missing or unexpected or mismatched:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected),
-                                      ("shape mismatch", mismatched)) if items]
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mismatched),
+            )
+            if items
+        ]
         raise CheckpointError(f"{path}: checkpoint does not match the config: {'; '.join(parts)}")
     model.load_state_dict(state, strict=not cfg.text.tie_word_embeddings, assign=True)
     if cfg.text.tie_word_embeddings:
@@ -185,8 +224,9 @@ def save_pretrained(model: Qwen2VL, path: str | os.PathLike, *, max_shard_bytes:
         state.pop("lm_head.weight")
     dtype = next(iter(state.values())).dtype
     dtype_name = next((n for n, d in _DTYPES.items() if d == dtype), model.cfg.torch_dtype)
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.cfg.replace(torch_dtype=dtype_name)),
-                                                 indent=2) + "\n")
+    (path / "config.json").write_text(
+        json.dumps(config_to_hf(model.cfg.replace(torch_dtype=dtype_name)), indent=2) + "\n"
+    )
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():
