@@ -123,3 +123,23 @@ def test_varlen_boundaries_cover_samples_and_padding_runs():
     varlen = varlen_segments(segments)
     assert varlen.cu_seqlens.tolist() == [0, 3, 5, 6, 12]
     assert varlen.cu_seqlens.dtype == torch.int32 and varlen.max_len == 6
+
+
+def test_loss_only_path_matches_full_logits():
+    """Training projects only supervised positions; loss and gradients equal the full-logits path."""
+    cfg = tiny()
+    ids = torch.randint(0, 400, (2, 30), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    segments = torch.tensor([[0] * 15 + [1] * 15, [0] * 25 + [-1] * 5])
+    results = []
+    for full in (True, False):
+        model = random_model(cfg, seed=9)
+        out = model(ids, segment_ids=segments, labels=labels, return_logits=full)
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # the ViT sees no image here
+        results.append((out.loss.detach(), out.num_loss_tokens, grads))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b and torch.allclose(loss_a, loss_b, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -121,7 +121,7 @@ class TextModel(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, L, V)
+    logits: torch.Tensor | None  # (B, L, V); None when only the loss was asked for
     loss: torch.Tensor | None = None  # mean over supervised tokens
     num_loss_tokens: int = 0
     rope_deltas: torch.Tensor | None = None  # (B, 1), for cached decoding
@@ -216,9 +216,11 @@ class Qwen2VL(nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids (B, L). Give `attention_mask` (1 keep, 0 pad) for padded batches or `segment_ids` (sample
-        index per token, -1 pad) for packed rows; with neither, every row is one sample."""
+        index per token, -1 pad) for packed rows; with neither, every row is one sample. With `labels` and
+        `return_logits=False` (training) only the loss is computed, projecting just the supervised positions."""
         if segment_ids is None:
             segment_ids = (
                 torch.zeros_like(input_ids)
@@ -238,6 +240,13 @@ class Qwen2VL(nn.Module):
         )
         mask = None if single else text_attention_mask(segment_ids, embeds)
         hidden = self.model(embeds, position_ids, mask)
+        if labels is not None and not return_logits:
+            # Training: project only the positions that have a target; the full (B, L, V) logits are never built.
+            targets = shifted_targets(labels, segment_ids)
+            keep = targets != IGNORE_INDEX
+            logits = self.lm_head(hidden[:, :-1][keep])
+            loss = F.cross_entropy(logits.float(), targets[keep]) if logits.shape[0] else logits.sum() * 0.0
+            return ModelOutput(logits=None, loss=loss, num_loss_tokens=int(keep.sum()), rope_deltas=deltas)
         logits = self.lm_head(hidden)
         out = ModelOutput(logits=logits, rope_deltas=deltas)
         if labels is not None:
@@ -245,13 +254,19 @@ class Qwen2VL(nn.Module):
         return out
 
 
+def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """The target of position t is labels[t + 1], ignored where t + 1 starts another sample: (B, L - 1)."""
+    targets = labels[:, 1:].clone()
+    if segment_ids is not None:
+        targets[segment_ids[:, 1:] != segment_ids[:, :-1]] = IGNORE_INDEX
+    return targets
+
+
 def next_token_loss(
     logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy (fp32) of predicting labels[t+1] from position t; targets in another sample are ignored."""
-    targets = labels[:, 1:].clone()
-    if segment_ids is not None:
-        targets[segment_ids[:, 1:] != segment_ids[:, :-1]] = IGNORE_INDEX
+    targets = shifted_targets(labels, segment_ids)
     count = int((targets != IGNORE_INDEX).sum())
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
     return loss, count
