@@ -1,9 +1,4 @@
-"""The torch-free contract between the trainer and the control plane (controller, k8s, cli).
-
-Nothing here imports torch: the controller, the operator and the CLI import this module alone from `trainer`
-(enforced by import-linter, see .importlinter). Work that needs torch runs in a child process started with
-`python -m <module>`, and talks back in JSON.
-"""
+"""The `python -m trainer.model_tool` protocol behind `vlctl model ...`: JSON on stdout, one-line errors."""
 
 from __future__ import annotations
 
