@@ -158,8 +158,18 @@ def _drop_detail(source: SampleSource, index: int, reason: str, packing: Packing
     return f"{cost.num_tokens} tokens, over row_len {packing.row_len}, and {why}"
 
 
+def _known_reason(source: SampleSource, index: int, reason: str) -> str:
+    """A sample the cost index marked bad counts under the reason the index found (missing, corrupt_image, ...)
+    when the source kept it (optional `bad_reason(index)`), else as known_bad."""
+    if reason == KNOWN_BAD and hasattr(source, "bad_reason"):
+        return source.bad_reason(index) or reason
+    return reason
+
+
 def _where(source: SampleSource, index: int) -> str:
     cost = source.cost(index)
+    if cost is None and hasattr(source, "source_of"):
+        return source.source_of(index)
     return "" if cost is None else cost.source
 
 
@@ -179,7 +189,12 @@ def build_batch(source: SampleSource, plans: Sequence[RowPlan], packing: Packing
                 continue
             num_truncated += slot.keep < slot.num_tokens
         failures.extend(
-            Failure(i, reason, _drop_detail(source, i, reason, packing), _where(source, i))
+            Failure(
+                i,
+                _known_reason(source, i, reason),
+                _drop_detail(source, i, reason, packing),
+                _where(source, i),
+            )
             for i, reason in plan.drops
         )
         rows.append(pack_row(parts, packing))
