@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trainer.data.bad_samples import classify, one_line
 from trainer.data.formats import (
     LoadedMedia,
@@ -36,6 +38,7 @@ from trainer.data.formats import (
 from trainer.data.image import ImageProcessorConfig
 from trainer.data.source import SampleCost
 from trainer.data.storage import MediaReader, StorageConfig
+from trainer.data.text_corpus import TextCorpus
 from trainer.data.tokenizer import Qwen2VLTokenizer, load_tokenizer
 from trainer.data.types import EncodedSample
 from trainer.data.video import VideoConfig, cache_key, preprocess_video
@@ -272,3 +275,51 @@ def video_config_for(base: VideoConfig, item: VideoItem) -> VideoConfig:
         factor = base.image.factor
         changes["max_video_tokens"] = max(1, item.total_pixels // (factor * factor))
     return replace(base, **changes) if changes else base
+
+
+class CorpusSource:
+    """A tokenized mmap text corpus as a `SampleSource`: costs and samples are read straight from the mapped
+    files, so nothing is encoded twice and no document is loaded before it is trained on."""
+
+    def __init__(self, corpus: TextCorpus):
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def cost(self, index: int) -> SampleCost | None:
+        return SampleCost.from_encoded(self.corpus[index])
+
+    def encode(self, index: int) -> EncodedSample:
+        return self.corpus[index]
+
+
+class ConcatSource:
+    """Several sources as one, indexed one after another (e.g. a multimodal JSONL set and a text corpus)."""
+
+    def __init__(self, sources: Sequence[Any]):
+        if not sources:
+            raise ValueError("sources: give at least one source")
+        self.sources = list(sources)
+        self._starts = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, index: int) -> tuple[Any, int]:
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.sources[k], index - int(self._starts[k])
+
+    def cost(self, index: int) -> SampleCost | None:
+        source, local = self._locate(index)
+        return source.cost(local)
+
+    def bad_reason(self, index: int) -> str | None:
+        source, local = self._locate(index)
+        return source.bad_reason(local) if hasattr(source, "bad_reason") else None
+
+    def encode(self, index: int) -> EncodedSample:
+        source, local = self._locate(index)
+        sample = source.encode(local)
+        sample.index = index
+        return sample

@@ -182,3 +182,26 @@ def test_remote_video_is_served_from_the_decoded_cache(media_server, tmp_path):
 def test_missing_jsonl_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         make_dataset([str(tmp_path / "nope.jsonl")], tmp_path)
+
+
+def test_text_corpus_and_jsonl_train_together(dataset_files, tmp_path):
+    """A mmap text corpus and a multimodal JSONL set behind one loader; corpus samples come from the map."""
+    from trainer.data.dataset import ConcatSource, CorpusSource
+    from trainer.data.formats import iter_jsonl
+    from trainer.data.text_corpus import TextCorpus, build_corpus
+    from trainer.data.tokenizer import load_tokenizer
+
+    syn_text = [p for p in dataset_files if p.endswith("text.jsonl")]
+    build_corpus(iter_jsonl(syn_text[0]), str(tmp_path / "corpus"), tokenizer=load_tokenizer())
+    corpus = TextCorpus(str(tmp_path / "corpus"))
+    assert isinstance(corpus.tokens, np.memmap)
+    images = make_dataset([p for p in dataset_files if p.endswith("captions.jsonl")], tmp_path / "cache")
+    source = ConcatSource([images, CorpusSource(corpus)])
+    assert len(source) == len(images) + len(corpus)
+    last = source.encode(len(source) - 1)
+    assert last.index == len(source) - 1
+    assert np.array_equal(last.input_ids, corpus.ids(len(corpus) - 1))
+    loader = PackedLoader(source, packing=PackingConfig(row_len=256), config=LoaderConfig(rows_per_step=2))
+    batch = next(iter(loader))
+    assert batch.inputs["input_ids"].shape == (2, 256)
+    loader.close()
