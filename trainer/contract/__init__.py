@@ -5,6 +5,8 @@ Nothing in this package imports torch: the controller, the operator and the CLI 
 `python -m <module>` and talks back in JSON or through the files and metrics described here.
 
 - model_tool: the `python -m trainer.model_tool` protocol behind `vlctl model ...`.
+- training: the training configuration schema (pydantic) shared by the trainer, controller and CLI.
+- telemetry: the per-rank metrics every training process exports, and their parser.
 """
 
 from .model_tool import (
