@@ -6,13 +6,14 @@ merged rows and columns (t=3 > max(h/2, w/2)=2), which is where the position rul
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import transformers
 
 from trainer.models.qwen2_vl import Qwen2VL
-from trainer.models.qwen2_vl.config import Qwen2VLConfig, tiny_config
+from trainer.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig, tiny_config
 from trainer.models.qwen2_vl.weights import canonical_name, config_to_hf
 
 IMAGE_GRIDS = [(1, 4, 6), (1, 8, 4), (1, 2, 2)]
@@ -128,3 +129,38 @@ def mixed_batch(cfg: Qwen2VLConfig, *, left_pad: bool = False, seed: int = 0) ->
 
 def tiny() -> Qwen2VLConfig:
     return tiny_config()
+
+
+def tiny_variants() -> list[Qwen2VLConfig]:
+    """Random-weight tiny configs that differ where bugs hide: head dims, GQA ratios, M-RoPE sections, depth,
+    tied and untied heads."""
+    base = tiny_config()
+    wide = dataclasses.replace(
+        base,
+        vision=VisionConfig(depth=1, embed_dim=48, num_heads=3, hidden_size=96),
+        text=TextConfig(
+            vocab_size=base.text.vocab_size,
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            mrope_section=(2, 3, 3),
+            tie_word_embeddings=False,
+        ),
+    )
+    mqa_tied = dataclasses.replace(
+        base,
+        vision=VisionConfig(depth=2, embed_dim=32, num_heads=2, hidden_size=128),
+        text=TextConfig(
+            vocab_size=base.text.vocab_size,
+            hidden_size=128,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            mrope_section=(4, 6, 6),
+            tie_word_embeddings=True,
+        ),
+    )
+    return [base, wide, mqa_tied]

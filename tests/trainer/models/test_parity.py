@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from hf_fixtures import IMAGE_GRIDS, hf_model, mixed_batch, random_model, tiny
+from hf_fixtures import IMAGE_GRIDS, hf_model, mixed_batch, random_model, tiny, tiny_variants
 from safetensors.torch import load_file, save_file
 
 from trainer.models.qwen2_vl import CheckpointError, Qwen2VL, from_pretrained, generate, save_pretrained
@@ -27,17 +27,21 @@ def valid_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits[mask.bool()]
 
 
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=["tiny", "wide-gqa3", "mqa-tied"])
+def variant(request):
+    return tiny_variants()[request.param]
+
+
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    cfg = tiny()
+def hf_dir(tmp_path_factory, variant):
     path = tmp_path_factory.mktemp("hf")
-    hf_model(cfg).save_pretrained(path)
+    hf_model(variant).save_pretrained(path)
     return path
 
 
 @pytest.mark.parametrize("left_pad", [False, True])
-def test_logits_loss_and_grads_match_transformers(hf_dir, left_pad):
-    cfg = tiny()
+def test_logits_loss_and_grads_match_transformers(variant, hf_dir, left_pad):
+    cfg = variant
     theirs = hf_model(cfg)
     ours = from_pretrained(hf_dir)
     batch = mixed_batch(cfg, left_pad=left_pad)
@@ -98,9 +102,9 @@ def test_tied_embeddings_round_trip(tmp_path):
     ).abs().max() < TOL
 
 
-def test_position_rule_on_long_video(hf_dir):
+def test_position_rule_on_long_video(variant, hf_dir):
     """A video with t=3 > h'=w'=2: text after it continues at s + 3, not s + 2."""
-    cfg = tiny()
+    cfg = variant
     theirs = hf_model(cfg)
     ours = from_pretrained(hf_dir)
     batch = mixed_batch(cfg)
@@ -118,8 +122,8 @@ def test_position_rule_on_long_video(hf_dir):
     assert pos[:, 1, 16].tolist() == [7, 7, 7]  # <|vision_end|> at s + max(t, h', w') = 4 + 3
 
 
-def test_generate_matches_transformers_greedy(hf_dir):
-    cfg = tiny()
+def test_generate_matches_transformers_greedy(variant, hf_dir):
+    cfg = variant
     theirs = hf_model(cfg)
     ours = from_pretrained(hf_dir)
     batch = mixed_batch(cfg, left_pad=True)
@@ -137,8 +141,8 @@ def test_generate_matches_transformers_greedy(hf_dir):
     assert torch.equal(out, ref)
 
 
-def test_generate_single_prompt_with_image(hf_dir):
-    cfg = tiny()
+def test_generate_single_prompt_with_image(variant, hf_dir):
+    cfg = variant
     theirs = hf_model(cfg)
     ours = from_pretrained(hf_dir)
     batch = mixed_batch(cfg)
@@ -162,7 +166,7 @@ def test_generate_single_prompt_with_image(hf_dir):
 # ----------------------------------------------------------------------------------- checkpoint formats
 
 
-def test_nested_config_and_new_key_names(hf_dir, tmp_path):
+def test_nested_config_and_new_key_names(variant, hf_dir, tmp_path):
     """The transformers-5 layout: nested text_config with rope_parameters, `dtype`, `model.language_model.*`."""
     raw = json.loads((hf_dir / "config.json").read_text())
     text = raw.pop("text_config")
@@ -174,7 +178,11 @@ def test_nested_config_and_new_key_names(hf_dir, tmp_path):
         "rope_theta": text.pop("rope_theta"),
         "mrope_section": text.pop("rope_scaling")["mrope_section"],
     }
-    raw.update(text_config=text, dtype=raw.pop("torch_dtype", "float32"), tie_word_embeddings=False)
+    raw.update(
+        text_config=text,
+        dtype=raw.pop("torch_dtype", "float32"),
+        tie_word_embeddings=variant.text.tie_word_embeddings,
+    )
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         raw[key] = json.loads((hf_dir / "config.json").read_text())[key]
     (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -208,7 +216,7 @@ def test_sharded_save_and_load(tmp_path):
         assert ka == kb and torch.equal(va, vb)
 
 
-def test_mismatched_checkpoint_names_every_problem(hf_dir, tmp_path):
+def test_mismatched_checkpoint_names_every_problem(variant, hf_dir, tmp_path):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     state = load_file(hf_dir / "model.safetensors")
     state.pop("model.norm.weight")
