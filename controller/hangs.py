@@ -1,0 +1,169 @@
+"""Hang detection: has the job stopped making progress, which ranks stopped, and which stopped first.
+
+Decisions:
+
+- The signal is each rank's last-progress timestamp (a completed step or micro-step, see
+  trainer.contract.telemetry). A live, scrapable endpoint with a stale timestamp is a hang; a dead process is
+  the backend's business (an exit code), not this module's.
+- The job is hung when no rank has progressed for max(hang_timeout_seconds, step_time_factor x the median step
+  time): one rank stuck in a collective stops every other rank within a step, so "newest progress of any rank"
+  is the job's progress, and the step-time term keeps a job whose steps take longer than the timeout from being
+  killed between two steps.
+- Start-up is judged apart, while no rank has progressed in this attempt: the clock starts when the last process
+  of the gang started (the gang cannot take a step before its last member is up; a rank that has not reported
+  counts from the attempt's launch) and the limit is startup_timeout_seconds, which covers imports, rendezvous,
+  checkpoint load and the first step's compilation.
+- The ranks that stopped first are the likely culprits (the others stopped when they blocked on them): those
+  whose last progress is within half a median step of the oldest. A rank that never progressed while others did
+  sorts first, with its process start as its time.
+- Timestamps come from the ranks' clocks and `now` from the controller's; skew is far below the timeouts.
+  Negative ages (a clock ahead of ours) count as zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from trainer.contract.telemetry import RankSample
+
+PHASE_STARTUP = "startup"
+PHASE_TRAINING = "training"
+HangPhase = Literal["startup", "training"]
+
+
+@dataclass(kw_only=True, slots=True)
+class HangConfig:
+    hang_timeout_seconds: float = 600.0
+    step_time_factor: float = 10.0  # k: also wait k median steps, for jobs whose steps are long
+    startup_timeout_seconds: float = 1800.0
+
+    def __post_init__(self) -> None:
+        for name in ("hang_timeout_seconds", "step_time_factor", "startup_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RankProgress:
+    rank: int
+    node: str = ""
+    step: int | None = None  # last completed step
+    last_progress: float | None = None  # unix seconds; None before the first step or micro-step
+    process_start: float | None = None  # unix seconds; None until the rank has reported
+
+    @classmethod
+    def from_sample(cls, sample: RankSample) -> RankProgress:
+        return cls(
+            rank=sample.rank,
+            node=sample.node,
+            step=sample.step,
+            last_progress=sample.last_progress_timestamp_seconds,
+            process_start=sample.process_start_time_seconds,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRank:
+    rank: int
+    node: str
+    step: int | None
+    since: float  # its last progress, or its process start (launch) when it never progressed
+    seconds: float  # now - since
+    progressed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HangVerdict:
+    hung: bool
+    phase: HangPhase
+    threshold_seconds: float
+    since: float  # the job's last progress (start-up: when its last process started)
+    idle_seconds: float  # now - since
+    stale: tuple[StaleRank, ...]  # ranks idle past the threshold, oldest first
+    first_stalled: tuple[int, ...]  # the likely culprits (see module docstring)
+
+    @property
+    def message(self) -> str:
+        if self.phase == PHASE_STARTUP:
+            head = f"no rank finished a step within {self.idle_seconds:.0f} s of start-up"
+        else:
+            head = f"no rank made progress for {self.idle_seconds:.0f} s"
+        text = f"{head} (limit {self.threshold_seconds:.0f} s)"
+        culprits = [s for s in self.stale if s.rank in self.first_stalled]
+        if culprits:
+            names = ", ".join(describe(s) for s in culprits[:4])
+            more = f" and {len(culprits) - 4} more" if len(culprits) > 4 else ""
+            text += f"; stopped first: {names}{more}"
+        return text
+
+
+def describe(rank: StaleRank) -> str:
+    text = f"rank {rank.rank}" + (f" on {rank.node}" if rank.node else "")
+    if not rank.progressed:
+        return text + ", no step yet"
+    return text + (f" at step {rank.step}" if rank.step is not None else "")
+
+
+def detect_hang(
+    ranks: Sequence[RankProgress],
+    *,
+    now: float,
+    launched_at: float,
+    median_step_seconds: float | None,
+    config: HangConfig,
+) -> HangVerdict:
+    """`ranks`: the live ranks of the current attempt; `median_step_seconds`: the job's so far (None: no step
+    yet); `launched_at`: when the attempt was launched."""
+    if median_step_seconds is not None and not median_step_seconds >= 0:
+        raise ValueError(f"median_step_seconds: must be >= 0, got {median_step_seconds}")
+    progress = [r.last_progress for r in ranks if r.last_progress is not None]
+    started = [r.process_start for r in ranks if r.process_start is not None]
+
+    def rank_since(r: RankProgress) -> float:
+        if r.last_progress is not None:
+            return r.last_progress
+        return r.process_start if r.process_start is not None else launched_at
+
+    if progress:
+        phase: HangPhase = PHASE_TRAINING
+        since = max(progress)
+        threshold = max(config.hang_timeout_seconds, config.step_time_factor * (median_step_seconds or 0.0))
+    else:
+        phase = PHASE_STARTUP
+        since = max([launched_at, *started])
+        threshold = config.startup_timeout_seconds
+    idle = max(0.0, now - since)
+
+    stale = sorted(
+        (
+            StaleRank(
+                rank=r.rank,
+                node=r.node,
+                step=r.step,
+                since=rank_since(r),
+                seconds=max(0.0, now - rank_since(r)),
+                progressed=r.last_progress is not None,
+            )
+            for r in ranks
+            if now - rank_since(r) > threshold
+        ),
+        key=lambda s: (s.progressed, s.since, s.rank),  # never progressed while others did: first
+    )
+    first_stalled: tuple[int, ...] = ()
+    if stale:
+        head = stale[0]
+        tolerance = 0.5 * (median_step_seconds or 0.0)
+        first_stalled = tuple(
+            s.rank for s in stale if s.progressed == head.progressed and s.since <= head.since + tolerance
+        )
+    return HangVerdict(
+        hung=idle > threshold,
+        phase=phase,
+        threshold_seconds=threshold,
+        since=since,
+        idle_seconds=idle,
+        stale=tuple(stale),
+        first_stalled=first_stalled,
+    )

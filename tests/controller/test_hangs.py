@@ -1,0 +1,112 @@
+"""Hang detection: the progress rule with its step-time term, start-up judged apart, and which ranks stopped
+first."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.hangs import HangConfig, RankProgress, detect_hang
+from trainer.contract.telemetry import RankSample
+
+CONFIG = HangConfig(hang_timeout_seconds=60, step_time_factor=10, startup_timeout_seconds=300)
+LAUNCH = 1_000.0
+
+
+def ranks(progress: list[float | None], *, start: float = LAUNCH + 5, step: int = 40) -> list[RankProgress]:
+    return [
+        RankProgress(
+            rank=i,
+            node=f"local-{i // 2}",
+            step=None if p is None else step,
+            last_progress=p,
+            process_start=start,
+        )
+        for i, p in enumerate(progress)
+    ]
+
+
+def check(progress, now, median=1.0, **kw):
+    return detect_hang(
+        ranks(progress, **kw), now=now, launched_at=LAUNCH, median_step_seconds=median, config=CONFIG
+    )
+
+
+def test_progressing_job_is_not_hung():
+    v = check([2000.0, 2000.5, 1999.8, 2000.2], now=2010.0)
+    assert not v.hung and v.phase == "training"
+    assert v.since == 2000.5 and v.idle_seconds == pytest.approx(9.5)
+    assert v.stale == () and v.first_stalled == ()
+
+
+def test_hung_when_no_rank_progressed_for_the_timeout_and_the_culprit_stopped_first():
+    # Rank 2 hung at 1990; the others finished their micro-steps and blocked in the all-reduce about a step later.
+    progress = [1991.0, 1991.2, 1990.0, 1991.1]
+    assert not check(progress, now=1991.2 + 59).hung
+    v = check(progress, now=1991.2 + 61)
+    assert v.hung and v.threshold_seconds == 60 and v.idle_seconds == pytest.approx(61)
+    assert [s.rank for s in v.stale] == [2, 0, 3, 1]
+    assert v.stale[0].since == 1990.0 and v.stale[0].seconds == pytest.approx(62.2)
+    assert v.first_stalled == (2,)
+    assert "rank 2 on local-1 at step 40" in v.message and "limit 60 s" in v.message
+
+
+def test_long_steps_stretch_the_limit_to_k_median_steps():
+    progress = [2000.0, 2000.0]
+    assert not check(progress, now=2000 + 100, median=12.0).hung  # limit 10 x 12 = 120 s
+    v = check(progress, now=2000 + 121, median=12.0)
+    assert v.hung and v.threshold_seconds == 120
+    assert v.first_stalled == (0, 1)  # stopped together: both named
+
+
+def test_startup_uses_its_own_timeout_from_the_last_process_start():
+    late = LAUNCH + 100  # one node came up late: the gang could not start before it
+    rs = ranks([None, None, None, None])
+    rs[3] = RankProgress(rank=3, node="local-1", process_start=late)
+    v = detect_hang(rs, now=late + 299, launched_at=LAUNCH, median_step_seconds=None, config=CONFIG)
+    assert not v.hung and v.phase == "startup" and v.since == late and v.threshold_seconds == 300
+    assert [s.rank for s in v.stale] == [0, 1, 2]  # each started more than 300 s ago
+    v = detect_hang(rs, now=late + 301, launched_at=LAUNCH, median_step_seconds=None, config=CONFIG)
+    assert v.hung and "start-up" in v.message and "no step yet" in v.message
+
+
+def test_startup_of_ranks_that_never_reported_counts_from_launch():
+    silent = [RankProgress(rank=0), RankProgress(rank=1)]
+    v = detect_hang(silent, now=LAUNCH + 301, launched_at=LAUNCH, median_step_seconds=None, config=CONFIG)
+    assert v.hung and v.since == LAUNCH and {s.since for s in v.stale} == {LAUNCH}
+    none = detect_hang([], now=LAUNCH + 301, launched_at=LAUNCH, median_step_seconds=None, config=CONFIG)
+    assert none.hung and none.stale == ()
+
+
+def test_rank_that_never_progressed_while_others_did_is_the_culprit():
+    v = check([1900.0, None, 1900.5, 1900.2], now=1900.5 + 61)
+    assert v.hung and v.phase == "training"
+    assert v.stale[0].rank == 1 and not v.stale[0].progressed and v.stale[0].since == LAUNCH + 5
+    assert v.first_stalled == (1,)
+
+
+def test_training_without_a_median_yet_uses_the_hang_timeout_and_clock_skew_is_clamped():
+    v = check([2000.0], now=1999.0, median=None)
+    assert not v.hung and v.idle_seconds == 0.0 and v.threshold_seconds == 60
+
+
+def test_from_sample_reads_the_telemetry_contract():
+    sample = RankSample(
+        training_job="j",
+        node="n1",
+        rank=3,
+        local_rank=1,
+        step=7,
+        last_progress_timestamp_seconds=10.0,
+        process_start_time_seconds=2.0,
+    )
+    assert RankProgress.from_sample(sample) == RankProgress(
+        rank=3, node="n1", step=7, last_progress=10.0, process_start=2.0
+    )
+
+
+@pytest.mark.parametrize("name", ["hang_timeout_seconds", "step_time_factor", "startup_timeout_seconds"])
+def test_config_errors_name_the_field(name):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        HangConfig(**{name: 0})
+    with pytest.raises(ValueError, match="^median_step_seconds:"):
+        check([1.0], now=2.0, median=-1.0)
