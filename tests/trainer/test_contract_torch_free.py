@@ -11,4 +11,6 @@ import pytest
 @pytest.mark.parametrize("module", ["trainer.contract", "cli.main"])
 def test_module_does_not_import_torch(module):
     code = f"import sys, {module}; sys.exit(1 if 'torch' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0, f"{module} imports torch"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0, (
+        f"{module} imports torch"
+    )

@@ -18,4 +18,11 @@ from .model_tool import (
     ModelInfo,
 )
 
-__all__ = ["EXIT_USER_ERROR", "MODEL_PRESETS", "MODEL_TOOL_MODULE", "GenerateResult", "MemoryEstimate", "ModelInfo"]
+__all__ = [
+    "EXIT_USER_ERROR",
+    "MODEL_PRESETS",
+    "MODEL_TOOL_MODULE",
+    "GenerateResult",
+    "MemoryEstimate",
+    "ModelInfo",
+]
