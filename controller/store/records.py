@@ -1,0 +1,285 @@
+"""What a job leaves behind besides its phase: checkpoints, per-rank step windows, node health, goodput.
+
+Same rules as `repo`: keyword-only session, never commit, set-based queries. Checkpoint and node-health changes
+that matter to a person reading the timeline also append an event.
+
+Decisions:
+- `jobs.last_checkpoint_*` always names the newest committed checkpoint not known to be corrupt; it is recomputed
+  from the checkpoints table (one query) whenever a commit or a failed verification changes the answer, so
+  resuming after a corrupt newest checkpoint falls back to the previous one.
+- Rank windows are written in bulk (one executemany per report) and pruned to the newest windows per job, keeping
+  flagged windows as evidence, so the table stays bounded at 16,384 ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, or_, select
+from sqlalchemy.orm import Session
+
+from controller.domain.phases import EventType
+
+from .models import Checkpoint, Job, NodeHealth, RankStepWindow, utcnow
+from .repo import append_event
+
+CHECKPOINT_COMMITTED = "CheckpointCommitted"
+CHECKPOINT_CORRUPT = "CheckpointCorrupt"
+NODE_EXCLUDED = "NodeExcluded"
+
+
+def record_checkpoint(
+    *,
+    session: Session,
+    job: Job,
+    step: int,
+    uri: str,
+    committed: bool,
+    attempt: int | None = None,
+    size_bytes: int | None = None,
+    save_seconds: float | None = None,
+    now: datetime | None = None,
+) -> Checkpoint:
+    """Record a checkpoint save (upsert by step: a step re-saved after a restart replaces the old row)."""
+    now = now or utcnow()
+    ckpt = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
+    ).first()
+    if ckpt is None:
+        ckpt = Checkpoint(job_id=job.id, step=step, created_at=now)
+        session.add(ckpt)
+    was_committed = ckpt.committed
+    ckpt.uri, ckpt.attempt, ckpt.committed, ckpt.verified = uri, attempt, committed, None
+    ckpt.size_bytes, ckpt.save_seconds = size_bytes, save_seconds
+    ckpt.committed_at = now if committed else None
+    if committed and not was_committed:
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.CHECKPOINT,
+            reason=CHECKPOINT_COMMITTED,
+            message=f"checkpoint at step {step} committed to {uri}",
+            data={"step": step, "uri": uri, "size_bytes": size_bytes, "save_seconds": save_seconds},
+            attempt=attempt,
+            now=now,
+        )
+    refresh_last_checkpoint(session=session, job=job)
+    return ckpt
+
+
+def record_checkpoint_verification(
+    *, session: Session, job: Job, step: int, ok: bool, detail: str = "", now: datetime | None = None
+) -> None:
+    """Record whether the checkpoint at `step` matched its manifest; a corrupt one is never resumed from."""
+    ckpt = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
+    ).one()
+    ckpt.verified = ok
+    if not ok:
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.CHECKPOINT,
+            reason=CHECKPOINT_CORRUPT,
+            message=f"checkpoint at step {step} failed verification: {detail}".rstrip(": "),
+            data={"step": step, "uri": ckpt.uri},
+            now=now,
+        )
+    refresh_last_checkpoint(session=session, job=job)
+
+
+def newest_resumable_checkpoint(
+    *, session: Session, job_id: int, at_most_step: int | None = None
+) -> Checkpoint | None:
+    """The newest committed checkpoint not known to be corrupt (at or before `at_most_step` if given)."""
+    stmt = (
+        select(Checkpoint)
+        .where(
+            Checkpoint.job_id == job_id,
+            Checkpoint.committed,
+            or_(Checkpoint.verified.is_(None), Checkpoint.verified),
+        )
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    )
+    if at_most_step is not None:
+        stmt = stmt.where(Checkpoint.step <= at_most_step)
+    return session.scalars(stmt).first()
+
+
+def refresh_last_checkpoint(*, session: Session, job: Job) -> None:
+    newest = newest_resumable_checkpoint(session=session, job_id=job.id)
+    job.last_checkpoint_step = newest.step if newest else None
+    job.last_checkpoint_uri = newest.uri if newest else None
+
+
+def list_checkpoints(*, session: Session, job_id: int) -> list[Checkpoint]:
+    return list(
+        session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class RankWindowStats:
+    """One rank's aggregate over a window of steps, as the straggler detector computes it."""
+
+    rank: int
+    node: str
+    window_start_step: int
+    window_end_step: int
+    num_steps: int
+    mean_own_s: float
+    median_own_s: float
+    p90_own_s: float
+    mean_wall_s: float
+    straggler_score: float | None = None
+    flagged: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"rank: must be >= 0, got {self.rank}")
+        if self.window_end_step < self.window_start_step:
+            raise ValueError(f"window_end_step: {self.window_end_step} is before {self.window_start_step}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps: must be >= 1, got {self.num_steps}")
+
+
+def record_rank_windows(
+    *,
+    session: Session,
+    job_id: int,
+    attempt: int,
+    windows: Sequence[RankWindowStats],
+    now: datetime | None = None,
+) -> None:
+    """Insert one window per rank in a single executemany."""
+    if not windows:
+        return
+    now = now or utcnow()
+    rows: list[dict[str, Any]] = [
+        {**asdict(w), "job_id": job_id, "attempt": attempt, "recorded_at": now} for w in windows
+    ]
+    session.execute(insert(RankStepWindow), rows)
+
+
+def latest_rank_windows(*, session: Session, job_id: int, attempt: int) -> list[RankStepWindow]:
+    """Each rank's newest window in `attempt`, ordered by rank, in one query."""
+    newest = (
+        select(RankStepWindow.rank, func.max(RankStepWindow.window_start_step).label("start"))
+        .where(RankStepWindow.job_id == job_id, RankStepWindow.attempt == attempt)
+        .group_by(RankStepWindow.rank)
+        .subquery()
+    )
+    stmt = (
+        select(RankStepWindow)
+        .join(
+            newest,
+            (RankStepWindow.rank == newest.c.rank) & (RankStepWindow.window_start_step == newest.c.start),
+        )
+        .where(RankStepWindow.job_id == job_id, RankStepWindow.attempt == attempt)
+        .order_by(RankStepWindow.rank)
+    )
+    return list(session.scalars(stmt))
+
+
+def prune_rank_windows(*, session: Session, job_id: int, keep_windows: int) -> int:
+    """Delete all but the job's newest `keep_windows` window starts (flagged windows stay); returns rows deleted."""
+    if keep_windows < 1:
+        raise ValueError(f"keep_windows: must be >= 1, got {keep_windows}")
+    newest_starts = (
+        select(RankStepWindow.window_start_step)
+        .where(RankStepWindow.job_id == job_id)
+        .distinct()
+        .order_by(RankStepWindow.window_start_step.desc())
+        .limit(keep_windows)
+        .subquery()
+    )
+    cutoff = session.scalar(select(func.min(newest_starts.c.window_start_step)))
+    if cutoff is None:
+        return 0
+    stmt = delete(RankStepWindow).where(
+        RankStepWindow.job_id == job_id,
+        RankStepWindow.window_start_step < cutoff,
+        RankStepWindow.flagged.is_(False),
+    )
+    return session.execute(stmt.execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
+
+
+def exclude_node(
+    *,
+    session: Session,
+    node: str,
+    reason: str,
+    message: str = "",
+    expires_at: datetime | None = None,
+    job: Job | None = None,
+    now: datetime | None = None,
+) -> NodeHealth:
+    """Exclude `node` for `job` (or for every job when None) until `expires_at` (None: until cleared)."""
+    scope = NodeHealth.job_id.is_(None) if job is None else NodeHealth.job_id == job.id
+    row = session.scalars(select(NodeHealth).where(NodeHealth.node == node, scope)).first()
+    if row is None:
+        row = NodeHealth(node=node, job_id=job.id if job is not None else None, reason=reason)
+        session.add(row)
+    row.excluded, row.reason, row.message, row.expires_at = True, reason, message, expires_at
+    row.updated_at = now or utcnow()
+    if job is not None:
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.NODE_HEALTH,
+            reason=NODE_EXCLUDED,
+            message=f"node {node} excluded ({reason}){': ' + message if message else ''}",
+            data={
+                "node": node,
+                "reason": reason,
+                "expires_at": expires_at.isoformat() if expires_at else None,
+            },
+            now=now,
+        )
+    return row
+
+
+def clear_node_exclusion(*, session: Session, node: str, job_id: int | None = None) -> int:
+    scope = NodeHealth.job_id.is_(None) if job_id is None else NodeHealth.job_id == job_id
+    rows = list(
+        session.scalars(select(NodeHealth).where(NodeHealth.node == node, scope, NodeHealth.excluded))
+    )
+    for row in rows:
+        row.excluded = False
+    return len(rows)
+
+
+def excluded_nodes(*, session: Session, job_id: int | None = None, now: datetime | None = None) -> set[str]:
+    """Nodes excluded for every job, plus those excluded for `job_id`, whose exclusion has not expired."""
+    now = now or utcnow()
+    scope = (
+        NodeHealth.job_id.is_(None)
+        if job_id is None
+        else or_(NodeHealth.job_id.is_(None), NodeHealth.job_id == job_id)
+    )
+    stmt = select(NodeHealth.node).where(
+        NodeHealth.excluded, scope, or_(NodeHealth.expires_at.is_(None), NodeHealth.expires_at > now)
+    )
+    return set(session.scalars(stmt))
+
+
+def record_goodput(
+    *,
+    session: Session,
+    job: Job,
+    productive_seconds: float,
+    lost_seconds: dict[str, float],
+    ettr: float | None,
+) -> None:
+    """Store the job's goodput accounting (computed by the controller's goodput module)."""
+    if productive_seconds < 0:
+        raise ValueError(f"productive_seconds: must be >= 0, got {productive_seconds}")
+    if ettr is not None and not 0.0 <= ettr <= 1.0:
+        raise ValueError(f"ettr: must be within [0, 1], got {ettr}")
+    job.productive_seconds = productive_seconds
+    job.lost_seconds = dict(lost_seconds)
+    job.ettr = ettr
