@@ -1,0 +1,250 @@
+"""Checkpointer: sharded, asynchronous, committed saves, and resume; what the training loop calls.
+
+    ckpt = Checkpointer(CheckpointConfig(uri="/ckpt/run-7", interval_steps=500), layout=layout)
+    restored = ckpt.load(model=model_state, optimizer=optim_state)   # None on a fresh run
+    ...
+    if ckpt.due(step):
+        ckpt.save(step, model=model_state, optimizer=optim_state, tokens_seen=tokens,
+                  scheduler=scheduler.state_dict(), config=run_config_json,
+                  per_rank={"rng": capture_rng(), "data_loader": loader.state_dict()})
+    ckpt.close()                                                     # waits for the save in flight
+
+What the runtime hands over, on every rank, with the same call order on all ranks:
+
+* `model`, `optimizer`: {name: Tensor | DTensor | LocalChunk}, tensors only (DCP would unpickle anything
+  else on load). A name identifies one global tensor, the same at every layout that can load it:
+  - model weights under their full `Qwen2VL.state_dict()` names (what export reads), whichever pipeline stage
+    holds them. Replicated tensors (the same on all dp ranks, or on all tp ranks) are plain tensors, saved
+    once. A tensor-parallel shard is a LocalChunk (or a DTensor) of the full weight; for the fused ViT qkv,
+    of its blocked view (`ParamLayout.blocked`: local view, global view shape, offsets), used at every tp
+    size, tp = 1 included, so that the saved shape does not depend on tp (export undoes the blocking);
+  - ZeRO-1 optimizer state per parameter: for each of fp32, exp_avg, exp_avg_sq,
+    `LocalChunk(fragment, (total,), (start,))`: the range of the flattened local parameter this dp rank owns
+    (trainer.parallel's `Fragment`), named e.g. "text.layers.3.mlp.up_proj.weight.exp_avg". With tp > 1 the
+    flattened local parameter is a tp shard, so the name must carry the tp rank and size (e.g. a "tp1of2."
+    prefix). Scalars such as the Adam step: 0-d tensors.
+* `scheduler`, `config`, `extra`: JSON values in meta.json. `per_rank`: plain types and tensors, saved to
+  rank-NNNNN.pt and checked on save to load with torch.load(weights_only=True).
+
+Layout changes on load: data-parallel size, any (DCP reads each rank's new pieces from the saved ones).
+Pipeline-parallel size, any (names are global, fragments are per parameter). Tensor-parallel size: model
+weights yes when shards are LocalChunks/DTensors of the full weight; optimizer state no (its fragments are
+ranges of a tp shard). A layout change that a tensor cannot follow fails in DCP naming the tensor, or with a
+shape mismatch; it never loads silently wrong.
+
+Decisions:
+
+* Async: save() blocks while the previous save finishes (one in flight: staging buffers are reused) and while
+  the state is copied to CPU (see staging.py); the writes, checksums, manifest and commit run in one
+  background thread. A failed save raises CheckpointError from the next save(), wait() or close(): a run that
+  cannot checkpoint should stop, and the controller resumes it from the last committed step.
+* Sync saves write straight from the live tensors (no staging copy).
+* The commit decision is rank 0's after a gather: every rank reports its files with sizes and CRC-32s or its
+  error; rank 0 writes meta.json, then the manifest, then commits, and broadcasts the outcome. A rank that
+  dies mid-save fails the gather (gloo notices the closed connection, or the group timeout fires), so
+  nothing is committed.
+* Retention runs on rank 0 after each commit: keep the newest `keep_last` committed steps and always the
+  newest one that verifies; delete unfinished saves older than the newest commit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from trainer.checkpoint.group import CheckpointGroup
+from trainer.checkpoint.load import CheckpointError, Restored, restore
+from trainer.checkpoint.staging import Stager
+from trainer.checkpoint.storage import CheckpointStore
+from trainer.contract.checkpoint import (
+    FORMAT,
+    META,
+    CheckpointConfig,
+    CheckpointMeta,
+    Layout,
+    Manifest,
+    ManifestFile,
+    crc_hex,
+    rank_filename,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _check_tensors(field: str, state: Mapping[str, Any]) -> None:
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{field}[{name!r}]: must be a Tensor (DTensor, LocalChunk), got {type(value).__name__}"
+            )
+
+
+def _json(field: str, value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{field}: not JSON-serialisable: {e}") from e
+    return value
+
+
+def _rank_bytes(per_rank: Mapping[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    try:  # fail now, not at resume
+        torch.save(dict(per_rank), buf)
+        data = buf.getvalue()
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        raise ValueError(f"per_rank: must hold plain types and tensors only ({type(e).__name__}: {e})") from e
+    return data
+
+
+class Checkpointer:
+    def __init__(self, config: CheckpointConfig, *, layout: Layout | None = None) -> None:
+        """Collective: construct on every rank at the same point (it creates the checkpoint process group)."""
+        self.config = config
+        self.group = CheckpointGroup(timeout_s=config.timeout_s)
+        world = self.group.world_size
+        self.layout = layout or Layout(dp=world, tp=1, pp=1, world_size=world)
+        if (
+            self.layout["dp"] * self.layout["tp"] * self.layout["pp"] != world
+            or self.layout["world_size"] != world
+        ):
+            raise ValueError(
+                f"layout: dp*tp*pp and world_size must equal the world size {world}, got {self.layout}"
+            )
+        self.store = CheckpointStore(config.uri, config.storage_options)
+        self._stager = Stager() if config.async_save else None
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if config.async_save else None
+        )
+        self._pending: Future[str] | None = None
+
+    def due(self, step: int) -> bool:
+        return self.config.interval_steps > 0 and step > 0 and step % self.config.interval_steps == 0
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: Mapping[str, torch.Tensor],
+        optimizer: Mapping[str, torch.Tensor],
+        tokens_seen: int,
+        scheduler: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        per_rank: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Future[str]:
+        """Save `step` (see the module docstring for the arguments); the future gives the step's URI once it is
+        committed. Async: returns once the state is staged; sync: returns a completed future."""
+        self.wait()
+        for name, value in (("step", step), ("tokens_seen", tokens_seen)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        _check_tensors("model", model)
+        _check_tensors("optimizer", optimizer)
+        meta = CheckpointMeta(
+            format=FORMAT,
+            step=step,
+            tokens_seen=tokens_seen,
+            layout=self.layout,
+            scheduler=_json("scheduler", dict(scheduler or {})),
+            config=_json("config", dict(config or {})),
+            extra=_json("extra", dict(extra or {})),
+        )
+        meta_bytes = (json.dumps(meta, indent=1) + "\n").encode()
+        rank_bytes = _rank_bytes(per_rank or {})
+        state = {"model": dict(model), "optimizer": dict(optimizer)}
+        if self._pool is None or self._stager is None:
+            done: Future[str] = Future()
+            done.set_result(self._write(step, state, rank_bytes, meta_bytes))
+            return done
+        staged = self._stager.stage(state)
+        self._pending = self._pool.submit(self._write, step, staged, rank_bytes, meta_bytes)
+        return self._pending
+
+    def wait(self) -> str | None:
+        """Block until the save in flight is committed; its URI, None when there was none. Raises its error."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def load(
+        self,
+        *,
+        model: Mapping[str, torch.Tensor],
+        optimizer: Mapping[str, torch.Tensor],
+        step: int | None = None,
+    ) -> Restored | None:
+        """Load `step` or the newest valid step into the given tensors (see load.py)."""
+        self.wait()
+        return restore(
+            self.group, self.store, model=model, optimizer=optimizer, mode=self.config.verify, step=step
+        )
+
+    def _write(self, step: int, state: Any, rank_bytes: bytes, meta_bytes: bytes) -> str:
+        try:
+            return self._write_step(step, state, rank_bytes, meta_bytes)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a collective failed: a rank died or timed out
+            raise CheckpointError(f"checkpoint step {step} was not saved: {type(e).__name__}: {e}") from e
+
+    def _write_step(self, step: int, state: Any, rank_bytes: bytes, meta_bytes: bytes) -> str:
+        group, store, rank = self.group, self.store, self.group.rank
+        start: tuple[str | None, str] = (None, "")
+        if rank == 0:
+            try:
+                start = (store.begin(step), "")
+            except Exception as e:
+                start = (None, f"rank 0: could not create the step folder: {type(e).__name__}: {e}")
+        folder, error = group.broadcast(start)
+        if folder is None:
+            raise CheckpointError(f"checkpoint step {step} was not saved: {error}")
+        files: list[ManifestFile] = []
+        try:
+            writer, records = store.dcp_writer(folder, thread_count=self.config.write_threads)
+            dcp.save(state, storage_writer=writer, process_group=group.pg, no_dist=group.pg is None)
+            files += [
+                ManifestFile(path=name, size=size, crc32=crc_hex(crc), rank=rank)
+                for name, (size, crc) in records.items()
+            ]
+            files.append(store.write_file(folder, rank_filename(rank), rank_bytes, rank=rank))
+            if rank == 0:
+                files.append(store.write_file(folder, META, meta_bytes, rank=0))
+        except Exception as e:  # reported through the gather, so rank 0 does not commit
+            error = f"rank {rank}: {type(e).__name__}: {e}"
+        reports = group.gather((files, error))
+        outcome: tuple[bool, str] = (False, "")
+        if reports is not None:
+            if errors := [err for _, err in reports if err]:
+                outcome = (False, "; ".join(errors))
+            else:
+                everything = sorted((f for fs, _ in reports for f in fs), key=lambda f: f["path"])
+                manifest = Manifest(format=FORMAT, step=step, world_size=group.world_size, files=everything)
+                try:
+                    outcome = (True, store.commit(folder, step, manifest))
+                except Exception as e:
+                    outcome = (False, f"rank 0: commit failed: {type(e).__name__}: {e}")
+        committed, detail = group.broadcast(outcome)
+        if not committed:
+            raise CheckpointError(f"checkpoint step {step} was not saved: {detail}")
+        if rank == 0:
+            log.info("checkpoint step %d committed: %s", step, detail)
+            try:
+                store.prune(self.config.keep_last)
+            except Exception as e:  # old folders stay until the next commit prunes again
+                log.warning("checkpoint retention failed after step %d: %s", step, e)
+        return detail
