@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from trainer.contract import MODEL_PRESETS
+
 from .output import OutputFormat, emit, human_bytes, human_count
 from .tool import run_model_tool
 
@@ -41,7 +43,9 @@ def _info_table(info: dict) -> Table:
 
 @app.command()
 def info(
-    spec: Annotated[str, typer.Argument(help="a preset (2b, 7b, 72b, demo, tiny) or a checkpoint directory")],
+    spec: Annotated[
+        str, typer.Argument(help=f"a preset ({', '.join(MODEL_PRESETS)}) or a checkpoint directory")
+    ],
     zero_shards: Annotated[
         int, typer.Option(help="data-parallel ranks sharing optimizer state (ZeRO-1)")
     ] = 1,

@@ -44,7 +44,7 @@ def test_unknown_preset_is_one_line_and_exit_2():
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "error: model: unknown preset 'nope'; choose one of 2b, 7b, 72b, demo, tiny"
+        "error: model: unknown preset 'nope'; choose one of 2b, 7b, 72b, demo, tiny, mini"
     ]
 
 

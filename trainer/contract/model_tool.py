@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-MODEL_PRESETS = ("2b", "7b", "72b", "demo", "tiny")  # must equal trainer.models.qwen2_vl.config.PRESETS
+MODEL_PRESETS = (
+    "2b",
+    "7b",
+    "72b",
+    "demo",
+    "tiny",
+    "mini",
+)  # must equal trainer.models.qwen2_vl.config.PRESETS
 
 # `python -m trainer.model_tool {info,generate,demo} ...` prints one JSON object on stdout; a user error prints one
 # line on stderr and exits with EXIT_USER_ERROR.

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MODEL_PRESET_NAMES = ("2b", "7b", "72b", "demo", "tiny")
+from .model_tool import MODEL_PRESETS as MODEL_PRESET_NAMES
 
 
 class _Section(BaseModel):
@@ -24,7 +24,7 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     name: str = Field(
-        "demo", description="a preset (2b, 7b, 72b, demo, tiny) or a Hugging Face checkpoint dir"
+        "demo", description=f"a preset ({', '.join(MODEL_PRESET_NAMES)}) or a Hugging Face checkpoint dir"
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 on GPU, float32 on CPU")
     checkpoint_vision: bool = Field(False, description="recompute ViT block activations in backward")

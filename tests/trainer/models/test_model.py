@@ -143,3 +143,10 @@ def test_loss_only_path_matches_full_logits():
     assert n_a == n_b and torch.allclose(loss_a, loss_b, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_contract_lists_every_preset():
+    from trainer.contract import MODEL_PRESETS
+    from trainer.models.qwen2_vl.config import PRESETS
+
+    assert tuple(PRESETS) == MODEL_PRESETS

@@ -227,12 +227,21 @@ def demo_config() -> Qwen2VLConfig:
     )
 
 
+def mini_config() -> Qwen2VLConfig:
+    """The tiny test model with the real tokenizer's vocabulary and token ids, for end-to-end runs on real
+    (synthetic) data; untied so it can be pipelined."""
+    small = tiny_config()
+    text = dataclasses.replace(small.text, vocab_size=151936)
+    return Qwen2VLConfig(vision=small.vision, text=text, torch_dtype="float32")
+
+
 PRESETS = {
     "2b": lambda: _released(1536, 28, 12, 2, 8960, 151936, tied=True),
     "7b": lambda: _released(3584, 28, 28, 4, 18944, 152064, tied=False),
     "72b": lambda: _released(8192, 80, 64, 8, 29568, 152064, tied=False),
     "demo": demo_config,
     "tiny": tiny_config,
+    "mini": mini_config,
 }
 
 
