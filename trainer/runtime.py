@@ -1,0 +1,262 @@
+"""A training run on one rank: builds the mesh, model, engine, data, checkpointer and telemetry from the training
+config, resumes, and runs the step loop (see trainer/train.py for the step and resume contracts)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import CheckpointConfig, Checkpointer, capture_rng, restore_rng
+from trainer.checkpoint.chunk import LocalChunk
+from trainer.contract.telemetry import EXIT_PREEMPTED
+from trainer.contract.training import TrainingConfig
+from trainer.data.dataset import ConcatSource, CorpusSource, DatasetConfig, JsonlDataset
+from trainer.data.image import ImageProcessorConfig
+from trainer.data.loader import LoaderConfig, PackedLoader
+from trainer.data.packing import PackingConfig
+from trainer.data.storage import StorageConfig
+from trainer.data.text_corpus import TextCorpus
+from trainer.data.video import VideoConfig
+from trainer.faults import FaultConfig, FaultInjector, GracefulStop
+from trainer.models.qwen2_vl import Qwen2VL, from_pretrained, preset
+from trainer.parallel.config import EngineConfig, OptimizerConfig
+from trainer.parallel.engine import ParallelEngine
+from trainer.parallel.mesh import ParallelDims, destroy_distributed, init_distributed
+from trainer.telemetry.rank import RankTelemetry, TelemetryConfig
+from trainer.telemetry.timers import sync_point
+
+log = logging.getLogger("trainer.train")
+
+
+class Run:
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+
+    # ------------------------------------------------------------------------------------------ building
+
+    def __enter__(self) -> Run:
+        cfg = self.config
+        p = cfg.parallel
+        self.mesh = init_distributed(ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp))
+        self.rank = torch.distributed.get_rank()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
+        model = self._build_model()
+        rows_per_rank = cfg.data.rows_per_step // p.dp
+        opt = cfg.training
+        self.engine = ParallelEngine(
+            model,
+            self.mesh,
+            EngineConfig(
+                optimizer=OptimizerConfig(
+                    lr=opt.lr,
+                    min_lr=opt.min_lr,
+                    warmup_steps=opt.warmup_steps,
+                    total_steps=max(opt.steps, opt.warmup_steps + 1),
+                    weight_decay=opt.weight_decay,
+                    betas=opt.betas,
+                    grad_clip=opt.grad_clip or 0.0,
+                ),
+                training_stage=opt.stage,
+                micro_batch_rows=cfg.data.micro_batch_rows,
+                num_micro_batches=rows_per_rank // cfg.data.micro_batch_rows,
+                first_stage_layers=p.first_stage_layers,
+                checkpoint_vision=cfg.model.checkpoint_vision,
+                checkpoint_text=(
+                    True
+                    if cfg.model.checkpoint_text_layers == "all"
+                    else tuple(cfg.model.checkpoint_text_layers)
+                ),
+                precision="bf16" if cfg.model.dtype == "bfloat16" else "fp32",
+            ),
+        )
+        del model
+        self.loader = self._build_loader(model_cfg=self.engine.cfg)
+        ckpt_uri = (
+            cfg.checkpoint.dir
+            if "://" in cfg.checkpoint.dir or os.path.isabs(cfg.checkpoint.dir)
+            else str(self.run_dir / cfg.checkpoint.dir)
+        )
+        self.checkpointer = Checkpointer(
+            CheckpointConfig(
+                uri=ckpt_uri,
+                interval_steps=cfg.checkpoint.interval_steps,
+                keep_last=cfg.checkpoint.keep_last,
+                async_save=cfg.checkpoint.async_save,
+            ),
+            layout={"dp": p.dp, "tp": p.tp, "pp": p.pp, "world_size": p.world_size},
+        )
+        t = cfg.telemetry
+        self.telemetry = RankTelemetry.from_env(
+            TelemetryConfig.from_env(
+                os.environ,
+                enabled=t.enabled,
+                host=t.host,
+                **({"base_port": t.base_port} if t.base_port else {}),
+            ),
+            run_dir=self.run_dir,
+        )
+        self.faults = FaultInjector(FaultConfig.from_env(os.environ), rank=self.rank)
+        self.step = 0
+        self.tokens_seen = 0
+        return self
+
+    def _build_model(self) -> Qwen2VL:
+        name, dtype = self.config.model.name, getattr(torch, self.config.model.dtype)
+        if self.config.model.is_preset:
+            with torch.device("meta"):  # the engine materialises only this rank's stage
+                return Qwen2VL(preset(name))
+        return from_pretrained(name, dtype=dtype)
+
+    def _build_loader(self, model_cfg) -> PackedLoader:
+        data = self.config.data
+        sources = []
+        if data.paths:
+            dataset = JsonlDataset(
+                DatasetConfig(
+                    paths=data.paths,
+                    tokenizer=data.tokenizer,
+                    cache_dir=data.cache_dir,
+                    image=ImageProcessorConfig(
+                        min_pixels=data.image_min_pixels, max_pixels=data.image_max_pixels
+                    ),
+                    video=VideoConfig(max_video_tokens=data.max_video_tokens),
+                    storage=StorageConfig(storage_options=data.storage_options),
+                )
+            )
+            # One rank builds the cost index (every sample encoded once); the others read it from disk.
+            if self.rank == 0:
+                dataset.build_index()
+            torch.distributed.barrier()
+            dataset.build_index()
+            sources.append(dataset)
+        sources += [CorpusSource(TextCorpus(prefix)) for prefix in data.corpora]
+        source = sources[0] if len(sources) == 1 else ConcatSource(sources)
+        packing = PackingConfig(
+            row_len=data.row_len,
+            max_vision_tokens_per_row=data.max_vision_tokens_per_row,
+            pad_token_id=model_cfg.pad_token_id,
+            image_token_id=model_cfg.image_token_id,
+            video_token_id=model_cfg.video_token_id,
+        )
+        coords = self.mesh.coords
+        return PackedLoader(
+            source,
+            packing=packing,
+            config=LoaderConfig(
+                seed=data.seed,
+                rows_per_step=data.rows_per_step,
+                micro_batch_rows=data.micro_batch_rows,
+                dp_rank=coords.dp,
+                dp_size=self.mesh.dims.dp,
+                num_workers=data.num_workers,
+                max_bad_fraction=data.max_bad_fraction,
+            ),
+        )
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_tensors(self) -> tuple[dict, dict]:
+        """The engine's state as checkpoint tensors: tp shards and ZeRO-1 fragments as pieces of tp- and
+        dp-independent global tensors, so a checkpoint reshards on load (live views: loading fills them)."""
+        layouts = self.engine.param_layouts()
+        model = {}
+        for name, tensor in self.engine.model_state_dict().items():
+            layout = layouts[name]
+            model[name] = tensor if layout.dim is None else LocalChunk(*layout.blocked(tensor))
+        optim = {"step": torch.tensor(self.engine.step)}
+        state = self.engine.optimizer_state_dict()
+        tp = self.mesh.dims.tp
+        for name, frag in state["fragments"].items():
+            # Fragments index the flattened tp shard: under tp > 1 the names carry the tp rank.
+            prefix = f"tp{self.mesh.coords.tp}of{tp}/" if layouts[name].sharded else ""
+            for key, view in state["state"][name].items():
+                optim[f"{prefix}{name}.{key}"] = LocalChunk(view, (frag.total,), (frag.start,))
+        return model, optim
+
+    def resume(self) -> None:
+        if self.config.checkpoint.resume == "none":
+            return
+        model, optim = self._checkpoint_tensors()
+        with self.telemetry.time_checkpoint("load", 0):
+            restored = self.checkpointer.load(model=model, optimizer=optim)
+        if restored is None:
+            log.info("no valid checkpoint under %s: starting from scratch", self.checkpointer.config.uri)
+            return
+        state = self.engine.optimizer_state_dict()
+        self.engine.load_optimizer_state_dict({"step": int(optim["step"]), "state": state["state"]})
+        self.step, self.tokens_seen = restored.step, restored.tokens_seen
+        self.loader.load_state_dict(restored.meta["extra"]["loader"])
+        if restored.per_rank is not None:
+            restore_rng(restored.per_rank["rng"])
+        log.info("resumed from %s (step %d)", restored.uri, restored.step)
+
+    def save(self) -> None:
+        model, optim = self._checkpoint_tensors()
+        with self.telemetry.time_checkpoint("stage", self.step):
+            self.checkpointer.save(
+                self.step,
+                model=model,
+                optimizer=optim,
+                tokens_seen=self.tokens_seen,
+                scheduler={"step": self.step},
+                config=self.config.model_dump(mode="json"),
+                per_rank={"rng": capture_rng()},
+                extra={"loader": self.loader.state_dict()},
+            )
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        self.resume()
+        steps = self.config.training.steps
+        batches = iter(self.loader)
+        with GracefulStop() as stop:
+            while self.step < steps:
+                tel = self.telemetry
+                tel.start_step(self.step)
+                self.faults.before_step(self.step)
+                with tel.timer.phase("data"):
+                    micro = [next(batches) for _ in range(self.engine.config.num_micro_batches)]
+                stop_now = False
+
+                def meet() -> None:
+                    nonlocal stop_now
+                    self.faults.slow_down(self.step, tel.timer)
+                    stop_now = sync_point(tel.timer, flag=stop.requested)
+
+                result = self.engine.train_step([m.inputs for m in micro])
+                meet()
+                self.step += 1
+                self.tokens_seen += result.rank_text_tokens + result.rank_vision_tokens
+                tel.end_step(
+                    loss=result.loss,
+                    text_tokens=result.rank_text_tokens,
+                    vision_tokens=result.rank_vision_tokens,
+                    extra={
+                        "lr": result.lr,
+                        "grad_norm": result.grad_norm,
+                        **{f"data/{k}": v for k, v in self.loader.counters.as_dict().items()},
+                    },
+                )
+                if self.checkpointer.due(self.step) or stop_now or self.step == steps:
+                    self.save()
+                if stop_now:
+                    self.checkpointer.wait()
+                    log.info("stopped on SIGTERM after step %d", self.step)
+                    return EXIT_PREEMPTED
+        self.checkpointer.wait()
+        return 0
+
+    def __exit__(self, *exc: object) -> None:
+        for close in ("checkpointer", "loader", "telemetry"):
+            if hasattr(self, close):
+                try:
+                    getattr(self, close).close()
+                except Exception:  # noqa: BLE001 - closing must not hide the run's own error
+                    log.exception("closing the %s failed", close)
+        destroy_distributed()
