@@ -216,33 +216,9 @@ class Run:
         steps = self.config.training.steps
         batches = iter(self.loader)
         with GracefulStop() as stop:
+            self._stop = stop
             while self.step < steps:
-                tel = self.telemetry
-                tel.start_step(self.step)
-                self.faults.before_step(self.step)
-                with tel.timer.phase("data"):
-                    micro = [next(batches) for _ in range(self.engine.config.num_micro_batches)]
-                stop_now = False
-
-                def meet() -> None:
-                    nonlocal stop_now
-                    self.faults.slow_down(self.step, tel.timer)
-                    stop_now = sync_point(tel.timer, flag=stop.requested)
-
-                result = self.engine.train_step([m.inputs for m in micro])
-                meet()
-                self.step += 1
-                self.tokens_seen += result.rank_text_tokens + result.rank_vision_tokens
-                tel.end_step(
-                    loss=result.loss,
-                    text_tokens=result.rank_text_tokens,
-                    vision_tokens=result.rank_vision_tokens,
-                    extra={
-                        "lr": result.lr,
-                        "grad_norm": result.grad_norm,
-                        **{f"data/{k}": v for k, v in self.loader.counters.as_dict().items()},
-                    },
-                )
+                stop_now = self.train_step(batches)
                 if self.checkpointer.due(self.step) or stop_now or self.step == steps:
                     self.save()
                 if stop_now:
@@ -251,6 +227,37 @@ class Run:
                     return EXIT_PREEMPTED
         self.checkpointer.wait()
         return 0
+
+    def train_step(self, batches) -> bool:
+        """One optimizer step; True when some rank asked to stop (SIGTERM), decided together at the sync point."""
+        tel = self.telemetry
+        tel.start_step(self.step)
+        self.faults.before_step(self.step)
+        with tel.timer.phase("data"):
+            micro = [next(batches) for _ in range(self.engine.config.num_micro_batches)]
+        self._stop_now = False
+        result = self.engine.train_step(
+            [m.inputs for m in micro],
+            timer=tel.timer,
+            before_optimizer=self._meet,
+            on_micro_step=tel.micro_step_done,
+        )
+        self.step += 1
+        self.tokens_seen += result.rank_text_tokens + result.rank_vision_tokens
+        counters = {f"data/{k}": v for k, v in self.loader.counters.as_dict().items()}
+        tel.end_step(
+            loss=result.loss,
+            text_tokens=result.rank_text_tokens,
+            vision_tokens=result.rank_vision_tokens,
+            extra={"lr": result.lr, "grad_norm": result.grad_norm, **counters},
+        )
+        return self._stop_now
+
+    def _meet(self) -> None:
+        """After the step's compute, before gradient reduction: injected slowness (tests), then the sync point."""
+        timer = self.telemetry.timer
+        self.faults.slow_down(self.step, timer)
+        self._stop_now = sync_point(timer, flag=self._stop.requested)
 
     def __exit__(self, *exc: object) -> None:
         for close in ("checkpointer", "loader", "telemetry"):

@@ -34,8 +34,8 @@ State for checkpoints, by the full model's parameter names (identical at every d
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,7 @@ import torch.distributed as dist
 from trainer.models.qwen2_vl.config import Qwen2VLConfig
 from trainer.models.qwen2_vl.model import IGNORE_INDEX, Qwen2VL, shifted_targets
 from trainer.models.qwen2_vl.weights import build_on_meta
+from trainer.telemetry.timers import StepTimer
 
 from .config import EngineConfig, is_trainable
 from .mesh import Mesh, ParallelDims, init_distributed
@@ -173,9 +174,22 @@ class ParallelEngine:
 
     # ---------------------------------------------------------------------------------------- training
 
-    def train_step(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> StepResult:
+    def train_step(
+        self,
+        micro_batches: Sequence[Mapping[str, torch.Tensor]],
+        *,
+        timer: StepTimer | None = None,
+        before_optimizer: Callable[[], None] | None = None,
+        on_micro_step: Callable[[], None] | None = None,
+    ) -> StepResult:
         """One optimizer step over this rank's micro-batches (model keyword tensors: input_ids, labels,
-        segment_ids, and on stage 0 the pixel and grid tensors; later stages need only the grids)."""
+        segment_ids, and on stage 0 the pixel and grid tensors; later stages need only the grids).
+
+        With a telemetry `timer`, forward, backward and optimizer time are recorded as its phases and time
+        blocked in collectives and pipeline transfers as collective wait. `before_optimizer` runs after the last
+        backward and before any gradient reduction: the place for a sync point, so that waiting for a slower rank
+        is measured there and not inside the optimizer. `on_micro_step` runs after each micro-batch's backward."""
+        self._timer = timer
         if len(micro_batches) != self.config.num_micro_batches:
             raise ValueError(
                 f"micro_batches: expected {self.config.num_micro_batches}, got {len(micro_batches)}"
@@ -218,12 +232,18 @@ class ParallelEngine:
                 if target is not None and target.requires_grad:
                     run = self.zero.backward if self.zero is not None else torch.Tensor.backward
                     run(target)
+            if on_micro_step is not None:
+                on_micro_step()
             if x is None or not self.needs_input_grad:
                 return None
             return x.grad if x.grad is not None else torch.zeros_like(x)
 
         one_f_one_b(batches, self.link, forward, backward, stage=mesh.stage, num_stages=mesh.dims.pp)
         times["comm"] += self.link.wait_s  # the compute clocks above never include p2p waits
+        if timer is not None:
+            timer.record_collective(self.link.wait_s)
+        if before_optimizer is not None:
+            before_optimizer()
 
         lr = self.config.optimizer.lr_at(self.step)
         grad_norm = -1.0
@@ -263,9 +283,16 @@ class ParallelEngine:
 
     @contextmanager
     def _clock(self, times: dict[str, float], phase: str):
+        timer = getattr(self, "_timer", None)
+        scope = (
+            nullcontext()
+            if timer is None
+            else (timer.collective() if phase == "comm" else timer.phase(phase))
+        )
         start = time.perf_counter()
         try:
-            yield
+            with scope:
+                yield
         finally:
             if self.mesh.device.type == "cuda":
                 torch.cuda.synchronize(self.mesh.device)

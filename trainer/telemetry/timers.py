@@ -143,6 +143,11 @@ class StepTimer:
             if self._open is not None:
                 self._open.excluded += spent
 
+    def record_collective(self, seconds: float) -> None:
+        """Add time blocked in communication measured elsewhere (pipeline transfers) to collective_wait."""
+        if self._step is not None and seconds > 0:
+            self._phases["collective_wait"] += seconds
+
     def own_work_so_far(self) -> float:
         """Own work of the current step up to now, an open phase included."""
         done = sum(self._phases[p] for p in OWN_WORK_PHASES)
