@@ -139,15 +139,19 @@ class FaultInjector:
             while True:  # a signal handler may wake the wait; a hung rank goes back to waiting
                 forever.wait()
 
-    def slow_down(self, step: int, timer: StepTimer) -> float:
-        """Sleeps (factor - 1) x own work so far when slowing applies; returns the seconds slept."""
+    def slow_down(self, step: int, timer: StepTimer, *, rest_of_step: float = 0.0) -> float:
+        """Sleeps (factor - 1) x the step's own work when slowing applies; returns the seconds slept.
+
+        Called before the step's end (before the sync point, so the slowness shows as straggling), it sees the
+        own work so far; `rest_of_step` is the caller's estimate of what is still to come (the optimizer's time
+        in the previous step), so the whole step's own work grows by the factor."""
         c = self.config
         if not (self._targeted and c.slow_factor > 1.0 and step >= c.slow_from_step and self._arm("slow")):
             return 0.0
         if "slow-announced" not in self._fired:
             self._fired.add("slow-announced")
             self._announce(f"slow x{c.slow_factor:g} from step {step}")
-        extra = (c.slow_factor - 1.0) * timer.own_work_so_far()
+        extra = (c.slow_factor - 1.0) * (timer.own_work_so_far() + rest_of_step)
         with timer.phase("backward"):
             time.sleep(extra)
         return extra

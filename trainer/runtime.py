@@ -245,18 +245,19 @@ class Run:
         self.step += 1
         self.tokens_seen += result.rank_text_tokens + result.rank_vision_tokens
         counters = {f"data/{k}": v for k, v in self.loader.counters.as_dict().items()}
-        tel.end_step(
+        times = tel.end_step(
             loss=result.loss,
             text_tokens=result.rank_text_tokens,
             vision_tokens=result.rank_vision_tokens,
             extra={"lr": result.lr, "grad_norm": result.grad_norm, **counters},
         )
+        self._last_optimizer_s = times.phases["optimizer"]
         return self._stop_now
 
     def _meet(self) -> None:
         """After the step's compute, before gradient reduction: injected slowness (tests), then the sync point."""
         timer = self.telemetry.timer
-        self.faults.slow_down(self.step, timer)
+        self.faults.slow_down(self.step, timer, rest_of_step=getattr(self, "_last_optimizer_s", 0.0))
         self._stop_now = sync_point(timer, flag=self._stop.requested)
 
     def __exit__(self, *exc: object) -> None:

@@ -63,3 +63,102 @@ def test_exact_resume_after_sigkill(data, tmp_path):
     assert "resumed from" in resumed.stderr
     got = losses(tmp_path / "b")
     assert got == expected  # floats compared exactly
+
+
+def test_checkpoint_saved_at_dp2_resumes_at_dp1(data, tmp_path):
+    """Resharding: a dp=2 run's step-4 checkpoint continues at dp=1 with the same losses (global batch fixed)."""
+    import shutil
+
+    wide = write_config(
+        tmp_path / "dp2.yaml",
+        data,
+        tmp_path / "dp2",
+        training={"steps": 8},
+        checkpoint={"interval_steps": 4, "keep_last": 5},
+        parallel={"dp": 2},
+    )
+    proc = torchrun(wide, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = losses(tmp_path / "dp2")
+
+    (tmp_path / "dp1").mkdir()
+    shutil.copytree(
+        tmp_path / "dp2" / "checkpoints" / "step-00000004", tmp_path / "dp1" / "checkpoints" / "step-00000004"
+    )
+    narrow = write_config(
+        tmp_path / "dp1.yaml",
+        data,
+        tmp_path / "dp1",
+        training={"steps": 8},
+        checkpoint={"interval_steps": 4},
+        parallel={"dp": 1},
+    )
+    proc = torchrun(narrow, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    resumed = losses(tmp_path / "dp1")
+    assert sorted(resumed) == [4, 5, 6, 7]
+    for step in resumed:
+        assert abs(resumed[step] - reference[step]) < 1e-5, (step, resumed[step], reference[step])
+
+
+def test_scraped_telemetry_and_a_slowed_rank(data, tmp_path):
+    """Each rank's endpoint serves the contract's metrics during the run; rank 1 slowed 1.5x from step 4 shows
+    about 1.5x own work time while every rank's step wall time stays equal."""
+    import json
+    import statistics
+    import time
+    import urllib.request
+
+    from train_harness import step_metrics, torchrun_background
+
+    from trainer.contract.telemetry import parse_rank_metrics
+
+    config = write_config(
+        tmp_path / "slow.yaml",
+        data,
+        tmp_path / "run",
+        training={"steps": 16},
+        checkpoint={"interval_steps": 100},
+        parallel={"dp": 2},
+    )
+    slow = {"VLCTL_FAULT_SLOW_FACTOR": "1.5", "VLCTL_FAULT_SLOW_FROM_STEP": "4", "VLCTL_FAULT_RANK": "1"}
+    proc = torchrun_background(config, 2, env=slow, log=tmp_path / "log.txt")
+    scraped = {}
+    try:
+        deadline = time.time() + 240
+        while len(scraped) < 2 and time.time() < deadline and proc.poll() is None:
+            for rank in (0, 1):
+                endpoint = tmp_path / "run" / f"metrics-rank{rank}.endpoint.json"
+                if rank in scraped or not endpoint.exists():
+                    continue
+                url = json.loads(endpoint.read_text())["url"]
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    sample = parse_rank_metrics(response.read().decode())[0]
+                if sample.step is not None and sample.step >= 2:
+                    scraped[rank] = sample
+            time.sleep(0.5)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(scraped) == [0, 1]
+    for rank, sample in scraped.items():
+        assert sample.rank == rank and sample.pid and sample.loss is not None
+        assert sample.own_work_seconds and sample.step_seconds and sample.last_progress_timestamp_seconds
+        assert {"data", "forward", "backward", "optimizer", "collective_wait"} <= set(sample.phase_seconds)
+        assert sample.text_tokens_total and sample.process_start_time_seconds
+
+    steps = range(6, 16)
+    per_rank = [step_metrics(tmp_path / "run", rank) for rank in (0, 1)]
+    own = [statistics.median(per_rank[r][s]["own_work_seconds"] for s in steps) for r in (0, 1)]
+    wall = [statistics.median(per_rank[r][s]["step_seconds"] for s in steps) for r in (0, 1)]
+    print(
+        f"own work {own[0]:.3f} s vs {own[1]:.3f} s (ratio {own[1] / own[0]:.2f}); "
+        f"wall {wall[0]:.3f} s vs {wall[1]:.3f} s"
+    )
+    assert 1.3 < own[1] / own[0] < 1.7
+    assert 0.9 < wall[1] / wall[0] < 1.1
+    fast_wait = statistics.median(per_rank[0][s]["sync_wait_seconds"] for s in steps)
+    slow_wait = statistics.median(per_rank[1][s]["sync_wait_seconds"] for s in steps)
+    assert fast_wait > slow_wait

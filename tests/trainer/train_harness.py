@@ -76,3 +76,38 @@ def losses(run_dir: Path, rank: int = 0) -> dict[int, float]:
         if "loss" in record:
             out[record["step"]] = record["loss"]
     return out
+
+
+def torchrun_background(
+    config: Path, nproc: int, *overrides: str, env: dict | None = None, log: Path | None = None
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "trainer.train",
+        str(config),
+        *overrides,
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+        **(env or {}),
+    }
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the OS with the child
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def step_metrics(run_dir: Path, rank: int) -> dict[int, dict]:
+    """Every step's metrics line of one rank (the last one when a step was recorded twice)."""
+    out: dict[int, dict] = {}
+    for line in (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "own_work_seconds" in record:
+            out[record["step"]] = record
+    return out
