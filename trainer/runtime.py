@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from trainer.models.qwen2_vl import Qwen2VL, from_pretrained, preset
 from trainer.parallel.config import EngineConfig, OptimizerConfig
 from trainer.parallel.engine import ParallelEngine
 from trainer.parallel.mesh import ParallelDims, destroy_distributed, init_distributed
+from trainer.telemetry.mfu import MfuConfig, MfuMeter
 from trainer.telemetry.rank import RankTelemetry, TelemetryConfig
 from trainer.telemetry.timers import sync_point
 
@@ -101,6 +103,14 @@ class Run:
             run_dir=self.run_dir,
         )
         self.faults = FaultInjector(FaultConfig.from_env(os.environ), rank=self.rank)
+        trainable = {1: ("vision", "merger"), 2: ("vision", "merger", "text"), 3: ("merger", "text")}[
+            opt.stage
+        ]
+        self.mfu = MfuMeter(
+            self.engine.cfg,
+            MfuConfig(peak_flops=t.peak_flops, trainable=trainable),
+            model_parallel_size=p.tp * p.pp,
+        )
         self.step = 0
         self.tokens_seen = 0
         return self
@@ -231,6 +241,7 @@ class Run:
     def train_step(self, batches) -> bool:
         """One optimizer step; True when some rank asked to stop (SIGTERM), decided together at the sync point."""
         tel = self.telemetry
+        started = time.perf_counter()
         tel.start_step(self.step)
         self.faults.before_step(self.step)
         with tel.timer.phase("data"):
@@ -245,7 +256,10 @@ class Run:
         self.step += 1
         self.tokens_seen += result.rank_text_tokens + result.rank_vision_tokens
         counters = {f"data/{k}": v for k, v in self.loader.counters.as_dict().items()}
+        # MFU of this data-parallel replica: its micro-batches' FLOPs over the step's wall time.
+        flops = sum(self.mfu.flops(self.mfu.shape(m.inputs)) for m in micro)
         times = tel.end_step(
+            mfu=self.mfu.mfu(flops, time.perf_counter() - started),
             loss=result.loss,
             text_tokens=result.rank_text_tokens,
             vision_tokens=result.rank_vision_tokens,

@@ -162,3 +162,41 @@ def test_scraped_telemetry_and_a_slowed_rank(data, tmp_path):
     fast_wait = statistics.median(per_rank[0][s]["sync_wait_seconds"] for s in steps)
     slow_wait = statistics.median(per_rank[1][s]["sync_wait_seconds"] for s in steps)
     assert fast_wait > slow_wait
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_preempted(data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_harness import REPO, step_metrics
+
+    from trainer.contract.telemetry import EXIT_PREEMPTED
+
+    config = write_config(
+        tmp_path / "t.yaml",
+        data,
+        tmp_path / "run",
+        training={"steps": 1000},
+        checkpoint={"interval_steps": 1000},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.train", str(config)],
+        cwd=REPO,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "metrics-rank0.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    last = max(step_metrics(tmp_path / "run", 0)) + 1
+    newest = latest_valid(str(tmp_path / "run" / "checkpoints"))
+    assert newest is not None and newest.step == last
+    assert all(m["mfu"] > 0 for m in step_metrics(tmp_path / "run", 0).values())
