@@ -27,6 +27,30 @@ def test_single_process_trains_checkpoints_and_exports_metrics(data, tmp_path):
     newest = latest_valid(str(tmp_path / "run" / "checkpoints"))
     assert newest is not None and newest.step == 6
 
+    # The newest checkpoint exports as a Hugging Face directory that loads for inference.
+    import subprocess
+    import sys
+
+    from train_harness import REPO
+
+    from trainer.models.qwen2_vl import from_pretrained
+
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.checkpoint.export",
+            str(tmp_path / "run" / "checkpoints"),
+            str(tmp_path / "hf"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert export.returncode == 0, export.stderr
+    assert from_pretrained(tmp_path / "hf").cfg.text.vocab_size == 151936
+
 
 def test_invalid_config_is_one_line_and_exit_2(data, tmp_path):
     config = write_config(tmp_path / "train.yaml", data, tmp_path / "run", parallel={"dp": 3})

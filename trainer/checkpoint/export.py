@@ -102,3 +102,53 @@ def export_hf(
         model.lm_head.weight = model.model.embed_tokens.weight
     save_pretrained(model, out_dir)
     return Path(out_dir)
+
+
+def model_config_of(step_uri: str, *, storage_options: Mapping[str, Any] | None = None) -> Qwen2VLConfig:
+    """The model config of a checkpoint written by trainer.train: its training config names a preset or the
+    Hugging Face directory the run started from."""
+    from trainer.contract.checkpoint import read_meta
+    from trainer.models.qwen2_vl import load_config, preset
+
+    name = read_meta(step_uri, storage_options=storage_options)["config"]["model"]["name"]
+    return load_config(name) if Path(name).is_dir() else preset(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.checkpoint.export CHECKPOINTS_OR_STEP OUT [--dtype bfloat16]`."""
+    import argparse
+    import sys
+
+    from trainer.contract.checkpoint import latest_valid
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.checkpoint.export",
+        description="Export a checkpoint's model as a Hugging Face directory.",
+    )
+    parser.add_argument("source", help="a step folder, or a checkpoint root (its newest valid step is used)")
+    parser.add_argument("out", help="the Hugging Face directory to write")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    args = parser.parse_args(argv)
+    step_uri = args.source
+    if not Path(step_uri, "meta.json").exists():
+        newest = latest_valid(step_uri)
+        if newest is None:
+            print(f"error: {step_uri}: no valid checkpoint", file=sys.stderr)
+            return 2
+        step_uri = newest.uri
+    try:
+        out = export_hf(
+            step_uri,
+            args.out,
+            config=model_config_of(step_uri),
+            dtype=None if args.dtype is None else getattr(torch, args.dtype),
+        )
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
