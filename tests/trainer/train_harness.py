@@ -42,10 +42,8 @@ def write_config(path: Path, data: list[str], run_dir: Path, **sections) -> Path
     return path
 
 
-def torchrun(
-    config: Path, nproc: int, *overrides: str, env: dict | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess:
-    cmd = [
+def _command(config: Path, nproc: int, overrides: tuple[str, ...]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -56,15 +54,29 @@ def torchrun(
         str(config),
         *overrides,
     ]
-    full_env = {
+
+
+def _env(extra: dict | None) -> dict:
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
         "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-        **(env or {}),
+        **(extra or {}),
     }
+
+
+def torchrun(
+    config: Path, nproc: int, *overrides: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+        _command(config, nproc, overrides),
+        cwd=REPO,
+        env=_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -81,26 +93,10 @@ def losses(run_dir: Path, rank: int = 0) -> dict[int, float]:
 def torchrun_background(
     config: Path, nproc: int, *overrides: str, env: dict | None = None, log: Path | None = None
 ) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "trainer.train",
-        str(config),
-        *overrides,
-    ]
-    full_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-        **(env or {}),
-    }
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the OS with the child
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        _command(config, nproc, overrides), cwd=REPO, env=_env(env), stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 def step_metrics(run_dir: Path, rank: int) -> dict[int, dict]:
