@@ -1,0 +1,232 @@
+"""The TrainingJob spec: one typed schema (pydantic) for what a user submits, validated with field paths.
+
+It embeds the trainer's own configuration (`trainer.contract.training.TrainingConfig`: model, data, stage and
+hyperparameters, parallelism, checkpoints, telemetry) and adds what the control plane owns: resources, the
+checkpoint interval policy (`auto`: Young/Daly), fault tolerance with ordered failure rules, the straggler
+policy and the backend. The same model becomes the Kubernetes CRD schema, so it stays the single source.
+Settings of the decision modules (policy, hangs, stragglers, failures) are built from it, never duplicated.
+
+YAML or JSON files; any problem is one `SpecError` naming the file and the field path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from controller.failures import FailureAction, FailureRule
+from controller.hangs import HangConfig
+from controller.policy import CheckpointIntervalPolicy, RestartPolicy
+from controller.stragglers import StragglerConfig
+from trainer.contract.training import TrainingConfig
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+BACKENDS = ("local", "kubernetes")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(_Section):
+    nodes: int = Field(1, ge=1, description="nodes in the gang (local backend: processes named local-0, ...)")
+    procs_per_node: int = Field(1, ge=1, description="training processes per node (one per GPU on GPU nodes)")
+    gpus_per_node: int = Field(0, ge=0)
+    spare_nodes: int = Field(0, ge=0, description="nodes kept to replace an excluded straggler")
+    cpu: str | None = Field(None, description="CPU request per node pod, e.g. '32'")
+    memory: str | None = Field(None, description="memory request per node pod, e.g. '512Gi'")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+class CheckpointPolicy(_Section):
+    interval: int | Literal["auto"] = Field(
+        "auto", description="steps between checkpoints, or auto: Young/Daly from save time and failure rate"
+    )
+    min_interval_steps: int = Field(10, ge=1)
+    max_interval_steps: int = Field(5000, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CheckpointPolicy:
+        if self.max_interval_steps < self.min_interval_steps:
+            raise ValueError(
+                f"max_interval_steps ({self.max_interval_steps}) must be >= min_interval_steps "
+                f"({self.min_interval_steps})"
+            )
+        if isinstance(self.interval, int) and self.interval < 1:
+            raise ValueError("interval must be a positive number of steps or 'auto'")
+        return self
+
+
+class FailureRuleSpec(_Section):
+    name: str
+    action: Literal["retry", "fail", "ignore-for-limit"]
+    exit_codes: list[int] = Field(default_factory=list)
+    signals: list[int | str] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)
+    message_pattern: str | None = None
+
+    @field_validator("message_pattern")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {err}") from None
+        return pattern
+
+
+class FaultTolerance(_Section):
+    max_restarts: int = Field(
+        3, ge=0, description="failures that count toward the limit before the job fails"
+    )
+    backoff_base_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(300.0, gt=0)
+    hang_timeout_seconds: float = Field(
+        600.0, gt=0, description="no progress on any rank for this long: hung"
+    )
+    hang_step_factor: float = Field(
+        10.0, gt=0, description="...or for this many median step times, if longer"
+    )
+    startup_timeout_seconds: float = Field(1800.0, gt=0)
+    rules: list[FailureRuleSpec] = Field(default_factory=list, description="ordered; the first match wins")
+
+
+class StragglerPolicy(_Section):
+    window: int = Field(20, ge=2, description="steps per evaluation window")
+    threshold: float = Field(
+        5.0, gt=0, description="robust score above the job median at which a window is slow"
+    )
+    ratio_threshold: float = Field(1.2, gt=1.0, description="slowdown against the rank's own baseline")
+    persistence: int = Field(3, ge=1, description="consecutive slow windows before a rank is flagged")
+    warmup_steps: int = Field(20, ge=0)
+    action: Literal["report", "exclude-node"] = "report"
+
+
+class TrainingJobSpec(_Section):
+    name: str = Field(description="DNS-1123 label: lowercase letters, digits and '-', at most 63 characters")
+    training: TrainingConfig
+    resources: Resources = Field(default_factory=Resources)
+    checkpoint_policy: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+    fault_tolerance: FaultTolerance = Field(default_factory=FaultTolerance)
+    stragglers: StragglerPolicy = Field(default_factory=StragglerPolicy)
+    backend: Literal["local", "kubernetes"] = "local"
+
+    @field_validator("name")
+    @classmethod
+    def _dns1123(cls, name: str) -> str:
+        if len(name) > 63 or not DNS1123_LABEL.match(name):
+            raise ValueError(
+                f"{name!r} is not a DNS-1123 label (lowercase letters, digits and '-', starting and "
+                "ending with a letter or digit, at most 63 characters)"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _gang(self) -> TrainingJobSpec:
+        p, r = self.training.parallel, self.resources
+        if p.world_size != r.world_size:
+            raise ValueError(
+                f"training.parallel: dp x tp x pp = {p.dp} x {p.tp} x {p.pp} = {p.world_size} must "
+                f"equal resources.nodes x resources.procs_per_node = {r.nodes} x {r.procs_per_node} "
+                f"= {r.world_size}"
+            )
+        if p.tp > r.procs_per_node and r.procs_per_node > 0:
+            raise ValueError(
+                f"training.parallel.tp ({p.tp}) must fit in one node "
+                f"(resources.procs_per_node = {r.procs_per_node})"
+            )
+        return self
+
+    # ---------------------------------------------------------------- settings of the decision modules
+
+    def restart_policy(self) -> RestartPolicy:
+        f = self.fault_tolerance
+        return RestartPolicy(
+            max_restarts=f.max_restarts,
+            backoff_base_seconds=f.backoff_base_seconds,
+            backoff_max_seconds=f.backoff_max_seconds,
+        )
+
+    def hang_config(self) -> HangConfig:
+        f = self.fault_tolerance
+        return HangConfig(
+            hang_timeout_seconds=f.hang_timeout_seconds,
+            step_time_factor=f.hang_step_factor,
+            startup_timeout_seconds=f.startup_timeout_seconds,
+        )
+
+    def straggler_config(self) -> StragglerConfig:
+        s = self.stragglers
+        return StragglerConfig(
+            window=s.window,
+            threshold=s.threshold,
+            ratio_threshold=s.ratio_threshold,
+            persistence=s.persistence,
+            warmup_steps=s.warmup_steps,
+        )
+
+    def checkpoint_interval_policy(self) -> CheckpointIntervalPolicy:
+        c = self.checkpoint_policy
+        return CheckpointIntervalPolicy(
+            min_interval_steps=c.min_interval_steps, max_interval_steps=c.max_interval_steps
+        )
+
+    def failure_rules(self) -> list[FailureRule]:
+        return [
+            FailureRule(
+                name=r.name,
+                action=FailureAction(r.action),
+                exit_codes=tuple(r.exit_codes),
+                signals=tuple(r.signals),
+                reasons=tuple(r.reasons),
+                message_pattern=r.message_pattern,
+            )
+            for r in self.fault_tolerance.rules
+        ]
+
+
+class SpecError(ValueError):
+    """An invalid TrainingJob spec; the message is one line naming the file and the field path."""
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where + ': ' if where else ''}{message}{more}"
+
+
+def parse_spec(raw: Any, *, source: str = "spec") -> TrainingJobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level")
+    try:
+        return TrainingJobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_one_line(err, source)) from None
+
+
+def load_spec(path: str | Path) -> TrainingJobSpec:
+    """Read a YAML or JSON spec file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SpecError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(err).splitlines()[0]}"
+        ) from None
+    return parse_spec(raw, source=str(path))

@@ -1,0 +1,100 @@
+"""The TrainingJob spec: valid files parse; invalid ones fail with one line naming the field path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from controller.failures import FailureAction
+from controller.spec import SpecError, load_spec, parse_spec
+
+VALID = {
+    "name": "grounding-2x2",
+    "training": {
+        "model": {"name": "mini"},
+        "data": {"paths": ["data/train.jsonl"], "rows_per_step": 8},
+        "parallel": {"dp": 2, "tp": 1, "pp": 2},
+        "training": {"steps": 100, "stage": 3},
+    },
+    "resources": {"nodes": 2, "procs_per_node": 2},
+    "checkpoint_policy": {"interval": "auto"},
+    "fault_tolerance": {
+        "max_restarts": 5,
+        "hang_timeout_seconds": 120,
+        "rules": [
+            {"name": "nccl-timeouts", "action": "ignore-for-limit", "message_pattern": "NCCL.*timeout"}
+        ],
+    },
+    "stragglers": {"action": "exclude-node", "window": 10},
+}
+
+
+def with_(**changes):
+    spec = json.loads(json.dumps(VALID))
+    for path, value in changes.items():
+        node = spec
+        keys = path.split("__")
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return spec
+
+
+def test_valid_spec_builds_the_decision_settings(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    spec = load_spec(path)
+    assert spec.resources.world_size == spec.training.parallel.world_size == 4
+    assert spec.restart_policy().max_restarts == 5
+    assert spec.hang_config().hang_timeout_seconds == 120
+    assert spec.straggler_config().window == 10
+    rules = spec.failure_rules()
+    assert rules[0].action is FailureAction.IGNORE_FOR_LIMIT
+    assert spec.checkpoint_interval_policy().min_interval_steps == 10
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": "Grounding_Run"}, "name: 'Grounding_Run' is not a DNS-1123 label"),
+        ({"name": "a" * 64}, "is not a DNS-1123 label"),
+        (
+            {"resources__nodes": 3},
+            "dp x tp x pp = 2 x 1 x 2 = 4 must equal resources.nodes x resources.procs_per_node",
+        ),
+        ({"training__model__name": "13b"}, "training.model.name: unknown preset '13b'"),
+        ({"training__training__lr": "fast"}, "training.training.lr: Input should be a valid number"),
+        ({"resources__procs_per_node": "two"}, "resources.procs_per_node: Input should be a valid integer"),
+        ({"stragglers__action": "evict"}, "stragglers.action: Input should be 'report' or 'exclude-node'"),
+        ({"checkpoint_policy__interval": "often"}, "checkpoint_policy.interval"),
+        (
+            {"fault_tolerance__rules": [{"name": "x", "action": "retry", "message_pattern": "("}]},
+            "fault_tolerance.rules.0.message_pattern: not a regular expression",
+        ),
+        ({"backend": "slurm"}, "backend: Input should be 'local' or 'kubernetes'"),
+        ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_specs_name_the_field(changes, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec(with_(**changes), source="job.yaml")
+    text = str(err.value)
+    assert text.startswith("job.yaml: ") and message in text and "\n" not in text
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="missing.yaml: cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(SpecError, match="bad.json: not valid JSON"):
+        load_spec(bad)
+
+
+def test_example_jobs_are_valid():
+    from pathlib import Path
+
+    for example in sorted(Path(__file__).resolve().parents[2].glob("examples/jobs/*.yaml")):
+        load_spec(example)
