@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from . import model
+from . import jobs, model
 from .errors import exit_code_for
 
 
@@ -31,6 +31,7 @@ class _Root(TyperGroup):
 
 app = typer.Typer(cls=_Root, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(model.app, name="model")
+jobs.register(app)
 
 
 def _version() -> str:
@@ -72,3 +73,8 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `vlctl ... | head`: the reader left; stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
