@@ -16,8 +16,10 @@ world is the same. Exit codes: 0 done, 2 invalid configuration, EXIT_PREEMPTED a
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="YAML or JSON training config")
     parser.add_argument("overrides", nargs="*", help="key.path=value, e.g. training.steps=20 parallel.dp=2")
     args = parser.parse_args(argv)
+    # A hung rank's Python stacks on SIGUSR1 (the controller's fallback when py-spy cannot attach).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [rank %(rank)s] %(message)s")
     logging.getLogger().handlers[0].addFilter(_RankFilter())
     try:

@@ -1,0 +1,40 @@
+"""`python -m controller.backends.rank_exec LOG_DIR MODULE [ARGS ...]`: the first thing each rank runs.
+
+torchrun starts this in place of the training module. It points the process's stdout and stderr at
+`LOG_DIR/rank-<RANK>.log` (RANK is the global rank torchrun set) and then execs `python -m MODULE ARGS`.
+
+Decisions:
+
+- exec, not a child: the rank keeps the pid torchrun knows, so signals (SIGTERM, SIGSTOP from a chaos test,
+  SIGUSR1 for a stack dump) reach the trainer itself, and there is no extra process to leave behind.
+- Per-rank files named by global rank, rather than torchrun's `--log-dir` tree (named by local rank, split
+  into stdout and stderr, laid out differently across torch versions): `vlctl logs JOB --rank N` opens one file.
+- Append, so a rank's log survives a re-exec within the attempt; each attempt has its own LOG_DIR.
+- Standard library only: it runs once per rank at start-up, before the trainer's own imports.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        print("usage: python -m controller.backends.rank_exec LOG_DIR MODULE [ARGS ...]", file=sys.stderr)
+        sys.exit(2)
+    log_dir, module, *args = argv
+    path = Path(log_dir) / f"rank-{os.environ.get('RANK', '0')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

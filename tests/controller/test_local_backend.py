@@ -1,0 +1,263 @@
+"""The local backend with real processes: torchrun agents running a fake trainer (fast), and one real run.
+
+The fake trainer is a module written into tmp and put on PYTHONPATH; it goes through the same path as
+`trainer.train` (torchrun, rank_exec, per-rank logs). Its first argument says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from controller.backends import EXIT_LOST, Gang, LocalBackend, LocalBackendConfig, dump_stacks
+from controller.backends import stacks as stacks_module
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+import train_harness  # noqa: E402
+
+FAKE_TRAINER = """
+import faulthandler, os, signal, subprocess, sys, time
+mode = sys.argv[1]
+rank = int(os.environ["RANK"])
+print(f"fake rank {rank} up on {os.environ['VLCTL_NODE']} job {os.environ['VLCTL_TRAINING_JOB']}", flush=True)
+if mode == "exit":
+    sys.exit(int(sys.argv[2 + rank]))
+if mode == "faulthandler":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+if mode == "escape":
+    # a grandchild that leaves the tree: its parent exits at once, so it is re-parented away
+    code = "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', "
+    code += "'import time; time.sleep(600)'], start_new_session=True, stdout=-3, stderr=-3).pid)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(sys.argv[2], f"escaped-{rank}"), "w") as f:
+        f.write(out.strip())
+def wait_here():
+    time.sleep(600)
+wait_here()
+"""
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> LocalBackend:
+    (tmp_path / "fakepkg").mkdir()
+    (tmp_path / "fakepkg" / "fake_trainer.py").write_text(FAKE_TRAINER)
+    return LocalBackend(LocalBackendConfig(module="fake_trainer"))
+
+
+def _launch(backend: LocalBackend, tmp_path: Path, args: list[str], nodes: int = 2, procs: int = 1) -> Gang:
+    return backend.launch(
+        job_name="fake",
+        attempt=0,
+        config_path=args[0],
+        overrides=args[1:],
+        nodes=nodes,
+        procs_per_node=procs,
+        run_dir=tmp_path / "run",
+        env={"PYTHONPATH": str(tmp_path / "fakepkg")},
+    )
+
+
+def _until(check: Callable[[], object], timeout: float = 45.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+def _finished(gang: Gang, timeout: float = 45.0) -> dict[str, int | None]:
+    """Every node's exit code, once all have ended."""
+    _until(lambda: None not in gang.poll().values(), timeout)
+    return gang.poll()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_exit_codes_and_per_rank_logs(backend: LocalBackend, tmp_path: Path) -> None:
+    gang = _launch(backend, tmp_path, ["exit", "0", "3"])
+    _until(lambda: gang.poll()["local-1"] is not None)
+    assert gang.poll()["local-1"] == 1  # torchrun: 1 when a local rank failed
+    # local-0's agent, its rank done, waits at torchrun's exit barrier for a peer that will never come:
+    # the controller cancels the gang on the first failed node
+    gang.cancel(grace_seconds=1)
+    logs = tmp_path / "run" / "logs" / "attempt-0"
+    assert "fake rank 0 up on local-0 job fake" in (logs / "rank-0.log").read_text()
+    assert "fake rank 1 up on local-1 job fake" in (logs / "rank-1.log").read_text()
+    assert "exitcode" in (logs / "node-local-1.log").read_text()  # torchrun's failure report names the code
+    assert (logs / "node-local-1.exit").read_text().strip() == "1"
+    assert gang.pids() == {"local-0": [], "local-1": []}
+
+
+def test_cancel_kills_the_whole_tree_and_escaped_children(backend: LocalBackend, tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    gang = _launch(backend, tmp_path, ["escape", str(marks)], nodes=2, procs=2)
+    _until(lambda: len(list(marks.glob("escaped-*"))) == 4)
+    ranks = gang.rank_pids()
+    assert sorted(ranks) == [0, 1, 2, 3]
+    escaped = [int(p.read_text()) for p in marks.glob("escaped-*")]
+    everything = [pid for pids in gang.pids().values() for pid in pids] + escaped
+    assert set(ranks.values()) <= set(everything)
+    assert all(_alive(pid) for pid in everything)
+    gang.cancel(grace_seconds=1)
+    assert [pid for pid in everything if _alive(pid)] == []
+    assert None not in gang.poll().values()
+
+
+def test_a_dead_node_is_reported_and_cancel_cleans_the_rest(backend: LocalBackend, tmp_path: Path) -> None:
+    gang = _launch(backend, tmp_path, ["sleep"])
+    _until(lambda: len(gang.rank_pids()) == 2)
+    everything = [pid for pids in gang.pids().values() for pid in pids]
+    agent_1 = next(
+        pid for pid in gang.pids()["local-1"] if "torch.distributed.run" in psutil.Process(pid).cmdline()
+    )
+    os.kill(agent_1, signal.SIGKILL)  # the worker of local-1 is left behind, in its own session
+    _until(lambda: gang.poll()["local-1"] is not None)
+    codes = gang.poll()
+    assert codes == {"local-0": None, "local-1": 128 + signal.SIGKILL}
+    gang.cancel(grace_seconds=1)
+    assert [pid for pid in everything if _alive(pid)] == []
+    assert gang.poll()["local-0"] is not None
+
+
+CONTROLLER = """
+import json, sys, time
+from pathlib import Path
+from controller.backends import LocalBackend, LocalBackendConfig
+tmp = Path(sys.argv[1])
+gang = LocalBackend(LocalBackendConfig(module="fake_trainer")).launch(
+    job_name="fake", attempt=1, config_path="sleep", overrides=[], nodes=2, procs_per_node=1,
+    run_dir=tmp / "run", env={"PYTHONPATH": str(tmp / "fakepkg")})
+while len(gang.rank_pids()) < 2:
+    time.sleep(0.1)
+if sys.argv[2] == "detach":
+    gang.detach()
+print(json.dumps(gang.record()), flush=True)
+if sys.argv[2] == "stay":
+    time.sleep(600)
+"""
+
+
+def _controller(tmp_path: Path, how: str) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, str(tmp_path), how], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    return proc, json.loads(proc.stdout.readline())
+
+
+def test_a_detached_gang_outlives_its_controller_and_is_attached_again(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    proc, record = _controller(tmp_path, "detach")
+    assert proc.wait(timeout=30) == 0
+    gang = Gang.attach(json.loads(json.dumps(record)))
+    assert gang.poll() == {"local-0": None, "local-1": None}
+    everything = [pid for pids in gang.pids().values() for pid in pids]
+    assert len(gang.rank_pids()) == 2 and all(_alive(pid) for pid in everything)
+    gang.cancel(grace_seconds=1)
+    assert [pid for pid in everything if _alive(pid)] == []
+    codes = gang.poll()  # not our children: read from the nodes' exit records
+    assert None not in codes.values() and EXIT_LOST not in codes.values()
+    with pytest.raises(ValueError, match="gang record"):
+        Gang.attach({"job_name": "x"})
+
+
+def test_sigterm_to_the_controller_kills_its_gangs(backend: LocalBackend, tmp_path: Path) -> None:
+    proc, record = _controller(tmp_path, "stay")
+    gang = Gang.attach(record)
+    everything = [pid for pids in gang.pids().values() for pid in pids]
+    assert len(everything) == 6
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert [pid for pid in everything if _alive(pid)] == []
+
+
+def test_dump_stacks(backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gang = _launch(backend, tmp_path, ["faulthandler"], nodes=1, procs=2)
+    try:
+        _until(lambda: len(gang.rank_pids()) == 2)
+        logs = gang.log_dir
+        ranks = gang.rank_pids()
+        _until(lambda: all(stacks_module.catches_signal(pid, signal.SIGUSR1) for pid in ranks.values()))
+        if stacks_module.py_spy_path():
+            assert gang.dump_stacks() == {0: "py-spy", 1: "py-spy"}
+            assert "wait_here" in (logs / "rank-1.log").read_text()
+        monkeypatch.setattr(stacks_module, "py_spy_path", lambda: None)
+        assert dump_stacks({0: ranks[0]}, logs) == {0: "sigusr1"}
+        _until(lambda: (logs / "rank-0.log").read_text().count("wait_here") >= 1)
+        assert all(_alive(pid) for pid in ranks.values())
+    finally:
+        gang.cancel(grace_seconds=1)
+
+
+def test_dump_stacks_never_kills_a_rank_without_a_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stacks_module, "py_spy_path", lambda: None)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        assert dump_stacks({0: proc.pid}, tmp_path) == {0: "unavailable"}
+        assert proc.poll() is None
+        assert "no stacks for rank 0" in (tmp_path / "rank-0.log").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_bad_arguments_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="module"):
+        LocalBackendConfig(module="not a module")
+    with pytest.raises(ValueError, match="nodes"):
+        LocalBackend().launch(
+            job_name="j",
+            attempt=0,
+            config_path="c",
+            overrides=[],
+            nodes=0,
+            procs_per_node=1,
+            run_dir=tmp_path,
+        )
+
+
+def test_real_trainer_on_two_nodes(tmp_path: Path) -> None:
+    data = train_harness.make_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    config = train_harness.write_config(
+        tmp_path / "train.yaml", data, run_dir, training={"steps": 2}, parallel={"dp": 2}
+    )
+    gang = LocalBackend().launch(
+        job_name="real",
+        attempt=0,
+        config_path=config,
+        overrides=["checkpoint.interval_steps=2"],
+        nodes=2,
+        procs_per_node=1,
+        run_dir=run_dir,
+    )
+    try:
+        codes = _finished(gang, timeout=240)
+    finally:
+        gang.cancel(grace_seconds=5)
+    logs = run_dir / "logs" / "attempt-0"
+    assert codes == {"local-0": 0, "local-1": 0}, (logs / "rank-0.log").read_text()[-3000:]
+    assert len(train_harness.losses(run_dir, 0)) == 2
+    assert "Traceback" not in (logs / "rank-1.log").read_text()
+    for rank in (0, 1):
+        assert (logs / f"rank-{rank}.log").stat().st_size > 0
+        assert (run_dir / f"metrics-rank{rank}.endpoint.json").exists()
