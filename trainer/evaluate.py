@@ -107,7 +107,9 @@ def _iou_matrix(candidates: np.ndarray, truths: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def box_baselines(truths: Sequence[Sequence[int]], *, threshold: float = 0.5, grid: int = 20) -> dict[str, Any]:
+def box_baselines(
+    truths: Sequence[Sequence[int]], *, threshold: float = 0.5, grid: int = 20
+) -> dict[str, Any]:
     """Hit rates of image-blind answers on these truth boxes: the best constant box on a grid, the mean box, and
     another sample's box."""
     boxes = np.asarray(truths, dtype=np.float64).reshape(-1, 4)
@@ -156,12 +158,17 @@ def summarize(task: str, rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[st
     if task == "grounding":
         ious = [r["iou"] or 0.0 for r in rows]
         out["mean_iou"] = float(np.mean(ious)) if rows else None
-        out["baselines"] = box_baselines([r["truth"] for r in rows], threshold=cfg.iou_threshold, grid=cfg.box_grid)
+        out["baselines"] = box_baselines(
+            [r["truth"] for r in rows], threshold=cfg.iou_threshold, grid=cfg.box_grid
+        )
         chance = out["baselines"].get("best_constant_box", {}).get("accuracy")
     else:
         out["baselines"] = direction_baselines([r["truth"] for r in rows])
         out["per_direction"] = {
-            d: {"n": sum(r["truth"] == d for r in rows), "hits": sum(r["hit"] and r["truth"] == d for r in rows)}
+            d: {
+                "n": sum(r["truth"] == d for r in rows),
+                "hits": sum(r["hit"] and r["truth"] == d for r in rows),
+            }
             for d in DIRECTIONS
         }
         out["answers"] = dict(Counter(str(r["parsed"]) for r in rows))

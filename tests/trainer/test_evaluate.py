@@ -208,7 +208,17 @@ def test_a_tiny_run_is_evaluated_from_its_run_folder(dataset, tmp_path, capsys):
 
     val = [str(dataset / "val" / "grounding.jsonl"), str(dataset / "val" / "video_qa.jsonl")]
     answers = tmp_path / "answers.jsonl"
-    argv = [str(run), "--data", *val, "--max-samples", "1", "--max-new-tokens", "4", "--answers", str(answers)]
+    argv = [
+        str(run),
+        "--data",
+        *val,
+        "--max-samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--answers",
+        str(answers),
+    ]
     assert ev.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["step"] == 2
