@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned, so no later requirement can pull a different (CUDA) build.
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# A real Prometheus server for the dashboard and alert tests: Debian's package, when it is missing.
+	command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || \
+		apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null)
 	touch $(STAMP)
 
 venv: $(STAMP)

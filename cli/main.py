@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from . import jobs, model
+from . import control, inspect, jobs, model
 from .errors import exit_code_for
 
 
@@ -32,6 +32,8 @@ class _Root(TyperGroup):
 app = typer.Typer(cls=_Root, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(model.app, name="model")
 jobs.register(app)
+inspect.register(app)
+control.register(app)
 
 
 def _version() -> str:

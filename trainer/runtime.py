@@ -193,7 +193,9 @@ class Run:
             return
         model, optim = self._checkpoint_tensors()
         with self.telemetry.time_checkpoint("load", 0):
-            restored = self.checkpointer.load(model=model, optimizer=optim)
+            restored = self.checkpointer.load(
+                model=model, optimizer=optim, step=self.config.checkpoint.resume_step
+            )
         if restored is None:
             log.info("no valid checkpoint under %s: starting from scratch", self.checkpointer.config.uri)
             return

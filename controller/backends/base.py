@@ -8,9 +8,12 @@ Exit codes follow `subprocess`: 0 success, N > 0 the node's exit status, -N kill
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from controller.backends.torchrun_log import WorkerExit
+from controller.ingest import TelemetrySource
 
 EXIT_LOST = 256  # outside 0..255 and the negative signal range: no status could be read
 
@@ -25,6 +28,14 @@ class GangHandle(Protocol):
 
     def pids(self) -> dict[str, list[int]]:
         """Each node's live processes, its agent first."""
+        ...
+
+    def worker_exits(self) -> list[WorkerExit]:
+        """The failed ranks' own exit codes (root causes first), as far as the backend can tell."""
+        ...
+
+    def dump_stacks(self) -> dict[int, str]:
+        """Each live rank's Python stacks, also written into the job's logs (hang diagnosis)."""
         ...
 
     def rank_pids(self) -> dict[int, int]:
@@ -56,6 +67,34 @@ class Backend(Protocol):
         procs_per_node: int,
         run_dir: str | Path,
         env: Mapping[str, str] | None = None,
-    ) -> GangHandle: ...
+        names: Sequence[str] | None = None,
+        excluded: Collection[str] = (),
+    ) -> GangHandle:
+        """Start attempt `attempt`: every rank runs `python -m trainer.train config_path *overrides`. `excluded`:
+        machines the gang must avoid (a backend whose node names are machines already left them out)."""
+        ...
 
     def attach(self, record: Mapping[str, Any]) -> GangHandle: ...
+
+    def reap(self, job_name: str, *, keep: Sequence[str] = ()) -> int:
+        """Stop processes of `job_name` that no recorded gang owns (a launch its controller died in)."""
+        ...
+
+    def node_slots(self, *, nodes: int, spares: int, excluded: Collection[str]) -> list[str] | None:
+        """Names of the `nodes` nodes the next attempt runs on, avoiding `excluded`; None when too few are left.
+        (Local: local-0, local-1, ... with spares after them. Kubernetes: slots n0, n1, ... whose pods the
+        scheduler places, kept off excluded machines by node affinity, so every slot is always usable.)"""
+        ...
+
+    def telemetry(
+        self,
+        *,
+        job_name: str,
+        run_dir: Path,
+        num_ranks: int,
+        attempt: int,
+        rank_nodes: Sequence[str],
+        reattach: bool,
+    ) -> TelemetrySource:
+        """Where the controller reads the attempt's per-rank step telemetry."""
+        ...

@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,12 @@ import psutil
 from controller.backends import exit_cleanup
 from controller.backends.base import EXIT_LOST
 from controller.backends.stacks import dump_stacks
-from trainer.contract.telemetry import ENV_NODE, ENV_TRAINING_JOB
+from controller.backends.torchrun_log import WorkerExit, read_failures
+from controller.ingest import JsonlTelemetry
+from trainer.contract.telemetry import ENV_ATTEMPT, ENV_NODE, ENV_TRAINING_JOB
 
 REPO = Path(__file__).resolve().parents[2]
 ENV_GANG = "VLCTL_GANG"  # a token per gang, in every process's environment: the sweep's tag
-ENV_ATTEMPT = "VLCTL_ATTEMPT"
 NODE_PREFIX = "local-"
 # torchrun sets these per worker; a controller itself started under torchrun must not pass its own down
 _INHERITED_RANK_ENV = frozenset(
@@ -105,9 +106,15 @@ class LocalBackend:
         procs_per_node: int,
         run_dir: str | Path,
         env: Mapping[str, str] | None = None,
+        names: Sequence[str] | None = None,
+        excluded: Collection[str] = (),  # local node names are the machines: node_slots already avoided them
     ) -> Gang:
+        """`names`: the nodes to run on (local-0, local-1, ... by default; a spare replaces an excluded one)."""
         if nodes < 1:
             raise ValueError(f"nodes: must be at least 1, got {nodes}")
+        names = list(names) if names is not None else node_names(nodes)
+        if len(names) != nodes or len(set(names)) != nodes:
+            raise ValueError(f"names: expected {nodes} distinct node names, got {names}")
         if procs_per_node < 1:
             raise ValueError(f"procs_per_node: must be at least 1, got {procs_per_node}")
         logs = log_dir(run_dir, attempt)
@@ -127,7 +134,7 @@ class LocalBackend:
         }
         gang = Gang(job_name=job_name, attempt=attempt, run_dir=Path(run_dir), token=token)
         try:
-            for rank, name in enumerate(node_names(nodes)):
+            for rank, name in enumerate(names):
                 torchrun = [
                     self.config.python,
                     "-m",
@@ -167,6 +174,42 @@ class LocalBackend:
 
     def attach(self, record: Mapping[str, Any]) -> Gang:
         return Gang.attach(record)
+
+    def node_slots(self, *, nodes: int, spares: int, excluded: Collection[str]) -> list[str] | None:
+        usable = [n for n in node_names(nodes + spares) if n not in excluded]
+        return usable[:nodes] if len(usable) >= nodes else None
+
+    def telemetry(
+        self,
+        *,
+        job_name: str,
+        run_dir: Path,
+        num_ranks: int,
+        attempt: int,
+        rank_nodes: Sequence[str],
+        reattach: bool,
+    ) -> JsonlTelemetry:
+        """Every rank's JSONL file in the run folder: each step, none missed between two polls."""
+        return JsonlTelemetry(run_dir, num_ranks, attempt, nodes=rank_nodes, start_at_end=reattach)
+
+    def reap(self, job_name: str, *, keep: Sequence[str] = ()) -> int:
+        """Kill every process of `job_name`'s gangs except those tagged with a token in `keep`; returns how many.
+
+        A controller killed between starting a gang and recording it leaves that gang unknown to the store; the
+        next controller reaps it before launching, so two gangs of one job never write the same checkpoints.
+        """
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                env = proc.environ()
+            except psutil.Error:
+                continue
+            token = env.get(ENV_GANG)
+            if token and token not in keep and env.get(ENV_TRAINING_JOB) == job_name:
+                found.append(proc)
+        _kill(found)
+        psutil.wait_procs(found, timeout=5)
+        return len(found)
 
 
 @dataclass(slots=True)
@@ -255,6 +298,11 @@ class Gang:
 
     def poll(self) -> dict[str, int | None]:
         return {n.name: self._exit_code(n) for n in self.nodes}
+
+    def worker_exits(self) -> list[WorkerExit]:
+        """Failed ranks with their own exit codes, from the agents' failure summaries, root causes first."""
+        exits = [e for n in self.nodes for e in read_failures(self.log_dir / f"node-{n.name}.log")]
+        return sorted(exits, key=lambda e: (not e.root_cause, e.rank))
 
     def _tree(self, node: _Node) -> list[psutil.Process]:
         root = self._root(node)

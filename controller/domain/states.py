@@ -5,6 +5,7 @@
                           │   └──────launch────┐       │
                           └──restart──> restarting <───┘ restart
     any non-terminal phase ──fail──> failed      any non-terminal phase ──cancel──> cancelled
+    failed | cancelled ──reopen──> restarting        (a person's `vlctl resume`; the only way out of an end)
 
 Every transition
 - reloads the job under its row lock (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite's write transaction is
@@ -23,7 +24,7 @@ terminal phase the claim is released: the owning controller notices on its next 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -52,11 +53,17 @@ SUCCEEDED_EXIT_CLASS = "Succeeded"
 CANCELLED_EXIT_CLASS = "Cancelled"
 
 
+# `reopen` alone leaves a terminal phase, on a person's request; the transition table keeps them final.
+REOPENABLE_FROM: frozenset[Phase] = frozenset({Phase.FAILED, Phase.CANCELLED})
+REASON_RESUME_REQUESTED = "ResumeRequested"
+
+
 class InvalidTransition(RuntimeError):
-    def __init__(self, job: Job, current: Phase, target: Phase):
+    def __init__(self, job: Job, current: Phase, target: Phase, message: str | None = None):
         allowed = ", ".join(sorted(ALLOWED_FROM[target])) or "nowhere"
         super().__init__(
-            f"job {job.name!r} cannot go from {current} to {target} ({target} is entered from {allowed})"
+            message
+            or f"job {job.name!r} cannot go from {current} to {target} ({target} is entered from {allowed})"
         )
         self.job_name, self.current, self.target = job.name, current, target
 
@@ -130,18 +137,22 @@ def restart(
     counts_toward_limit: bool = True,
     reason: str = Reason.RESTART_SCHEDULED,
     controller_id: str | None = None,
+    delay_seconds: float = 0.0,
     now: datetime | None = None,
 ) -> None:
-    """launching|running -> restarting: the attempt failed in a retryable way; the next launch resumes it."""
+    """launching|running -> restarting: the attempt failed in a retryable way; the next launch resumes it after
+    `delay_seconds` (the backoff)."""
     now = now or utcnow()
     job, current = _guard(job, Phase.RESTARTING, session=session, controller_id=controller_id, now=now)
     record_attempt_ended(session=session, job=job, exit_class=exit_class, exit_detail=detail or None, now=now)
     job.num_restarts += 1
     job.num_restarts_counted += int(counts_toward_limit)
+    job.next_attempt_at = now + timedelta(seconds=max(0.0, delay_seconds))
     data = {
         "exit_class": exit_class,
         "counts_toward_limit": counts_toward_limit,
         "num_restarts": job.num_restarts,
+        "delay_seconds": delay_seconds,
     }
     _write(job, current, Phase.RESTARTING, session=session, reason=reason, message=detail, data=data, now=now)
 
@@ -184,6 +195,47 @@ def cancel(job: Job, *, session: Session, message: str = "cancelled", now: datet
         session=session, job=job, exit_class=CANCELLED_EXIT_CLASS, exit_detail=message, now=now
     )
     _write(job, current, Phase.CANCELLED, session=session, reason=Reason.CANCELLED, message=message, now=now)
+
+
+def reopen(
+    job: Job,
+    *,
+    session: Session,
+    from_step: int | None = None,
+    message: str = "",
+    now: datetime | None = None,
+) -> None:
+    """failed|cancelled -> restarting: resume an ended job from its newest checkpoint (or `from_step`'s).
+
+    The restart budget starts over (`num_restarts_counted` = 0) and so does the crash-loop history: a person
+    looked at the failure. The next launch happens on the next pass of the controller that claims the job.
+    """
+    now = now or utcnow()
+    job = lock_job(session=session, job=job)
+    current = job.phase
+    if current not in REOPENABLE_FROM:
+        allowed = ", ".join(sorted(REOPENABLE_FROM))
+        raise InvalidTransition(
+            job,
+            current,
+            Phase.RESTARTING,
+            f"job {job.name!r} is {current}: only a job that is {allowed} can be reopened",
+        )
+    job.num_restarts_counted = 0
+    job.resume_from_step = from_step
+    job.next_attempt_at = now
+    job.finished_at = None
+    where = f"the checkpoint at step {from_step}" if from_step is not None else "the newest valid checkpoint"
+    _write(
+        job,
+        current,
+        Phase.RESTARTING,
+        session=session,
+        reason=REASON_RESUME_REQUESTED,
+        message=message or f"resume requested from {where}",
+        data={"from_step": from_step},
+        now=now,
+    )
 
 
 def _guard(

@@ -119,6 +119,17 @@ class Job(Base):
     productive_seconds: Mapped[float] = mapped_column(default=0.0)
     lost_seconds: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ettr: Mapped[float | None]  # productive time over wall time since submission
+    # Live progress, refreshed by the managing controller from the ranks' telemetry (for status, list, CRD).
+    current_step: Mapped[int | None]
+    total_steps: Mapped[int | None]
+    loss: Mapped[float | None]
+    tokens_per_second: Mapped[float | None]
+    progress_at: Mapped[datetime | None]  # when current_step last advanced
+    checkpoint_interval_steps: Mapped[int | None]  # in effect (the spec's number, or what `auto` chose)
+    # A person's request (`vlctl resume --from-step N`): the next launch resumes from this step's checkpoint.
+    resume_from_step: Mapped[int | None]
+    next_attempt_at: Mapped[datetime | None]  # restarting: the backoff ends then
+    run_dir: Mapped[str | None] = mapped_column(Text)  # logs, metrics, checkpoints (set at the first launch)
 
     def __repr__(self) -> str:
         return f"Job(id={self.id}, name={self.name!r}, phase={self.phase})"
@@ -142,6 +153,15 @@ class Attempt(Base):
     exit_detail: Mapped[str | None] = mapped_column(Text)
     resumed_from_step: Mapped[int | None]
     resumed_from_uri: Mapped[str | None] = mapped_column(Text)
+    # What the backend needs to find the gang again after a controller restart (`Backend.attach`).
+    backend_record: Mapped[dict[str, Any] | None]
+    # The attempt's timeline for goodput, filled in by the managing controller.
+    first_step_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]  # a rank died, or (hang) the job's last progress
+    detected_at: Mapped[datetime | None]  # the controller noticed
+    last_step: Mapped[int | None]
+    checkpoint_stall_seconds: Mapped[float] = mapped_column(default=0.0)
+    straggler_seconds: Mapped[float] = mapped_column(default=0.0)  # time everyone waited for flagged ranks
 
 
 class Event(Base):
@@ -205,6 +225,28 @@ class RankStepWindow(Base):
     straggler_score: Mapped[float | None]
     flagged: Mapped[bool] = mapped_column(default=False)
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RankStatus(Base):
+    """Each rank's latest state in the job's current attempt: one row per rank, overwritten every pass."""
+
+    __tablename__ = "rank_status"
+    __table_args__ = (UniqueConstraint("job_id", "rank"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int]
+    rank: Mapped[int]
+    node: Mapped[str] = mapped_column(String(NODE_MAX_LEN))
+    pid: Mapped[int | None]
+    step: Mapped[int | None]
+    last_progress_at: Mapped[datetime | None]
+    own_work_s: Mapped[float | None]
+    step_s: Mapped[float | None]
+    loss: Mapped[float | None]
+    straggler_score: Mapped[float | None]
+    flagged: Mapped[bool] = mapped_column(default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class NodeHealth(Base):

@@ -53,6 +53,9 @@ ENDPOINT_FILE = "metrics-rank{rank}.endpoint.json"  # {"host", "port", "url", "p
 # Environment the launcher sets for each rank (RANK, LOCAL_RANK come from torchrun).
 ENV_TRAINING_JOB = "VLCTL_TRAINING_JOB"
 ENV_NODE = "VLCTL_NODE"  # defaults to the host name
+# The launcher's attempt number (1, 2, ...; unset: 0, a run outside the controller). Every JSONL line and the
+# endpoint file carry it as "attempt", so a reader tells a restarted gang's lines from its predecessor's.
+ENV_ATTEMPT = "VLCTL_ATTEMPT"
 ENV_METRICS_HOST = "VLCTL_METRICS_HOST"
 ENV_METRICS_PORT = "VLCTL_METRICS_PORT"  # 0 picks a free port, reported in ENDPOINT_FILE
 ENV_METRICS_BASE_PORT = "VLCTL_METRICS_BASE_PORT"  # rank serves on base + LOCAL_RANK

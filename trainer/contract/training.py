@@ -121,6 +121,9 @@ class CheckpointSection(_Section):
     keep_last: int = Field(3, ge=1)
     async_save: bool = True
     resume: Literal["latest", "none"] = Field("latest", description="resume from the newest valid checkpoint")
+    resume_step: int | None = Field(
+        None, ge=0, description="resume from this step's checkpoint instead of the newest (it must be valid)"
+    )
 
 
 class TelemetrySection(_Section):

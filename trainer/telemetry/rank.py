@@ -12,7 +12,9 @@
 Decisions: the progress timestamp is refreshed by `micro_step_done` and `end_step` only, nothing else (a rank that
 loops without finishing micro-steps is not making progress). The Prometheus endpoint starts in the constructor,
 before the model is built, so the controller can watch start-up; its address goes to the log and, with a run
-folder, to `metrics-rank{N}.endpoint.json` (written atomically). Rank 0 alone logs step lines.
+folder, to `metrics-rank{N}.endpoint.json` (written atomically). Rank 0 alone logs step lines. The launcher's
+attempt number (VLCTL_ATTEMPT) goes into every JSONL line and the endpoint file, since every attempt writes to
+the same run folder.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from trainer.contract.telemetry import (
     CHECKPOINT_OPERATIONS,
     ENDPOINT_FILE,
+    ENV_ATTEMPT,
     ENV_METRICS_BASE_PORT,
     ENV_METRICS_HOST,
     ENV_METRICS_PORT,
@@ -99,9 +102,12 @@ class RankTelemetry:
         *,
         run_dir: Path | None = None,
         extra_sinks: Sequence[MetricSink] = (),
+        attempt: int | None = None,
     ):
+        """attempt: the launcher's attempt number, written into the JSONL lines and the endpoint file."""
         self.config = config
         self.labels = labels
+        self.attempt = attempt
         self.timer = StepTimer(cuda_sync=config.cuda_sync)
         self.exporter: PrometheusExporter | None = None
         self.sinks: list[MetricSink] = []
@@ -113,9 +119,11 @@ class RankTelemetry:
             self.sinks.append(PrometheusSink(self.exporter))
             log.info("rank %d serves metrics on %s", labels.rank, self.exporter.url)
             if run_dir is not None:
-                _write_endpoint(Path(run_dir) / ENDPOINT_FILE.format(rank=labels.rank), self.exporter)
+                path = Path(run_dir) / ENDPOINT_FILE.format(rank=labels.rank)
+                _write_endpoint(path, self.exporter, attempt=attempt)
         if config.jsonl and run_dir is not None:
-            self.sinks.append(JsonlSink(Path(run_dir) / JSONL_FILE.format(rank=labels.rank)))
+            path = Path(run_dir) / JSONL_FILE.format(rank=labels.rank)
+            self.sinks.append(JsonlSink(path, attempt=attempt))
         if config.log_every and labels.rank == 0:
             self.sinks.append(LoggingSink(every=config.log_every))
         self.sinks.extend(extra_sinks)
@@ -124,7 +132,8 @@ class RankTelemetry:
     def from_env(
         cls, config: TelemetryConfig, *, run_dir: Path | None = None, environ: Mapping[str, str] = os.environ
     ) -> RankTelemetry:
-        return cls(config, RankLabels.from_env(environ, hostname=socket.gethostname()), run_dir=run_dir)
+        labels = RankLabels.from_env(environ, hostname=socket.gethostname())
+        return cls(config, labels, run_dir=run_dir, attempt=attempt_from_env(environ))
 
     def start_step(self, step: int) -> None:
         self._micro_steps = 0
@@ -185,10 +194,26 @@ class RankTelemetry:
             sink.close()
 
 
-def _write_endpoint(path: Path, exporter: PrometheusExporter) -> None:
+def attempt_from_env(environ: Mapping[str, str]) -> int | None:
+    """The launcher's attempt number; None when not launched by the controller."""
+    raw = environ.get(ENV_ATTEMPT)
+    if not raw:
+        return None
+    try:
+        attempt = int(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_ATTEMPT}: expected an integer, got {raw!r}") from None
+    if attempt < 0:
+        raise ValueError(f"{ENV_ATTEMPT}: must be >= 0, got {attempt}")
+    return attempt
+
+
+def _write_endpoint(path: Path, exporter: PrometheusExporter, *, attempt: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     info = {"host": exporter.host, "port": exporter.port, "url": exporter.url, "pid": os.getpid()}
+    if attempt is not None:
+        info["attempt"] = attempt
     tmp.write_text(json.dumps(info) + "\n", encoding="utf-8")
     os.replace(tmp, path)  # a reader never sees half a file
 

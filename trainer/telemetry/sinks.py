@@ -9,7 +9,9 @@ and the log keep them, the Prometheus sink skips them.
 JSONL decisions: one JSON object per `log` call ({"step", "time", ...}), so one line per step plus a line per
 checkpoint operation; appended and flushed per line, so a reader tailing the file (the local backend's
 controller) sees each step as it ends and a crash loses nothing written. Non-finite numbers (a NaN loss) are
-written as null, keeping the file strict JSON.
+written as null, keeping the file strict JSON. Every attempt of a job appends to the same file, so a sink given
+the launcher's attempt number writes it as "attempt" in every line: the reader ignores a previous attempt's
+late lines by it.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class MetricSink(Protocol):
 
 
 class JsonlSink:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, attempt: int | None = None):
         self.path = Path(path)
+        self.attempt = attempt
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
@@ -42,6 +45,8 @@ class JsonlSink:
         if self._file is None:
             raise RuntimeError(f"{self.path}: sink is closed")
         record = {"step": step, "time": time.time()}
+        if self.attempt is not None:
+            record["attempt"] = self.attempt
         record.update({k: _finite_or_none(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()

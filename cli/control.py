@@ -1,0 +1,177 @@
+"""`vlctl controller` (the reconcile daemon) and `vlctl run FILE` (submit, then supervise in the foreground).
+
+Decisions:
+
+- Both run the same `controller.reconciler.Controller` in this process, against the store named by
+  VLCTL_DATABASE_URL; `run` is a controller that also shows one job live and returns when that job ends.
+- `controller` on SIGTERM or Ctrl-C detaches from running gangs and releases its claims: the jobs keep training
+  and the next controller (this one restarted, or another) re-attaches at once. `run` on Ctrl-C cancels its
+  job instead, like stopping any foreground program; the ranks are stopped before it returns.
+- Exit codes of `run`: 0 when the job succeeded, 1 when it failed, 130 on Ctrl-C (cancelled).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from controller.backends.local import LocalBackend
+from controller.domain import states
+from controller.domain.phases import TERMINAL_PHASES, Phase
+from controller.reconciler import Controller, ControllerConfig, default_controller_id
+from controller.spec import SpecError, load_spec
+from controller.store.repo import JobExists, create_job, get_job
+
+from .errors import EXIT_FAILURE, EXIT_USER_ERROR, CliError
+from .jobs import OutputOption, _job_dict, store
+from .live import job_snapshot, render_snapshot
+from .output import OutputFormat, emit, stderr
+
+EXIT_INTERRUPTED = 130
+
+
+def _controller(db, *, poll_seconds: float, controller_id: str | None, runs_root: Path | None) -> Controller:
+    config = ControllerConfig(poll_seconds=poll_seconds)
+    if controller_id:
+        config.controller_id = controller_id
+    if runs_root is not None:
+        config.runs_root = runs_root
+    return Controller(db, backends={"local": LocalBackend()}, config=config)
+
+
+def controller(
+    poll_seconds: Annotated[float, typer.Option(help="seconds between reconcile passes")] = 1.0,
+    controller_id: Annotated[
+        str | None, typer.Option("--id", help="this controller's id (default: per host)")
+    ] = None,
+    metrics_port: Annotated[
+        int, typer.Option(help="serve the controller's Prometheus metrics here; 0: off")
+    ] = 9400,
+    metrics_host: Annotated[str, typer.Option(help="address for the metrics endpoint")] = "127.0.0.1",
+    runs_root: Annotated[
+        Path | None, typer.Option(help="run folders of jobs with a relative run_dir")
+    ] = None,
+) -> None:
+    """Run the reconcile loop: launch pending jobs, supervise running ones, restart failed ones."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with store() as db:
+        ctl = _controller(db, poll_seconds=poll_seconds, controller_id=controller_id, runs_root=runs_root)
+        server = _serve_metrics(db, metrics_host, metrics_port)
+        stderr.print(
+            f"controller {ctl.id} reconciling every {poll_seconds:g} s"
+            + (f"; metrics on http://{metrics_host}:{metrics_port}/metrics" if server else ""),
+            highlight=False,
+        )
+        try:
+            ctl.run(stop)
+        finally:
+            ctl.shutdown()
+            if server is not None:
+                server.shutdown()
+    stderr.print(
+        "controller stopped; running jobs keep training and are re-attached by the next one", highlight=False
+    )
+
+
+def _serve_metrics(db, host: str, port: int):
+    if not port:
+        return None
+    from controller.metrics import serve_metrics
+
+    server, _thread = serve_metrics(db, host, port)
+    return server
+
+
+def run(
+    file: Annotated[Path, typer.Argument(help="a TrainingJob spec (YAML or JSON)")],
+    poll_seconds: Annotated[float, typer.Option(help="seconds between reconcile passes")] = 1.0,
+    runs_root: Annotated[Path | None, typer.Option(help="run folder root for a relative run_dir")] = None,
+    output: OutputOption = OutputFormat.table,
+) -> None:
+    """Submit a job and supervise it in the foreground, with a live view of step, loss, tokens/s, ETA, restarts
+    and stragglers. Ctrl-C cancels the job."""
+    try:
+        spec = load_spec(file)
+    except SpecError as err:
+        raise CliError(str(err), EXIT_USER_ERROR) from None
+    with store() as db:
+        with db.transaction() as session:
+            try:
+                create_job(session=session, name=spec.name, spec=spec.model_dump(mode="json"))
+            except JobExists as err:
+                raise CliError(str(err), EXIT_USER_ERROR) from None
+        phase = supervise(
+            db, spec.name, poll_seconds=poll_seconds, runs_root=runs_root, live=output is OutputFormat.table
+        )
+        with db.read() as session:
+            data = _job_dict(get_job(session=session, name=spec.name))
+    emit(data, output, lambda d: f"{d['name']}: {d['phase']} ({d['reason']}) {d['message']}".rstrip())
+    if phase is Phase.CANCELLED:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if phase is not Phase.SUCCEEDED:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def supervise(
+    db,
+    name: str,
+    *,
+    poll_seconds: float = 1.0,
+    runs_root: Path | None = None,
+    live: bool = True,
+    controller_id: str | None = None,
+    on_pass=None,
+) -> Phase:
+    """Run a controller until job `name` ends, showing it live; Ctrl-C cancels the job. Returns its phase."""
+    from rich.live import Live
+
+    ctl = _controller(
+        db,
+        poll_seconds=poll_seconds,
+        controller_id=controller_id or f"{default_controller_id()}-run",
+        runs_root=runs_root,
+    )
+    stop = threading.Event()
+    phase: list[Phase] = [Phase.PENDING]
+    view = (
+        Live(render_snapshot(job_snapshot(db, name)), console=stderr, refresh_per_second=2) if live else None
+    )
+
+    def after_pass() -> None:
+        snapshot = job_snapshot(db, name)
+        phase[0] = Phase(snapshot["phase"])
+        if view is not None:
+            view.update(render_snapshot(snapshot))
+        if on_pass is not None:
+            on_pass(snapshot)
+        if phase[0] in TERMINAL_PHASES:
+            stop.set()
+
+    try:
+        if view is not None:
+            view.start()
+        ctl.run(stop, on_pass=after_pass)
+        ctl.shutdown()
+    except KeyboardInterrupt:
+        stderr.print(f"interrupted: cancelling {name}", highlight=False)
+        with db.transaction() as session:
+            job = get_job(session=session, name=name)
+            if job.phase not in TERMINAL_PHASES:
+                states.cancel(job, session=session, message="interrupted in `vlctl run`")
+        ctl.shutdown(stop_jobs=True)
+        phase[0] = Phase.CANCELLED
+    finally:
+        if view is not None:
+            view.stop()
+    return phase[0]
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(controller)

@@ -1,0 +1,954 @@
+"""The reconcile loop: every pass, make each job this controller holds match what its phase says.
+
+    pending / restarting (backoff over)  -> pick nodes and a verified checkpoint, launch the next attempt
+    launching / running                  -> read exits and telemetry: success, failure, hang, stragglers,
+                                            checkpoints, progress, goodput
+    succeeded / failed / cancelled       -> make sure no process of the job is left
+
+Decisions:
+
+- Level-triggered: a pass reads the phase and the world (exit codes, telemetry, checkpoint folders) and acts on
+  what it sees, never on a remembered edge. Every action is idempotent or guarded by the state machine, so a
+  pass that runs twice, or a controller killed between two writes, converges to the same result.
+- Crash safety. A launch commits the attempt (launching) before starting processes and records the gang right
+  after: a controller killed in between leaves an attempt without a record, which the next controller treats
+  as an interrupted launch (reap whatever was started, relaunch, not counted as a failure). A controller
+  restarted with the same id picks its claims up at once (`renew_leases`); another controller takes them over
+  when the lease runs out. Either re-attaches to the running gang from the attempt's backend record and
+  re-reads the ranks' telemetry: healthy ranks are never relaunched, events are never lost (they are written in
+  the same transaction as the phase change they explain).
+- A gang whose node failed is stopped at once (torchrun nodes that finished would wait at their exit barrier),
+  then classified with the failure rules; the restart policy decides (backoff, crash loop, limit).
+- Hangs: no progress for the hang threshold -> every rank's Python stacks into the job's logs, then stop the
+  gang and handle it as a failure of class Hang.
+- Stragglers: `report` writes an event per newly flagged rank and a node event when a node is slow; with
+  `exclude-node`, the node is excluded and the gang restarted (SIGTERM first, so the trainer saves a
+  checkpoint at its current step) only when `policy.decide_exclude_node` says the time saved beats the
+  measured restart cost; the decision and its numbers are an event either way.
+- One job's error never stops the loop: it is logged and the job is retried on the next pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from controller.backends.base import EXIT_LOST, Backend
+from controller.checkpoints import NoSuchCheckpoint, checkpoint_root, choose_resume_point, sync_checkpoints
+from controller.domain import states
+from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase
+from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
+from controller.goodput import AttemptTimeline, StepWindow, compute_goodput
+from controller.policy import (
+    RestartCost,
+    auto_checkpoint_interval,
+    decide_exclude_node,
+    decide_restart,
+)
+from controller.spec import TrainingJobSpec
+from controller.store.claims import claim_jobs, release_claims, renew_leases
+from controller.store.models import Attempt, Event, Job, RankStatus
+from controller.store.records import exclude_node, excluded_nodes, record_goodput
+from controller.store.repo import append_event, get_current_attempt, list_attempts
+from controller.store.session import Store
+from controller.supervision import LiveAttempt
+
+log = logging.getLogger(__name__)
+
+REASON_STRAGGLER_FLAGGED = "StragglerFlagged"
+REASON_NODE_SLOW = "NodeSlow"
+REASON_EXCLUDE_DECISION = "ExcludeNodeDecision"
+REASON_CHECKPOINT_INTERVAL = "CheckpointInterval"
+REASON_STACKS_DUMPED = "StacksDumped"
+REASON_LAUNCH_INTERRUPTED = "LaunchInterrupted"
+REASON_LAUNCH_FAILED = "LaunchFailed"
+REASON_REAPED = "OrphansReaped"
+
+
+def default_controller_id() -> str:
+    """Stable per host, so a restarted controller holds its claims again at once."""
+    return f"ctl-{socket.gethostname()}"[:128]
+
+
+def default_runs_root() -> Path:
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "vlctl" / "runs"
+
+
+@dataclass(kw_only=True)
+class ControllerConfig:
+    controller_id: str = field(default_factory=default_controller_id)
+    poll_seconds: float = 1.0
+    lease_seconds: float = 30.0
+    max_jobs: int = 64  # jobs one controller manages at once
+    runs_root: Path = field(default_factory=default_runs_root)  # run folders of jobs with a relative run_dir
+    cancel_grace_seconds: float = 15.0  # SIGTERM -> SIGKILL
+    checkpoint_scan_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("poll_seconds", "lease_seconds", "checkpoint_scan_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_jobs < 1:
+            raise ValueError(f"max_jobs: must be >= 1, got {self.max_jobs}")
+        if self.cancel_grace_seconds < 0:
+            raise ValueError(f"cancel_grace_seconds: must be >= 0, got {self.cancel_grace_seconds}")
+        self.runs_root = Path(self.runs_root)
+
+
+def _dt(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+def _ts(d: datetime | None) -> float | None:
+    return None if d is None else d.timestamp()
+
+
+def job_run_dir(spec: TrainingJobSpec, runs_root: Path) -> Path:
+    """The job's run folder: `training.run_dir` when absolute, else `runs_root/<job name>`."""
+    run_dir = Path(spec.training.run_dir)
+    return run_dir if run_dir.is_absolute() else Path(runs_root) / spec.name
+
+
+class Controller:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        backends: Mapping[str, Backend],
+        config: ControllerConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        draw: Callable[[], float] = random.random,
+        env: Mapping[str, str] | None = None,
+    ):
+        self.store = store
+        self.backends = dict(backends)
+        self.config = config or ControllerConfig()
+        self.clock = clock
+        self.draw = draw  # the backoff's random draw
+        self.env = dict(env or {})  # extra environment for every rank (tests inject faults through it)
+        self._live: dict[int, LiveAttempt] = {}
+        self._last_scan: dict[int, float] = {}
+
+    @property
+    def id(self) -> str:
+        return self.config.controller_id
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self, stop: threading.Event, *, on_pass: Callable[[], None] | None = None) -> None:
+        """Reconcile until `stop` is set. The caller then calls `shutdown` (detach, or stop the jobs)."""
+        while not stop.is_set():
+            started = self.clock()
+            self.reconcile_once()
+            if on_pass is not None:
+                on_pass()
+            stop.wait(max(0.0, self.config.poll_seconds - (self.clock() - started)))
+
+    def shutdown(self, *, stop_jobs: bool = False) -> None:
+        """Leave: detach from gangs (or stop them) and release this controller's claims."""
+        for live in self._live.values():
+            if stop_jobs:
+                live.gang.cancel(self.config.cancel_grace_seconds)
+            else:
+                live.gang.detach()
+        self._live.clear()
+        if not stop_jobs:
+            with self.store.transaction() as session:
+                release_claims(session=session, controller_id=self.id)
+
+    def reconcile_once(self) -> None:
+        now = self.clock()
+        with self.store.transaction() as session:
+            held = renew_leases(
+                session=session, controller_id=self.id, lease_seconds=self.config.lease_seconds, now=_dt(now)
+            )
+            room = self.config.max_jobs - len(held)
+            if room > 0:
+                claimed = claim_jobs(
+                    session=session,
+                    controller_id=self.id,
+                    lease_seconds=self.config.lease_seconds,
+                    limit=room,
+                    now=_dt(now),
+                )
+                held |= {job.id for job in claimed}
+        for job_id in [j for j in self._live if j not in held]:
+            self._let_go(job_id)
+        for job_id in sorted(held):
+            try:
+                self._reconcile(job_id)
+            except Exception:
+                log.exception("job %d: reconcile failed; retrying on the next pass", job_id)
+
+    def _let_go(self, job_id: int) -> None:
+        """The job left this controller: ended (stop its processes) or taken over (leave them to the new owner)."""
+        live = self._live.pop(job_id)
+        with self.store.read() as session:
+            job = session.get(Job, job_id)
+            phase = job.phase if job is not None else Phase.CANCELLED
+        if phase in TERMINAL_PHASES:
+            live.gang.cancel(self.config.cancel_grace_seconds)
+        else:
+            live.gang.detach()
+
+    def _reconcile(self, job_id: int) -> None:
+        with self.store.read() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            phase, next_at = job.phase, job.next_attempt_at
+            spec = TrainingJobSpec.model_validate(job.spec)
+        if phase is Phase.PENDING or (
+            phase is Phase.RESTARTING and (next_at is None or next_at.timestamp() <= self.clock())
+        ):
+            self._launch(job_id, spec)
+        elif phase in SUPERVISED_PHASES:
+            self._supervise(job_id, spec)
+
+    # ---------------------------------------------------------------------------------------- launching
+
+    def _backend(self, spec: TrainingJobSpec) -> Backend:
+        backend = self.backends.get(spec.backend)
+        if backend is None:
+            raise RuntimeError(f"backend: this controller has no {spec.backend!r} backend")
+        return backend
+
+    def _launch(self, job_id: int, spec: TrainingJobSpec) -> None:
+        backend = self._backend(spec)
+        now = self.clock()
+        run_dir = job_run_dir(spec, self.config.runs_root)
+        root = checkpoint_root(spec.training, run_dir)
+        reaped = backend.reap(spec.name)
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            if reaped:
+                append_event(
+                    session=session,
+                    job=job,
+                    type=EventType.CONTROLLER,
+                    reason=REASON_REAPED,
+                    message=f"stopped {reaped} process(es) of a launch no controller recorded",
+                )
+            nodes = self._pick_nodes(session, job, spec, backend)
+            if nodes is None:
+                return
+            try:
+                resume = choose_resume_point(
+                    session=session, job=job, root=root, from_step=job.resume_from_step
+                )
+            except NoSuchCheckpoint as err:
+                states.fail(job, session=session, message=str(err), reason=REASON_LAUNCH_FAILED)
+                return
+            interval = self._checkpoint_interval(session, job, spec)
+            excluded = sorted(excluded_nodes(session=session, job_id=job.id))
+            attempt = states.launch(
+                job,
+                session=session,
+                controller_id=self.id,
+                nodes=nodes,
+                resume_from_step=resume.step if resume else None,
+                resume_from_uri=resume.uri if resume else None,
+                now=_dt(now),
+            )
+            job.resume_from_step = None
+            job.next_attempt_at = None
+            job.total_steps = spec.training.training.steps
+            job.run_dir = str(run_dir)
+            number = attempt.number
+        config_path = self._write_config(spec, run_dir, number, interval=interval, resume=resume)
+        overrides: list[str] = []
+        try:
+            gang = backend.launch(
+                job_name=spec.name,
+                attempt=number,
+                config_path=config_path,
+                overrides=overrides,
+                nodes=len(nodes),
+                procs_per_node=spec.resources.procs_per_node,
+                run_dir=run_dir,
+                env=self.env,
+                names=nodes,
+                excluded=excluded,
+            )
+        except Exception as err:
+            log.exception("job %s: launch of attempt %d failed", spec.name, number)
+            with self.store.transaction() as session:
+                job = session.get(Job, job_id)
+                assert job is not None
+                self._end_attempt(
+                    session,
+                    job,
+                    spec,
+                    Classification(
+                        exit_class=ExitClass.UNKNOWN,
+                        message=f"launch failed: {type(err).__name__}: {err}",
+                        retryable=True,
+                        counts_toward_limit=True,
+                        step=None,
+                    ),
+                    now=self.clock(),
+                    live=None,
+                )
+            return
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            row = get_current_attempt(session=session, job=job)
+            assert row is not None and row.number == number
+            row.backend_record = gang.record()
+        self._live[job_id] = self._watch(job_id, spec, gang, number, run_dir, launched_at=now, nodes=nodes)
+
+    def _watch(
+        self,
+        job_id: int,
+        spec: TrainingJobSpec,
+        gang: Any,
+        attempt: int,
+        run_dir: Path,
+        *,
+        launched_at: float,
+        nodes: list[str],
+        reattach: bool = False,
+    ) -> LiveAttempt:
+        per_node = spec.resources.procs_per_node
+        rank_nodes = [nodes[r // per_node] for r in range(spec.resources.world_size)]
+        return LiveAttempt(
+            job_id=job_id,
+            job_name=spec.name,
+            attempt=attempt,
+            num_ranks=spec.resources.world_size,
+            dp=spec.training.parallel.dp,
+            gang=gang,
+            telemetry=self._backend(spec).telemetry(
+                job_name=spec.name,
+                run_dir=run_dir,
+                num_ranks=spec.resources.world_size,
+                attempt=attempt,
+                rank_nodes=rank_nodes,
+                reattach=reattach,
+            ),
+            launched_at=launched_at,
+            stragglers=spec.straggler_config(),
+            hang=spec.hang_config(),
+        )
+
+    def _pick_nodes(
+        self, session: Any, job: Job, spec: TrainingJobSpec, backend: Backend
+    ) -> list[str] | None:
+        """Nodes for the next attempt, avoiding excluded ones (spares take their place)."""
+        want, spares = spec.resources.nodes, spec.resources.spare_nodes
+        excluded = excluded_nodes(session=session, job_id=job.id)
+        nodes = backend.node_slots(nodes=want, spares=spares, excluded=excluded)
+        if nodes is None:
+            states.fail(
+                job,
+                session=session,
+                message=(
+                    f"needs {want} node(s) of {want + spares}, but {', '.join(sorted(excluded))} are excluded"
+                ),
+                reason="NotEnoughNodes",
+            )
+        return nodes
+
+    def _checkpoint_interval(self, session: Any, job: Job, spec: TrainingJobSpec) -> int:
+        """The spec's interval, or `auto`: Young/Daly from the measured save time and the job's failure rate."""
+        policy = spec.checkpoint_policy
+        if policy.interval != "auto":
+            return int(policy.interval)
+        attempts = list_attempts(session=session, job_id=job.id)
+        step_seconds = _median([_mean_step_seconds(a) for a in attempts])
+        save = self._median_save_seconds(session, job)
+        if step_seconds is None or save is None:
+            # Nothing measured yet: the trainer's own setting, within the policy's bounds.
+            steps = spec.training.checkpoint.interval_steps
+            return min(max(steps, policy.min_interval_steps), policy.max_interval_steps)
+        failures = sum(1 for a in attempts if a.failed_at is not None)
+        observed = sum(
+            ((a.ended_at or _dt(self.clock())) - a.started_at).total_seconds()
+            for a in attempts
+            if a.started_at
+        )
+        choice = auto_checkpoint_interval(
+            save_seconds=save,
+            median_step_seconds=step_seconds,
+            num_failures=failures,
+            observed_seconds=observed,
+            policy=spec.checkpoint_interval_policy(),
+        )
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.DECISION,
+            reason=REASON_CHECKPOINT_INTERVAL,
+            message=(
+                f"checkpoint every {choice.steps} steps: sqrt(2 x {save:.2f} s save x {choice.mtbf_seconds:.0f} s "
+                f"MTBF) = {choice.interval_seconds:.0f} s at {step_seconds:.2f} s/step"
+                + (" (clamped)" if choice.clamped else "")
+            ),
+            data={
+                "steps": choice.steps,
+                "optimal_steps": choice.optimal_steps,
+                "interval_seconds": choice.interval_seconds,
+                "mtbf_seconds": choice.mtbf_seconds,
+                "save_seconds": save,
+                "step_seconds": step_seconds,
+                "failures": failures,
+                "observed_seconds": observed,
+            },
+        )
+        return choice.steps
+
+    def _median_save_seconds(self, session: Any, job: Job) -> float | None:
+        from controller.store.models import Checkpoint
+
+        values = session.scalars(
+            select(Checkpoint.save_seconds).where(
+                Checkpoint.job_id == job.id, Checkpoint.save_seconds.is_not(None)
+            )
+        ).all()
+        return _median(list(values))
+
+    def _write_config(
+        self, spec: TrainingJobSpec, run_dir: Path, attempt: int, *, interval: int, resume: Any
+    ) -> Path:
+        """The attempt's training config: the spec's, with the run folder, the job label, the checkpoint interval
+        in effect and the checkpoint to resume from made explicit (the trainer loads exactly that one)."""
+        config = spec.training.model_copy(deep=True)
+        config.run_dir = str(run_dir)
+        config.job_name = spec.name
+        config.checkpoint.interval_steps = interval
+        if resume is None:
+            config.checkpoint.resume = "none"
+            config.checkpoint.resume_step = None
+        else:
+            config.checkpoint.resume = "latest"
+            config.checkpoint.resume_step = resume.step
+        path = run_dir / "vlctl" / f"attempt-{attempt}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+        tmp.replace(path)
+        return path
+
+    # -------------------------------------------------------------------------------------- supervising
+
+    def _supervise(self, job_id: int, spec: TrainingJobSpec) -> None:
+        live = self._live.get(job_id)
+        if live is None:
+            live = self._reattach(job_id, spec)
+            if live is None:
+                return
+            self._live[job_id] = live
+        now = self.clock()
+        codes = live.gang.poll()
+        update = live.telemetry.poll(now)
+        newly_flagged, windows = live.absorb(update)
+        failed_nodes = {n: c for n, c in codes.items() if c is not None and c != 0}
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            if job.phase not in SUPERVISED_PHASES or job.current_attempt != live.attempt:
+                return  # changed under us (cancelled); the next pass lets go
+            self._record_progress(session, job, live, now)
+            self._scan_checkpoints(session, job, spec, live, now)
+            for report in newly_flagged:
+                self._report_straggler(session, job, report)
+            for window in windows:
+                for node in window.nodes:
+                    append_event(
+                        session=session,
+                        job=job,
+                        type=EventType.STRAGGLER,
+                        reason=REASON_NODE_SLOW,
+                        message=(
+                            f"node {node.node} is slow: {len(node.ranks)} of {node.num_ranks} ranks flagged, "
+                            f"{node.slowdown:.2f}x, {node.cause or 'unknown'} ({node.phase or 'no phase'})"
+                        ),
+                        data={
+                            "node": node.node,
+                            "ranks": list(node.ranks),
+                            "slowdown": node.slowdown,
+                            "phase": node.phase,
+                            "cause": node.cause,
+                            "step": window.last_step,
+                        },
+                        attempt=live.attempt,
+                    )
+            if job.phase is Phase.LAUNCHING and live.progress.step is not None:
+                states.mark_running(
+                    job,
+                    session=session,
+                    controller_id=self.id,
+                    message=f"first step {live.progress.step} done",
+                )
+            self._update_goodput(session, job, live, now)
+        ended = bool(codes) and all(c == 0 for c in codes.values())
+        if failed_nodes or ended:
+            self._handle_end(job_id, spec, live, codes=codes, now=now)
+        else:
+            verdict = live.check_hang(now)
+            if verdict.hung:
+                self._handle_hang(job_id, spec, live, verdict, now)
+            elif windows and spec.stragglers.action == "exclude-node" and live.flagged:
+                self._consider_exclusion(job_id, spec, live, now)
+
+    def _reattach(self, job_id: int, spec: TrainingJobSpec) -> LiveAttempt | None:
+        """A job this controller did not launch (or launched before it restarted): find its gang again."""
+        backend = self._backend(spec)
+        run_dir = job_run_dir(spec, self.config.runs_root)
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            attempt = get_current_attempt(session=session, job=job)
+            if attempt is None or attempt.backend_record is None:
+                # Killed between committing the launch and recording the gang: relaunch it, uncounted.
+                reaped = backend.reap(spec.name)
+                states.restart(
+                    job,
+                    session=session,
+                    exit_class=REASON_LAUNCH_INTERRUPTED,
+                    detail=f"the launch was interrupted before its gang was recorded ({reaped} process(es) stopped)",
+                    counts_toward_limit=False,
+                    reason=REASON_LAUNCH_INTERRUPTED,
+                    controller_id=self.id,
+                )
+                return None
+            record, number, started = attempt.backend_record, attempt.number, attempt.started_at
+            nodes = list(attempt.nodes)
+        gang = backend.attach(record)
+        live = self._watch(
+            job_id, spec, gang, number, run_dir, launched_at=started.timestamp(), nodes=nodes, reattach=True
+        )
+        log.info("job %s: re-attached to attempt %d", spec.name, number)
+        return live
+
+    def _record_progress(self, session: Any, job: Job, live: LiveAttempt, now: float) -> None:
+        p = live.progress
+        if p.step is not None and p.step != job.current_step:
+            job.current_step = p.step
+            job.progress_at = _dt(p.last_progress_at or now)
+        job.loss = p.loss
+        job.tokens_per_second = p.tokens_per_second
+        attempt = get_current_attempt(session=session, job=job)
+        if attempt is not None:
+            if p.first_step_at is not None and attempt.first_step_at is None:
+                attempt.first_step_at = _dt(p.first_step_at)
+            if p.step is not None:
+                attempt.last_step = p.step
+            attempt.checkpoint_stall_seconds = live.checkpoint_stall_seconds
+            attempt.straggler_seconds = live.straggler_seconds
+        rows = {r.rank: r for r in session.scalars(select(RankStatus).where(RankStatus.job_id == job.id))}
+        for values in live.rank_rows(live.gang.rank_pids()):
+            row = rows.get(values["rank"])
+            if row is None:
+                row = RankStatus(job_id=job.id, rank=values["rank"])
+                session.add(row)
+            row.attempt = live.attempt
+            row.node = values["node"] or row.node or ""
+            row.pid = values["pid"]
+            row.step = values["step"]
+            last = values["last_progress"]
+            row.last_progress_at = _dt(last) if last is not None else None
+            row.own_work_s = values["own_work_s"]
+            row.step_s = values["step_s"]
+            row.loss = values["loss"]
+            row.straggler_score = values["straggler_score"]
+            row.flagged = values["flagged"]
+            row.updated_at = _dt(now)
+        for rank, row in rows.items():
+            if rank >= live.num_ranks:
+                session.delete(row)
+
+    def _scan_checkpoints(
+        self, session: Any, job: Job, spec: TrainingJobSpec, live: LiveAttempt, now: float
+    ) -> None:
+        if now - self._last_scan.get(job.id, 0.0) < self.config.checkpoint_scan_seconds:
+            return
+        self._last_scan[job.id] = now
+        root = checkpoint_root(spec.training, job_run_dir(spec, self.config.runs_root))
+        sync_checkpoints(
+            session=session, job=job, root=root, attempt=live.attempt, save_seconds=live.stage_seconds_by_step
+        )
+
+    def _report_straggler(self, session: Any, job: Job, report: Any) -> None:
+        ratio = f", {report.ratio:.2f}x its own baseline" if report.ratio is not None else ""
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.STRAGGLER,
+            reason=REASON_STRAGGLER_FLAGGED,
+            message=(
+                f"rank {report.rank} on {report.node} is a straggler: own work {report.own_work_seconds:.3f} s "
+                f"vs {report.reference_seconds:.3f} s ({report.slowdown:.2f}x, score {report.score:.1f}{ratio}) "
+                f"for {report.windows} windows to step {report.step}; cause: {report.cause or 'unknown'} "
+                f"({report.phase or 'no phase times'})"
+            ),
+            data={
+                "rank": report.rank,
+                "node": report.node,
+                "score": report.score,
+                "slowdown": report.slowdown,
+                "ratio": report.ratio,
+                "phase": report.phase,
+                "cause": report.cause,
+                "step": report.step,
+                "windows": report.windows,
+                "node_wide": report.node_wide,
+            },
+            attempt=job.current_attempt,
+        )
+
+    def _consider_exclusion(self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, now: float) -> None:
+        reports = list(live.flagged.values())
+        by_node: dict[str, list[Any]] = {}
+        for r in reports:
+            by_node.setdefault(r.node, []).append(r)
+        node, worst = max(by_node.items(), key=lambda kv: max(r.slowdown for r in kv[1]))
+        slowdown = max(r.slowdown for r in worst) - 1.0
+        p = live.progress
+        if p.step is None or not p.median_step_seconds:
+            return
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            if any(
+                e.data and e.data.get("node") == node
+                for e in session.scalars(
+                    select(Event).where(
+                        Event.job_id == job.id,
+                        Event.reason == REASON_EXCLUDE_DECISION,
+                        Event.attempt == live.attempt,
+                    )
+                )
+            ):
+                return  # decided once per node and attempt
+            spare = spec.resources.spare_nodes > len(excluded_nodes(session=session, job_id=job.id))
+            cost = self._restart_cost(session, job)
+            decision = decide_exclude_node(
+                node=node,
+                slowdown_fraction=max(0.0, slowdown),
+                remaining_steps=max(0, spec.training.training.steps - p.step),
+                step_seconds=p.median_step_seconds / (1 + max(0.0, slowdown)),
+                steps_since_checkpoint=0,  # the graceful stop saves at the current step
+                cost=cost,
+                throughput_after=1.0
+                if spare
+                else (spec.training.parallel.dp - 1) / spec.training.parallel.dp,
+            )
+            if not spare and spec.training.parallel.dp < 2:
+                decision = type(decision)(
+                    False, node, decision.saved_seconds, decision.cost_seconds, decision.numbers,
+                    f"keeping node {node}: no spare node and data parallelism cannot shrink (dp=1)",
+                )  # fmt: skip
+            append_event(
+                session=session,
+                job=job,
+                type=EventType.DECISION,
+                reason=REASON_EXCLUDE_DECISION,
+                message=decision.message,
+                data={"node": node, "exclude": decision.exclude, **decision.numbers},
+                attempt=live.attempt,
+            )
+            if not decision.exclude:
+                return
+            exclude_node(session=session, node=node, reason="Straggler", message=decision.message, job=job)
+        # SIGTERM: the trainer finishes its step and saves, so nothing is recomputed.
+        live.gang.cancel(self.config.cancel_grace_seconds)
+        end = AttemptEnd(
+            ranks=(),
+            last_step=live.progress.step,
+            excluded_node=node,
+        )
+        self._finish(job_id, spec, live, classify(end, spec.failure_rules()), now=self.clock())
+
+    def _restart_cost(self, session: Any, job: Job) -> RestartCost:
+        """Measured on this job's earlier attempts: launch to first step covers teardown, launch and load."""
+        starts = [
+            (a.first_step_at - a.started_at).total_seconds()
+            for a in list_attempts(session=session, job_id=job.id)
+            if a.first_step_at is not None and a.started_at is not None
+        ]
+        launch = _median(starts) or 60.0
+        return RestartCost(
+            teardown_seconds=self.config.cancel_grace_seconds / 2, launch_seconds=launch, load_seconds=0.0
+        )
+
+    def _handle_hang(
+        self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, verdict: Any, now: float
+    ) -> None:
+        stacks = live.gang.dump_stacks()
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            append_event(
+                session=session,
+                job=job,
+                type=EventType.FAILURE,
+                reason=REASON_STACKS_DUMPED,
+                message=f"{verdict.message}; Python stacks of {len(stacks)} rank(s) written to the job's logs",
+                data={"ranks": sorted(stacks), "first_stalled": list(verdict.first_stalled)},
+                attempt=live.attempt,
+            )
+        live.gang.cancel(self.config.cancel_grace_seconds)
+        end = self._attempt_end(live, hang=verdict)
+        failed_at = verdict.since + verdict.threshold_seconds  # when it became a hang by the rule
+        self._finish(
+            job_id, spec, live, classify(end, spec.failure_rules()), now=now, failed_at=min(failed_at, now)
+        )
+
+    def _handle_end(
+        self,
+        job_id: int,
+        spec: TrainingJobSpec,
+        live: LiveAttempt,
+        *,
+        codes: dict[str, int | None],
+        now: float,
+    ) -> None:
+        if any(c is None for c in codes.values()):
+            # One node failed: the others would wait out torchrun's exit barrier, or block in a collective.
+            live.gang.cancel(self.config.cancel_grace_seconds)
+            codes = live.gang.poll()
+        # Whatever the ranks wrote last (a final step, a checkpoint) counts before the verdict.
+        live.absorb(live.telemetry.poll(self.clock()))
+        lost = tuple(n for n, c in codes.items() if c == EXIT_LOST)
+        end = self._attempt_end(live, lost_nodes=lost, codes=codes)
+        self._finish(job_id, spec, live, classify(end, spec.failure_rules()), now=now)
+
+    def _attempt_end(
+        self,
+        live: LiveAttempt,
+        *,
+        hang: Any = None,
+        lost_nodes: tuple[str, ...] = (),
+        codes: Mapping[str, int | None] | None = None,
+    ) -> AttemptEnd:
+        exits: dict[int, RankExit] = {}
+        log_dir = getattr(live.gang, "log_dir", None)
+        for w in live.gang.worker_exits():
+            tail = _tail(log_dir / f"rank-{w.rank}.log") if log_dir is not None else ""
+            state = live.ranks.get(w.rank)
+            exits.setdefault(
+                w.rank,
+                RankExit.from_returncode(
+                    w.rank, w.returncode, node=state.node if state else "", log_tail=tail
+                ),
+            )
+        if codes and not exits:
+            # No summary (an agent killed outright): the node's own status stands for its ranks.
+            for index, (node, code) in enumerate(sorted(codes.items())):
+                if code is not None and code != 0 and code != EXIT_LOST:
+                    exits[index] = RankExit.from_returncode(index, code, node=node)
+        return AttemptEnd(
+            ranks=tuple(exits.values()) if exits else (RankExit(rank=0, exit_code=0),) if codes else (),
+            last_step=live.progress.step,
+            progressed=live.progress.step is not None or live.progress.last_progress_at is not None,
+            hang=hang,
+            lost_nodes=lost_nodes,
+        )
+
+    def _finish(
+        self,
+        job_id: int,
+        spec: TrainingJobSpec,
+        live: LiveAttempt,
+        result: Classification,
+        *,
+        now: float,
+        failed_at: float | None = None,
+    ) -> None:
+        self._live.pop(job_id, None)
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            if job.phase not in SUPERVISED_PHASES or job.current_attempt != live.attempt:
+                return
+            self._record_progress(session, job, live, now)
+            sync_checkpoints(
+                session=session,
+                job=job,
+                root=checkpoint_root(spec.training, job_run_dir(spec, self.config.runs_root)),
+                attempt=live.attempt,
+                save_seconds=live.stage_seconds_by_step,
+            )
+            self._end_attempt(session, job, spec, result, now=now, live=live, failed_at=failed_at)
+            self._update_goodput(session, job, None, now, finished=job.phase in TERMINAL_PHASES)
+
+    def _end_attempt(
+        self,
+        session: Any,
+        job: Job,
+        spec: TrainingJobSpec,
+        result: Classification,
+        *,
+        now: float,
+        live: LiveAttempt | None,
+        failed_at: float | None = None,
+    ) -> None:
+        """Record how the attempt ended and move the job on: succeeded, restarting (with backoff) or failed."""
+        if result.exit_class is ExitClass.SUCCEEDED:
+            states.succeed(job, session=session, controller_id=self.id, now=_dt(now))
+            return
+        attempt = get_current_attempt(session=session, job=job)
+        if attempt is not None:
+            attempt.failed_at = _dt(min(failed_at if failed_at is not None else now, now))
+            attempt.detected_at = _dt(now)
+        detection = now - (failed_at if failed_at is not None else now)
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.FAILURE,
+            reason=result.reason,
+            message=result.message,
+            data={
+                "exit_class": result.reason,
+                "retryable": result.retryable,
+                "counts_toward_limit": result.counts_toward_limit,
+                "step": result.step,
+                "ranks": list(result.ranks),
+                "rule": result.rule,
+                "detection_seconds": detection,
+            },
+            attempt=job.current_attempt,
+            now=_dt(now),
+        )
+        decision = decide_restart(self._history(session, job), spec.restart_policy(), u=self.draw())
+        if decision.restart:
+            states.restart(
+                job,
+                session=session,
+                exit_class=result.reason,
+                detail=decision.message,
+                counts_toward_limit=result.counts_toward_limit,
+                controller_id=self.id,
+                delay_seconds=decision.delay_seconds,
+                now=_dt(now),
+            )
+        else:
+            states.fail(
+                job,
+                session=session,
+                message=decision.message,
+                reason=decision.reason,
+                exit_class=result.reason,
+                controller_id=self.id,
+                now=_dt(now),
+            )
+
+    def _history(self, session: Any, job: Job) -> list[Classification]:
+        """Every attempt's classification since the job was (re)opened, oldest first, from its Failure events."""
+        events = session.scalars(
+            select(Event)
+            .where(Event.job_id == job.id, Event.type.in_([EventType.FAILURE, EventType.PHASE_CHANGED]))
+            .order_by(Event.seq)
+        ).all()
+        history: list[Classification] = []
+        for e in events:
+            if e.type == EventType.PHASE_CHANGED and e.reason == states.REASON_RESUME_REQUESTED:
+                history.clear()
+            elif e.type == EventType.FAILURE and e.data and "exit_class" in e.data:
+                try:
+                    exit_class = ExitClass(e.data["exit_class"])
+                except ValueError:
+                    exit_class = ExitClass.UNKNOWN
+                history.append(
+                    Classification(
+                        exit_class=exit_class,
+                        message=e.message,
+                        retryable=bool(e.data.get("retryable", True)),
+                        counts_toward_limit=bool(e.data.get("counts_toward_limit", True)),
+                        step=e.data.get("step"),
+                    )
+                )
+        return history
+
+    def _update_goodput(
+        self, session: Any, job: Job, live: LiveAttempt | None, now: float, *, finished: bool = False
+    ) -> None:
+        timelines = []
+        for a in list_attempts(session=session, job_id=job.id):
+            failed = _ts(a.failed_at)
+            detected = _ts(a.detected_at) if failed is not None else None
+            if failed is not None and detected is None:
+                detected = failed
+            timelines.append(
+                AttemptTimeline(
+                    launched_at=a.started_at.timestamp(),
+                    first_step_at=_ts(a.first_step_at),
+                    failed_at=failed,
+                    detected_at=detected,
+                    ended_at=_ts(a.ended_at),
+                    resumed_from_step=a.resumed_from_step or 0,
+                    last_step=max(a.last_step, a.resumed_from_step or 0) if a.last_step is not None else None,
+                    checkpoint_stall_seconds=a.checkpoint_stall_seconds,
+                    # One pseudo-window carries the attempt's measured straggler wait.
+                    step_windows=(
+                        StepWindow(
+                            num_steps=1,
+                            median_own_work_seconds=0.0,
+                            slowest_own_work_seconds=a.straggler_seconds,
+                        ),
+                    ),
+                )
+            )
+        end = job.finished_at.timestamp() if finished and job.finished_at else now
+        try:
+            g = compute_goodput(
+                submitted_at=job.created_at.timestamp(),
+                attempts=timelines,
+                now=max(end, job.created_at.timestamp()),
+                finished=finished,
+            )
+        except ValueError as err:  # clocks of different controllers: never let accounting stop the loop
+            log.warning("job %s: goodput not computed: %s", job.name, err)
+            return
+        record_goodput(
+            session=session,
+            job=job,
+            productive_seconds=g.productive_seconds,
+            lost_seconds={str(k): v for k, v in g.lost_by_cause().items()},
+            ettr=min(1.0, max(0.0, g.ettr)),
+        )
+
+
+def _median(values: list[float | None]) -> float | None:
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _mean_step_seconds(a: Attempt) -> float | None:
+    if a.first_step_at is None or a.last_step is None:
+        return None
+    first = a.resumed_from_step or 0
+    steps = a.last_step - first - 1  # the first step's time is before first_step_at
+    end = a.failed_at or a.ended_at
+    if steps < 1 or end is None:
+        return None
+    return max(0.0, (end - a.first_step_at).total_seconds()) / steps
+
+
+def _tail(path: Path, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,163 @@
+"""One running attempt as the controller watches it: its gang, its telemetry, and what they say.
+
+`LiveAttempt` is the in-memory side of a job in launching/running: the backend's handle, the telemetry source,
+the straggler detector, and the few numbers the loop needs between passes (first step time, checkpoint stalls,
+stragglers already reported). Everything here can be rebuilt from the store and the ranks' own records, which
+is what a restarted controller does (`LiveAttempt` is created again from the attempt's backend record and the
+telemetry is re-read): losing this object loses nothing but a few seconds of straggler evidence.
+
+Decisions:
+
+- The straggler detector is fed every step sample the source reports; a rank is reported once when it is
+  flagged (an event), then carried in `flagged` until a window clears it, so the timeline is not flooded.
+- Step progress for status (step, loss, tokens/s) is the slowest rank's step and the mean loss over ranks at
+  that step; tokens/s is the rate of rank 0's token counters over the last steps times the data-parallel size
+  (rank 0 sees every token of its replica whatever the tensor and pipeline split; other ranks of the replica
+  see the same tokens and must not be added).
+- Time blocked by checkpoints is the `stage` operation (the synchronous part of an async save, the whole save
+  when synchronous) on rank 0: ranks stage together, and counting one rank keeps the sum honest.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.backends.base import GangHandle
+from controller.hangs import HangConfig, HangVerdict, RankProgress, detect_hang
+from controller.ingest import TelemetrySource, TelemetryUpdate
+from controller.stragglers import StragglerConfig, StragglerDetector, StragglerReport, WindowResult
+
+RECENT_STEPS = 50  # step times kept for the median (hang threshold, ETA)
+
+
+@dataclass(kw_only=True)
+class Progress:
+    step: int | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    median_step_seconds: float | None = None
+    first_step_at: float | None = None  # unix seconds: the attempt's first completed step
+    last_progress_at: float | None = None
+
+
+@dataclass(kw_only=True)
+class LiveAttempt:
+    job_id: int
+    job_name: str
+    attempt: int
+    num_ranks: int
+    dp: int  # data-parallel replicas: rank 0 counts the tokens of one of them
+    gang: GangHandle
+    telemetry: TelemetrySource
+    launched_at: float  # unix seconds
+    stragglers: StragglerConfig
+    hang: HangConfig
+    progress: Progress = field(default_factory=Progress)
+    flagged: dict[int, StragglerReport] = field(default_factory=dict)  # rank -> its newest report
+    checkpoint_stall_seconds: float = 0.0
+    straggler_seconds: float = 0.0
+    stage_seconds_by_step: dict[int, float] = field(default_factory=dict)
+    ranks: dict[int, Any] = field(default_factory=dict)  # rank -> the source's newest RankState
+    _detector: StragglerDetector | None = None
+    _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    _tokens: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+
+    def __post_init__(self) -> None:
+        self._detector = StragglerDetector(self.stragglers, num_ranks=self.num_ranks)
+
+    @property
+    def scores(self) -> dict[int, float]:
+        assert self._detector is not None
+        return {r: float(v) for r, v in enumerate(self._detector.scores) if v == v}  # NaN: not evaluated
+
+    def absorb(self, update: TelemetryUpdate) -> tuple[list[StragglerReport], list[WindowResult]]:
+        """Take one poll's telemetry in; returns the ranks newly flagged and the windows that closed."""
+        assert self._detector is not None
+        self.ranks.update(update.ranks)
+        for op in update.checkpoint_ops:
+            if op.operation == "stage" and op.rank == 0:
+                self.checkpoint_stall_seconds += op.seconds
+                self.stage_seconds_by_step[op.step] = op.seconds
+        for sample in update.steps:
+            if sample.rank == 0 and sample.wall_seconds is not None:
+                self._step_times.append(sample.wall_seconds)
+        windows = self._detector.observe_samples(update.steps) if update.steps else []
+        newly: list[StragglerReport] = []
+        for window in windows:
+            current = {r.rank: r for r in window.stragglers}
+            newly.extend(r for rank, r in current.items() if rank not in self.flagged)
+            self.flagged = current
+            if current:
+                slowest = max(r.own_work_seconds for r in current.values())
+                steps = window.last_step - window.first_step + 1
+                self.straggler_seconds += steps * max(0.0, slowest - window.median_seconds)
+        self._update_progress(update)
+        return newly, windows
+
+    def _update_progress(self, update: TelemetryUpdate) -> None:
+        p = self.progress
+        steps = [s.step for s in self.ranks.values() if s.step is not None]
+        if steps:
+            # Telemetry numbers a step by its index (0 for the first); progress counts steps done, like the
+            # trainer's checkpoint steps and `training.steps`.
+            p.step = min(steps) + 1
+            losses = [s.loss for s in self.ranks.values() if s.step == p.step and s.loss is not None]
+            p.loss = statistics.fmean(losses) if losses else p.loss
+        progress = [s.last_progress for s in self.ranks.values() if s.last_progress is not None]
+        if progress:
+            p.last_progress_at = max(progress)
+        if p.first_step_at is None:
+            firsts = [s.time for s in update.steps if getattr(s, "time", None) is not None]
+            if update.steps:
+                p.first_step_at = min(firsts) if firsts else p.last_progress_at
+        if self._step_times:
+            p.median_step_seconds = statistics.median(self._step_times)
+        rank0 = self.ranks.get(0)
+        if rank0 is not None and rank0.last_progress is not None:
+            tokens = (rank0.text_tokens_total or 0.0) + (rank0.vision_tokens_total or 0.0)
+            if not self._tokens or self._tokens[-1][0] != rank0.last_progress:
+                self._tokens.append((rank0.last_progress, tokens))
+            if len(self._tokens) >= 2:
+                (t0, n0), (t1, n1) = self._tokens[0], self._tokens[-1]
+                if t1 > t0:
+                    p.tokens_per_second = (n1 - n0) / (t1 - t0) * self.dp
+
+    def check_hang(self, now: float) -> HangVerdict:
+        ranks = [
+            RankProgress(
+                rank=r,
+                node=s.node,
+                step=s.step,
+                last_progress=s.last_progress,
+                process_start=s.process_start,
+            )
+            for r, s in sorted(self.ranks.items())
+        ]
+        return detect_hang(
+            ranks,
+            now=now,
+            launched_at=self.launched_at,
+            median_step_seconds=self.progress.median_step_seconds,
+            config=self.hang,
+        )
+
+    def rank_rows(self, pids: dict[int, int]) -> Iterable[dict[str, Any]]:
+        scores = self.scores
+        for rank in range(self.num_ranks):
+            s = self.ranks.get(rank)
+            yield {
+                "rank": rank,
+                "node": s.node if s is not None else "",
+                "pid": pids.get(rank, s.pid if s is not None else None),
+                "step": s.step if s is not None else None,
+                "last_progress": s.last_progress if s is not None else None,
+                "own_work_s": s.own_work_seconds if s is not None else None,
+                "step_s": s.step_seconds if s is not None else None,
+                "loss": s.loss if s is not None else None,
+                "straggler_score": scores.get(rank),
+                "flagged": rank in self.flagged,
+            }
