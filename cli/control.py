@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from controller.backends.local import LocalBackend
+from controller.backends.local import LocalBackend, LocalBackendConfig
 from controller.domain import states
 from controller.domain.phases import TERMINAL_PHASES, Phase
 from controller.reconciler import Controller, ControllerConfig, default_controller_id
@@ -34,13 +34,24 @@ from .output import OutputFormat, emit, stderr
 EXIT_INTERRUPTED = 130
 
 
-def _controller(db, *, poll_seconds: float, controller_id: str | None, runs_root: Path | None) -> Controller:
+def _controller(
+    db,
+    *,
+    poll_seconds: float,
+    controller_id: str | None,
+    runs_root: Path | None,
+    trainer_module: str = "trainer.train",
+) -> Controller:
     config = ControllerConfig(poll_seconds=poll_seconds)
     if controller_id:
         config.controller_id = controller_id
     if runs_root is not None:
         config.runs_root = runs_root
-    return Controller(db, backends={"local": LocalBackend()}, config=config)
+    try:
+        local = LocalBackend(LocalBackendConfig(module=trainer_module))
+    except ValueError as err:
+        raise CliError(f"--trainer-module: {err}", EXIT_USER_ERROR) from None
+    return Controller(db, backends={"local": local}, config=config)
 
 
 def controller(
@@ -55,13 +66,22 @@ def controller(
     runs_root: Annotated[
         Path | None, typer.Option(help="run folders of jobs with a relative run_dir")
     ] = None,
+    trainer_module: Annotated[
+        str, typer.Option(help="what each rank runs with the attempt's config (local backend)")
+    ] = "trainer.train",
 ) -> None:
     """Run the reconcile loop: launch pending jobs, supervise running ones, restart failed ones."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with store() as db:
-        ctl = _controller(db, poll_seconds=poll_seconds, controller_id=controller_id, runs_root=runs_root)
+        ctl = _controller(
+            db,
+            poll_seconds=poll_seconds,
+            controller_id=controller_id,
+            runs_root=runs_root,
+            trainer_module=trainer_module,
+        )
         server = _serve_metrics(db, metrics_host, metrics_port)
         stderr.print(
             f"controller {ctl.id} reconciling every {poll_seconds:g} s"

@@ -86,7 +86,7 @@ class JobRun:
 
     # ------------------------------------------------------------------------------------ the controller
 
-    def start_controller(self, controller_id: str = "ctl-test") -> None:
+    def start_controller(self, controller_id: str = "ctl-test", *, trainer_module: str = "trainer.train") -> None:
         log = open(self.root / f"controller-{controller_id}.log", "ab")  # noqa: SIM115 - closed with the process
         self.controller = subprocess.Popen(
             [
@@ -102,6 +102,8 @@ class JobRun:
                 "0",
                 "--runs-root",
                 str(self.root / "runs"),
+                "--trainer-module",
+                trainer_module,
             ],
             cwd=REPO,
             env=self.env,
