@@ -41,6 +41,7 @@ def _controller(
     controller_id: str | None,
     runs_root: Path | None,
     trainer_module: str = "trainer.train",
+    env: dict[str, str] | None = None,
 ) -> Controller:
     config = ControllerConfig(poll_seconds=poll_seconds)
     if controller_id:
@@ -51,7 +52,7 @@ def _controller(
         local = LocalBackend(LocalBackendConfig(module=trainer_module))
     except ValueError as err:
         raise CliError(f"--trainer-module: {err}", EXIT_USER_ERROR) from None
-    return Controller(db, backends={"local": local}, config=config)
+    return Controller(db, backends={"local": local}, config=config, env=env)
 
 
 def controller(
@@ -147,8 +148,11 @@ def supervise(
     live: bool = True,
     controller_id: str | None = None,
     on_pass=None,
+    env: dict[str, str] | None = None,
+    progress=None,
 ) -> Phase:
-    """Run a controller until job `name` ends, showing it live; Ctrl-C cancels the job. Returns its phase."""
+    """Run a controller until job `name` ends, showing it live (or calling `progress` with each snapshot when not
+    live); Ctrl-C cancels the job. `on_pass` sees every snapshot too. Returns the job's phase."""
     from rich.live import Live
 
     ctl = _controller(
@@ -156,6 +160,7 @@ def supervise(
         poll_seconds=poll_seconds,
         controller_id=controller_id or f"{default_controller_id()}-run",
         runs_root=runs_root,
+        env=env,
     )
     stop = threading.Event()
     phase: list[Phase] = [Phase.PENDING]
@@ -170,6 +175,8 @@ def supervise(
             view.update(render_snapshot(snapshot))
         if on_pass is not None:
             on_pass(snapshot)
+        if progress is not None:
+            progress(snapshot)
         if phase[0] in TERMINAL_PHASES:
             stop.set()
 

@@ -61,10 +61,10 @@ def root(
 
 @app.command()
 def demo(
-    out: Annotated[str, typer.Option(help="folder for the demo's files")] = "runs/demo",
+    out: Annotated[str, typer.Option(help="folder for the demo's data, run, logs and store")] = "runs/demo",
 ) -> None:
-    """The main demo: build the demo model, fit it to a synthetic grounding sample, save it in the Hugging Face
-    format, reload it and ask it about the image."""
+    """The main demo: train the mini Qwen2-VL as a 2-node job under the controller, kill a rank and watch it
+    resume from the newest checkpoint, slow a rank and watch it flagged, then a summary (a few minutes)."""
     from .demo import run_demo
 
     run_demo(out)

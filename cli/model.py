@@ -78,3 +78,19 @@ def generate(
         dtype,
     )
     emit(result, output, lambda r: r["text"])
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="folder for the demo's files")] = "runs/model-demo",
+) -> None:
+    """The model alone: build the demo model, fit it to a synthetic grounding sample, save it in the Hugging
+    Face format, reload it and ask it about the image (about a minute)."""
+    import subprocess
+    import sys
+
+    from .errors import EXIT_FAILURE, CliError
+
+    code = subprocess.call([sys.executable, "-m", "trainer.model_demo", "--out", out])
+    if code != 0:
+        raise CliError(f"model demo failed with exit code {code}; see the output above", EXIT_FAILURE)

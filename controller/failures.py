@@ -364,7 +364,9 @@ def describe(exits: Sequence[RankExit]) -> str:
         elif first.exit_code == EXIT_USER_ERROR:
             how += " (invalid configuration)"
     text = f"rank {first.rank}{where} {how}"
-    if line := last_line(first.log_tail):
+    # A process killed by a signal wrote nothing about it: its log's last line is unrelated (an OOM aside).
+    line = last_line(first.log_tail)
+    if line and (sig is None or OOM_LOG_PATTERN.search(line)):
         text += f": {line}"
     if len(exits) > 1:
         text += f"; {len(exits) - 1} more rank{'s' if len(exits) > 2 else ''} failed"

@@ -727,7 +727,11 @@ class Controller:
         live.absorb(live.telemetry.poll(self.clock()))
         lost = tuple(n for n, c in codes.items() if c == EXIT_LOST)
         end = self._attempt_end(live, lost_nodes=lost, codes=codes)
-        self._finish(job_id, spec, live, classify(end, spec.failure_rules()), now=now)
+        result = classify(end, spec.failure_rules())
+        # When the first rank died, as its agent recorded it (whole seconds): the detection latency's start.
+        died = [w.time for w in live.gang.worker_exits() if w.root_cause and w.time is not None]
+        failed_at = min(died[0], now) if died and result.exit_class is not ExitClass.SUCCEEDED else None
+        self._finish(job_id, spec, live, result, now=now, failed_at=failed_at)
 
     def _attempt_end(
         self,

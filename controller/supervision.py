@@ -105,7 +105,7 @@ class LiveAttempt:
             # Telemetry numbers a step by its index (0 for the first); progress counts steps done, like the
             # trainer's checkpoint steps and `training.steps`.
             p.step = min(steps) + 1
-            losses = [s.loss for s in self.ranks.values() if s.step == p.step and s.loss is not None]
+            losses = [s.loss for s in self.ranks.values() if s.step == min(steps) and s.loss is not None]
             p.loss = statistics.fmean(losses) if losses else p.loss
         progress = [s.last_progress for s in self.ranks.values() if s.last_progress is not None]
         if progress:

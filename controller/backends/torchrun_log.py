@@ -11,6 +11,7 @@ killed before printing) yields no rank exits.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class WorkerExit:
     returncode: int  # Popen style: -N killed by signal N
     pid: int
     root_cause: bool  # the agent saw this worker fail first
+    time: float | None = None  # unix seconds the agent recorded (1 s resolution, the agent's local time)
 
 
 def parse_failures(text: str) -> list[WorkerExit]:
@@ -43,16 +45,25 @@ def parse_failures(text: str) -> list[WorkerExit]:
         if rank is None or code is None:
             continue
         offset = summary.find(block)
+        when = _TIME.search(block)
         exit_ = WorkerExit(
             rank=int(rank.group(1)),
             local_rank=int(rank.group(2)),
             returncode=int(code.group(1)),
             pid=int(code.group(2)),
             root_cause=root_at >= 0 and offset > root_at,
+            time=_parse_time(when.group(1)) if when else None,
         )
         if exit_.rank not in exits or exit_.root_cause:
             exits[exit_.rank] = exit_
     return sorted(exits.values(), key=lambda e: (not e.root_cause, e.rank))
+
+
+def _parse_time(text: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%d_%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def read_failures(agent_log: Path) -> list[WorkerExit]:
