@@ -251,7 +251,9 @@ class Controller:
                     session=session, job=job, root=root, from_step=job.resume_from_step
                 )
             except NoSuchCheckpoint as err:
-                states.fail(job, session=session, message=str(err), reason=REASON_LAUNCH_FAILED)
+                states.fail(
+                    job, session=session, message=str(err), reason=REASON_LAUNCH_FAILED, now=_dt(now)
+                )
                 return
             interval = self._checkpoint_interval(session, job, spec)
             excluded = sorted(excluded_nodes(session=session, job_id=job.id))
@@ -361,6 +363,7 @@ class Controller:
                     f"needs {want} node(s) of {want + spares}, but {', '.join(sorted(excluded))} are excluded"
                 ),
                 reason="NotEnoughNodes",
+                now=_dt(self.clock()),
             )
         return nodes
 
@@ -494,6 +497,7 @@ class Controller:
                     session=session,
                     controller_id=self.id,
                     message=f"first step {live.progress.step} done",
+                    now=_dt(now),
                 )
             self._update_goodput(session, job, live, now)
         ended = bool(codes) and all(c == 0 for c in codes.values())
@@ -525,6 +529,7 @@ class Controller:
                     counts_toward_limit=False,
                     reason=REASON_LAUNCH_INTERRUPTED,
                     controller_id=self.id,
+                    now=_dt(self.clock()),
                 )
                 return None
             record, number, started = attempt.backend_record, attempt.number, attempt.started_at
@@ -831,6 +836,8 @@ class Controller:
             now=_dt(now),
         )
         decision = decide_restart(self._history(session, job), spec.restart_policy(), u=self.draw())
+        # The attempt ends when its processes are gone: after the teardown, later than the detection (`now`).
+        ended = _dt(max(now, self.clock()))
         if decision.restart:
             states.restart(
                 job,
@@ -840,7 +847,7 @@ class Controller:
                 counts_toward_limit=result.counts_toward_limit,
                 controller_id=self.id,
                 delay_seconds=decision.delay_seconds,
-                now=_dt(now),
+                now=ended,
             )
         else:
             states.fail(
@@ -850,7 +857,7 @@ class Controller:
                 reason=decision.reason,
                 exit_class=result.reason,
                 controller_id=self.id,
-                now=_dt(now),
+                now=ended,
             )
 
     def _history(self, session: Any, job: Job) -> list[Classification]:

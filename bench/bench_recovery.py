@@ -1,0 +1,216 @@
+"""Claim: after a rank dies, the job is training again within 1.5x the time a cold start from the same
+checkpoint takes (the floor), measured in the same run.
+
+The job: the mini Qwen2-VL on synthetic data, 2 local nodes x 1 rank (data-parallel), a checkpoint every 4
+steps, supervised by the controller (in this process, polling every 0.3 s). Each repetition:
+
+* recovery: a fresh job; once it has committed the checkpoint at step 4 and finished step 5, rank 1 gets
+  SIGKILL. From the kill to the first step the next attempt completes, split into
+  - detection: kill -> the controller's Failure event,
+  - teardown: -> the attempt's end (the surviving ranks stopped) plus the restart backoff -> the new launch,
+  - launch: -> the trainer ready to load (the checkpoint load begins),
+  - load: the checkpoint load (the trainer's own measurement),
+  - first step: load done -> the first step completed.
+* floor: a fresh job whose checkpoint folder holds a copy of that same step-4 checkpoint, started cold: from
+  its launch to its first completed step (launch + load + first step), nothing failed.
+
+`ratio` = recovery / floor, the median over repetitions.
+
+    .venv/bin/python -m bench.bench_recovery [--quick] [--reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from controller.backends.local import LocalBackend
+from controller.reconciler import Controller, ControllerConfig
+from controller.spec import parse_spec
+from controller.store import migrate
+from controller.store.models import RankStatus
+from controller.store.repo import create_job, get_job, list_events
+from controller.store.session import StoreConfig, open_store
+from trainer.data import synthetic
+
+TARGET_RATIO = 1.5
+CHECKPOINT_STEP = 4
+
+
+def _spec(name: str, data: Path, cache: Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "resources": {"nodes": 2, "procs_per_node": 1},
+        "training": {
+            "model": {"name": "mini"},
+            "data": {
+                "paths": sorted(str(p) for p in (data / "train").glob("*.jsonl")),
+                "row_len": 256,
+                "rows_per_step": 4,
+                "micro_batch_rows": 1,
+                "num_workers": 0,
+                "cache_dir": str(cache),
+            },
+            "parallel": {"dp": 2},
+            "training": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
+            "checkpoint": {"interval_steps": CHECKPOINT_STEP},
+        },
+        "checkpoint_policy": {"interval": CHECKPOINT_STEP, "min_interval_steps": 1},
+        "fault_tolerance": {
+            "backoff_base_seconds": 0.1,
+            "backoff_max_seconds": 0.2,
+            "hang_timeout_seconds": 300,
+        },
+    }
+
+
+class Harness:
+    def __init__(self, root: Path):
+        self.root = root
+        self.db = open_store(StoreConfig(url=f"sqlite:///{root / 'vlctl.db'}"))
+        migrate.upgrade(self.db)
+        config = ControllerConfig(poll_seconds=0.3, runs_root=root / "runs", controller_id="bench")
+        self.controller = Controller(self.db, backends={"local": LocalBackend()}, config=config)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.controller.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        self.controller.shutdown(stop_jobs=True)
+        self.db.dispose()
+
+    def submit(self, spec: dict[str, Any]) -> None:
+        with self.db.transaction() as session:
+            create_job(session=session, name=spec["name"], spec=parse_spec(spec).model_dump(mode="json"))
+
+    def job(self, name: str):
+        with self.db.read() as session:
+            job = get_job(session=session, name=name)
+            events = list_events(session=session, job_id=job.id)
+            ranks = {r.rank: r.pid for r in session.query(RankStatus).filter(RankStatus.job_id == job.id)}
+            return job, events, ranks
+
+    def wait(self, check, timeout: float = 600) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if value := check():
+                return value
+            time.sleep(0.01)
+        raise TimeoutError("benchmark job did not get there in time")
+
+
+def _lines(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics-rank0.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _restart_timeline(run_dir: Path, attempt: int) -> tuple[float, float, float]:
+    """(load started, load ended, first step ended) of `attempt`, unix seconds, from rank 0's JSONL."""
+    lines = [x for x in _lines(run_dir) if x.get("attempt") == attempt]
+    load = next(x for x in lines if "checkpoint_seconds/load" in x)
+    first = next(x for x in lines if "step_seconds" in x)
+    return load["time"] - load["checkpoint_seconds/load"], load["time"], first["time"]
+
+
+def recovery(h: Harness, name: str, data: Path, cache: Path) -> dict[str, float]:
+    h.submit(_spec(name, data, cache))
+    run_dir = h.root / "runs" / name
+    checkpoint = run_dir / "checkpoints" / f"step-{CHECKPOINT_STEP:08d}"
+
+    def ready():
+        job, _, ranks = h.job(name)
+        return (job.current_step or 0) >= CHECKPOINT_STEP + 1 and checkpoint.exists() and ranks.get(1)
+
+    pid = h.wait(ready)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    h.wait(lambda: str(h.job(name)[0].phase) in ("succeeded", "failed"))
+    _, events, _ = h.job(name)
+    failure = next(e for e in events if e.type == "Failure")
+    restarting = next(e for e in events if e.type == "PhaseChanged" and e.data.get("to") == "restarting")
+    launched = [e for e in events if e.type == "PhaseChanged" and e.data.get("to") == "launching"][1]
+    load_start, load_end, first = _restart_timeline(run_dir, attempt=2)
+    parts = {
+        "detection": failure.time.timestamp() - killed,
+        "teardown": restarting.time.timestamp() - failure.time.timestamp(),
+        "backoff": launched.time.timestamp() - restarting.time.timestamp(),
+        "launch": load_start - launched.time.timestamp(),
+        "load": load_end - load_start,
+        "first_step": first - load_end,
+    }
+    parts["total"] = first - killed
+    return parts
+
+
+def floor(h: Harness, name: str, source: Path, data: Path, cache: Path) -> dict[str, float]:
+    """A cold start of the same job from a copy of the same checkpoint."""
+    spec = _spec(name, data, cache)
+    target = h.root / "runs" / name / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(source, target / source.name)
+    h.submit(spec)
+    h.wait(lambda: str(h.job(name)[0].phase) in ("succeeded", "failed"))
+    _, events, _ = h.job(name)
+    launched = next(e for e in events if e.type == "PhaseChanged" and e.data.get("to") == "launching")
+    assert launched.data.get("resume_from_step") == CHECKPOINT_STEP, launched.data
+    load_start, load_end, first = _restart_timeline(h.root / "runs" / name, attempt=1)
+    return {
+        "launch": load_start - launched.time.timestamp(),
+        "load": load_end - load_start,
+        "first_step": first - load_end,
+        "total": first - launched.time.timestamp(),
+    }
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_recovery")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args(argv)
+    reps = args.reps or (1 if args.quick else 3)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory(prefix="vlctl-bench-recovery-") as tmp:
+        root = Path(tmp)
+        data, cache = root / "data", root / "cache"
+        synthetic.generate(str(data), seed=0, num_images=24, num_videos=4, num_texts=12)
+        h = Harness(root)
+        rows = []
+        try:
+            for i in range(reps):
+                # Interleaved, so both see the same machine load.
+                rec = recovery(h, f"recover-{i}", data, cache)
+                source = h.root / "runs" / f"recover-{i}" / "checkpoints" / f"step-{CHECKPOINT_STEP:08d}"
+                cold = floor(h, f"floor-{i}", source, data, cache)
+                rows.append({"recovery": rec, "floor": cold, "ratio": rec["total"] / cold["total"]})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        finally:
+            h.close()
+    ratio = statistics.median(r["ratio"] for r in rows)
+
+    def median(kind: str, key: str) -> float:
+        return statistics.median(r[kind][key] for r in rows)
+
+    return {
+        "ratio": ratio,
+        "target": TARGET_RATIO,
+        "met": ratio <= TARGET_RATIO,
+        "recovery_seconds": {k: median("recovery", k) for k in rows[0]["recovery"]},
+        "floor_seconds": {k: median("floor", k) for k in rows[0]["floor"]},
+        "reps": reps,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:]), indent=1))
