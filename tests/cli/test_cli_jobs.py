@@ -102,14 +102,28 @@ def test_submit_list_status_events_cancel():
     assert timeline[0]["type"] == "Submitted" and timeline[-1]["type"] == "PhaseChanged"
 
 
-def test_invalid_spec_exits_2_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("resources", "nodes"), 3, "training.parallel: dp x tp x pp = 2 x 1 x 1 = 2 must equal"),
+        (("resources", "procs_per_node"), "two", "resources.procs_per_node: Input should be a valid integer"),
+        (("name",), "Local_Demo", "name: 'Local_Demo' is not a DNS-1123 label"),
+        (("training", "model", "name"), "13b", "training.model.name: unknown preset '13b'"),
+    ],
+    ids=["gang-size", "wrong-type", "not-dns-1123", "unknown-preset"],
+)
+@pytest.mark.parametrize("command", ["submit", "run"])
+def test_invalid_spec_exits_2_with_the_field_and_writes_nothing(tmp_path, path, value, message, command):
     spec = yaml.safe_load(EXAMPLE.read_text())
-    spec["resources"]["nodes"] = 3  # dp x tp x pp = 2 does not match 3 x 1
+    node = spec
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(spec))
-    result = run("submit", str(bad))
+    result = run(command, str(bad))
     assert result.exit_code == 2
-    assert "training.parallel: dp x tp x pp = 2 x 1 x 1 = 2 must equal" in result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert json.loads(run("list", "-o", "json").stdout) == []
 
 
