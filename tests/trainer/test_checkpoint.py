@@ -1,5 +1,6 @@
 """Checkpoints in one process: round trip of every content kind, the commit protocol and "latest valid",
-corruption fallback, retention, asynchronous saving, LocalChunk pieces, object stores (fsspec memory:// and S3
+corruption fallback, retention, asynchronous saving and its staging buffers, views of flat buffers, LocalChunk
+pieces, object stores (fsspec memory:// and S3
 over HTTP), export to a Hugging Face directory, and the torch-free contract."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from trainer.checkpoint import (
 )
 from trainer.checkpoint import storage as storage_module
 from trainer.checkpoint.export import export_hf
+from trainer.checkpoint.staging import Stager, trim_storage
 from trainer.models.qwen2_vl import Qwen2VL, from_pretrained, preset
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process on purpose
@@ -223,6 +226,119 @@ def test_a_failed_async_save_commits_nothing_and_raises_on_wait(tmp_path, monkey
     with pytest.raises(CheckpointError, match="No space left"):
         ckpt.wait()
     assert list_checkpoints(str(tmp_path)) == []
+    ckpt.save(2, model=model, optimizer=optimizer, tokens_seen=20)
+    with pytest.raises(CheckpointError, match="step 2 was not saved: .*No space left"):
+        ckpt.save(3, model=model, optimizer=optimizer, tokens_seen=30)  # the next save reports it too
+    assert list_checkpoints(str(tmp_path)) == []
+
+
+def test_a_save_waits_for_the_one_in_flight(tmp_path, monkeypatch):
+    # Staging reuses the buffers the save in flight is writing from: staging step 2 before step 1 is written
+    # would put step 2's values into step 1.
+    release, writing = threading.Event(), threading.Event()
+    original = storage_module.CheckpointStore.dcp_writer
+
+    def held_dcp_writer(self, *args, **kwargs):
+        if not release.is_set():
+            writing.set()
+            assert release.wait(timeout=60)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(storage_module.CheckpointStore, "dcp_writer", held_dcp_writer)
+    ckpt = checkpointer(tmp_path, async_save=True)
+    ckpt.save(1, model=state(1)[0], optimizer=state(1)[1], tokens_seen=1)
+    assert writing.wait(timeout=60)  # step 1 is in flight and has written no shard yet
+    model2, optimizer2 = state(2)
+    second = threading.Thread(
+        target=ckpt.save, args=(2,), kwargs={"model": model2, "optimizer": optimizer2, "tokens_seen": 2}
+    )
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # waiting for step 1
+    release.set()
+    second.join(timeout=60)
+    ckpt.close()
+    for step in (1, 2):
+        model, optimizer = zeros_like(state(step)[0]), zeros_like(state(step)[1])
+        assert checkpointer(tmp_path).load(model=model, optimizer=optimizer, step=step).step == step
+        assert torch.equal(model["layer.weight"], state(step)[0]["layer.weight"])
+        assert torch.equal(optimizer["flat.exp_avg"], state(step)[1]["flat.exp_avg"])
+
+
+def test_staging_copies_every_kind_into_buffers_reused_by_the_next_save():
+    flat = torch.randn(30)
+
+    def live(offset: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+        """What the runtime hands over: fresh LocalChunk wrappers around views of a flat buffer, every time."""
+        chunks = {f"p{i}.exp_avg": LocalChunk(flat[i * 10 : (i + 1) * 10], (10 + offset,), (offset,))
+                  for i in range(3)}  # fmt: skip
+        return {"model": dict(model), "optimizer": chunks}
+
+    model = {
+        "bf16": torch.randn(4, 3).bfloat16(),
+        "transposed": torch.randn(3, 5).t(),  # not contiguous
+        "scalar": torch.tensor(7),
+        "empty": torch.zeros(0, 4),
+        "conjugate": torch.randn(3, dtype=torch.cfloat).conj(),  # a lazy view: its bytes are not its values
+    }
+
+    def check(staged: dict, state_: dict) -> None:
+        assert staged.keys() == state_.keys()
+        for group, tensors in state_.items():
+            assert staged[group].keys() == tensors.keys()
+            for name, want in tensors.items():
+                got = staged[group][name]
+                if isinstance(want, LocalChunk):
+                    assert isinstance(got, LocalChunk) and got.offsets == want.offsets, name
+                    assert got.shape == want.shape, name
+                    got, want = got.local, want.local
+                assert got.dtype == want.dtype and torch.equal(got, want), name
+
+    stager = Stager()
+    first = stager.stage(live())
+    check(first, live())
+    snapshot = {k: v.local.clone() for k, v in first["optimizer"].items()}
+    flat.add_(1.0)  # the next step updates the state in place: the staged copy keeps the old values
+    assert all(torch.equal(first["optimizer"][k].local, v) for k, v in snapshot.items())
+
+    second = stager.stage(live())
+    check(second, live())
+    for group in first:  # the same buffers (and wrappers, the placement being the same) as the first save
+        assert all(second[group][name] is first[group][name] for name in first[group])
+
+    model["bf16"] = torch.randn(5, 3).bfloat16()  # a new shape: a new buffer
+    dropped = weakref.ref(first["model"].pop("empty"))
+    del model["empty"]
+    third = stager.stage(live(offset=4))  # a new placement: the same buffers, re-wrapped
+    check(third, live(offset=4))
+    assert third["model"]["bf16"] is not second["model"]["bf16"]
+    assert third["optimizer"]["p0.exp_avg"].local is second["optimizer"]["p0.exp_avg"].local
+    del second
+    assert dropped() is None  # a tensor the state no longer has keeps no buffer
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_views_of_flat_buffers_are_written_alone_and_restored_exactly(tmp_path, async_save):
+    # ZeRO-1 optimizer state: every fragment is a view of one flat buffer per moment.
+    flat = torch.randn(3000)
+
+    def fragments(buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            f"p{i}.exp_avg": LocalChunk(buffer[i * 1000 : (i + 1) * 1000], (1000,), (0,)) for i in range(3)
+        }
+
+    trimmed = trim_storage({"optimizer": fragments(flat)})["optimizer"]["p1.exp_avg"].local
+    assert trimmed.data_ptr() == flat[1000:].data_ptr()  # the same memory, not a copy
+    assert trimmed.untyped_storage().nbytes() == trimmed.nbytes == 4000
+
+    ckpt = checkpointer(tmp_path, async_save=async_save)
+    ckpt.save(1, model={"w": flat[10:20]}, optimizer=fragments(flat), tokens_seen=0)
+    ckpt.close()
+    shards = sum(p.stat().st_size for p in (tmp_path / "step-00000001").glob("*.distcp"))
+    assert flat.nbytes < shards < 2 * flat.nbytes  # each view alone, not the 12 KB buffer under each of them
+    target, model = torch.zeros(3000), {"w": torch.zeros(10)}
+    checkpointer(tmp_path).load(model=model, optimizer=fragments(target))
+    assert torch.equal(target, flat) and torch.equal(model["w"], flat[10:20])
 
 
 def test_bad_state_is_refused_at_save_naming_it(tmp_path):

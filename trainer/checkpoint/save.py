@@ -38,7 +38,8 @@ Decisions:
   the state is copied to CPU (see staging.py); the writes, checksums, manifest and commit run in one
   background thread. A failed save raises CheckpointError from the next save(), wait() or close(): a run that
   cannot checkpoint should stop, and the controller resumes it from the last committed step.
-* Sync saves write straight from the live tensors (no staging copy).
+* Sync saves write straight from the live tensors (no staging copy; views are re-seated so that DCP does not
+  clone them either, see staging.py).
 * The commit decision is rank 0's after a gather: every rank reports its files with sizes and CRC-32s or its
   error; rank 0 writes meta.json, then the manifest, then commits, and broadcasts the outcome. A rank that
   dies mid-save fails the gather (gloo notices the closed connection, or the group timeout fires), so
@@ -61,7 +62,7 @@ import torch.distributed.checkpoint as dcp
 
 from trainer.checkpoint.group import CheckpointGroup
 from trainer.checkpoint.load import CheckpointError, Restored, restore
-from trainer.checkpoint.staging import Stager
+from trainer.checkpoint.staging import Stager, trim_storage
 from trainer.checkpoint.storage import CheckpointStore
 from trainer.contract.checkpoint import (
     FORMAT,
@@ -163,7 +164,7 @@ class Checkpointer:
         state = {"model": dict(model), "optimizer": dict(optimizer)}
         if self._pool is None or self._stager is None:
             done: Future[str] = Future()
-            done.set_result(self._write(step, state, rank_bytes, meta_bytes))
+            done.set_result(self._write(step, trim_storage(state), rank_bytes, meta_bytes))
             return done
         staged = self._stager.stage(state)
         self._pending = self._pool.submit(self._write, step, staged, rank_bytes, meta_bytes)
