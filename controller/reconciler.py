@@ -251,9 +251,7 @@ class Controller:
                     session=session, job=job, root=root, from_step=job.resume_from_step
                 )
             except NoSuchCheckpoint as err:
-                states.fail(
-                    job, session=session, message=str(err), reason=REASON_LAUNCH_FAILED, now=_dt(now)
-                )
+                states.fail(job, session=session, message=str(err), reason=REASON_LAUNCH_FAILED, now=_dt(now))
                 return
             interval = self._checkpoint_interval(session, job, spec)
             excluded = sorted(excluded_nodes(session=session, job_id=job.id))
@@ -642,6 +640,16 @@ class Controller:
             ):
                 return  # decided once per node and attempt
             spare = spec.resources.spare_nodes > len(excluded_nodes(session=session, job_id=job.id))
+            # The gang never shrinks: when no node can take this one's place, excluding it would fail the job
+            # with NotEnoughNodes instead of speeding it up.
+            placeable = (
+                self._backend(spec).node_slots(
+                    nodes=spec.resources.nodes,
+                    spares=spec.resources.spare_nodes,
+                    excluded=excluded_nodes(session=session, job_id=job.id) | {node},
+                )
+                is not None
+            )
             cost = self._restart_cost(session, job)
             decision = decide_exclude_node(
                 node=node,
@@ -658,6 +666,11 @@ class Controller:
                 decision = type(decision)(
                     False, node, decision.saved_seconds, decision.cost_seconds, decision.numbers,
                     f"keeping node {node}: no spare node and data parallelism cannot shrink (dp=1)",
+                )  # fmt: skip
+            elif decision.exclude and not placeable:
+                decision = type(decision)(
+                    False, node, decision.saved_seconds, decision.cost_seconds, decision.numbers,
+                    f"keeping node {node}: without it the next attempt would have too few nodes (no spare left)",
                 )  # fmt: skip
             append_event(
                 session=session,
@@ -810,6 +823,11 @@ class Controller:
     ) -> None:
         """Record how the attempt ended and move the job on: succeeded, restarting (with backoff) or failed."""
         if result.exit_class is ExitClass.SUCCEEDED:
+            if job.phase is Phase.LAUNCHING:
+                # Resumed from the checkpoint of the last step: the ranks exit 0 without taking a step.
+                states.mark_running(
+                    job, session=session, controller_id=self.id, message="no step left", now=_dt(now)
+                )
             states.succeed(job, session=session, controller_id=self.id, now=_dt(now))
             return
         attempt = get_current_attempt(session=session, job=job)

@@ -113,7 +113,7 @@ class LiveAttempt:
         if p.first_step_at is None:
             firsts = [s.time for s in update.steps if getattr(s, "time", None) is not None]
             if update.steps:
-                p.first_step_at = min(firsts) if firsts else p.last_progress_at
+                p.first_step_at = min(firsts) if firsts else _first_step_end(update, p.last_progress_at)
         if self._step_times:
             p.median_step_seconds = statistics.median(self._step_times)
         rank0 = self.ranks.get(0)
@@ -161,3 +161,16 @@ class LiveAttempt:
                 "straggler_score": scores.get(rank),
                 "flagged": rank in self.flagged,
             }
+
+
+def _first_step_end(update: TelemetryUpdate, newest: float | None) -> float | None:
+    """When the first step of `update` ended, for samples without a time: a poll that read several steps ends
+    at the newest progress, and the first step ended the later steps' wall time before it (ranks step together)."""
+    if newest is None:
+        return None
+    first = min(s.step for s in update.steps)
+    walls: dict[int, float] = {}
+    for s in update.steps:
+        if s.step > first and s.wall_seconds is not None:
+            walls[s.step] = max(walls.get(s.step, 0.0), s.wall_seconds)
+    return newest - sum(walls.values())
