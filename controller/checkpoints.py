@@ -12,6 +12,8 @@ Decisions:
   silently corrupt one. A step that fails is recorded as corrupt (an event names the bad file) and never tried
   again; the next older one is checked. The chosen step is passed to the trainer explicitly
   (`checkpoint.resume_step`), so the trainer loads exactly what the controller verified and recorded.
+- A step found corrupt is skipped from then on, unless the trainer saves it anew (its manifest is newer than
+  the record): then it is a different checkpoint and is verified again.
 - A person's `vlctl resume --from-step N` names the step; it must be committed and verify, or the launch
   fails with the reason rather than silently resuming from something else.
 - Rows of steps the trainer pruned (`keep_last`) are removed, so the store lists what can be resumed.
@@ -35,7 +37,7 @@ from controller.store.records import (
     record_checkpoint_verification,
     refresh_last_checkpoint,
 )
-from trainer.contract.checkpoint import list_checkpoints, read_manifest, verify
+from trainer.contract.checkpoint import MANIFEST, join, list_checkpoints, open_root, read_manifest, verify
 from trainer.contract.training import TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def sync_checkpoints(
     for info in on_disk:
         row = known.get(info.step)
         stall = (save_seconds or {}).get(info.step)
-        if row is not None and row.committed:
+        if row is not None and row.committed and not _saved_again(info.uri, row):
             if stall is not None and row.save_seconds is None:
                 row.save_seconds = stall
             continue
@@ -101,6 +103,23 @@ def sync_checkpoints(
     session.flush()
     refresh_last_checkpoint(session=session, job=job)
     return new
+
+
+def _saved_again(step_uri: str, row) -> bool:
+    """A step found corrupt that the trainer has since saved anew (after resuming from an older one): its
+    manifest is newer than our record, so it is a different checkpoint and gets verified again."""
+    if row.verified is not False or row.committed_at is None:
+        return False
+    fs, root = open_root(step_uri)
+    try:
+        info = fs.info(join(root, MANIFEST))
+    except (OSError, ValueError):
+        return False
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if mtime is None:
+        return False
+    stamp = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+    return stamp > row.committed_at.timestamp() + 1.0
 
 
 def choose_resume_point(
