@@ -4,8 +4,10 @@ Decisions:
 
 - Both run the same `controller.reconciler.Controller` in this process, against the store named by
   VLCTL_DATABASE_URL; `run` is a controller that also shows one job live and returns when that job ends.
-- `controller` on SIGTERM or Ctrl-C detaches from running gangs and releases its claims: the jobs keep training
-  and the next controller (this one restarted, or another) re-attaches at once. `run` on Ctrl-C cancels its
+- `controller` on SIGTERM or Ctrl-C releases its claims and, by default, stops its jobs' ranks (they save a
+  checkpoint first), so no process outlives it; the next controller resumes them uncounted. `--on-exit detach`
+  leaves them training instead, for a controller upgrade: the next controller re-attaches. SIGKILL leaves them
+  training too (nothing can run at SIGKILL); the next controller re-attaches. `run` on Ctrl-C cancels its
   job instead, like stopping any foreground program; the ranks are stopped before it returns.
 - Exit codes of `run`: 0 when the job succeeded, 1 when it failed, 130 on Ctrl-C (cancelled).
 """
@@ -70,8 +72,17 @@ def controller(
     trainer_module: Annotated[
         str, typer.Option(help="what each rank runs with the attempt's config (local backend)")
     ] = "trainer.train",
+    on_exit: Annotated[
+        str,
+        typer.Option(
+            help="stop: SIGTERM the jobs' ranks on exit (they save a checkpoint; the next controller resumes "
+            "them); detach: leave them training, the next controller re-attaches"
+        ),
+    ] = "stop",
 ) -> None:
     """Run the reconcile loop: launch pending jobs, supervise running ones, restart failed ones."""
+    if on_exit not in ("stop", "detach"):
+        raise CliError(f"--on-exit: expected stop or detach, got {on_exit!r}", EXIT_USER_ERROR)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -92,12 +103,17 @@ def controller(
         try:
             ctl.run(stop)
         finally:
-            ctl.shutdown()
+            ctl.shutdown(stop_jobs=on_exit == "stop")
             if server is not None:
                 server.shutdown()
-    stderr.print(
-        "controller stopped; running jobs keep training and are re-attached by the next one", highlight=False
-    )
+    if on_exit == "stop":
+        stderr.print(
+            "controller stopped; its jobs saved a checkpoint and resume with the next one", highlight=False
+        )
+    else:
+        stderr.print(
+            "controller stopped; its jobs keep training and the next one re-attaches", highlight=False
+        )
 
 
 def _serve_metrics(db, host: str, port: int):

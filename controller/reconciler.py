@@ -75,6 +75,8 @@ REASON_STACKS_DUMPED = "StacksDumped"
 REASON_LAUNCH_INTERRUPTED = "LaunchInterrupted"
 REASON_LAUNCH_FAILED = "LaunchFailed"
 REASON_REAPED = "OrphansReaped"
+REASON_RANKS_STOPPED = "RanksStopped"
+STOPPED_BY_CONTROLLER = "stopped_by_controller"  # in an attempt's backend record
 
 
 def default_controller_id() -> str:
@@ -158,16 +160,40 @@ class Controller:
             stop.wait(max(0.0, self.config.poll_seconds - (self.clock() - started)))
 
     def shutdown(self, *, stop_jobs: bool = False) -> None:
-        """Leave: detach from gangs (or stop them) and release this controller's claims."""
+        """Leave, releasing this controller's claims so the next controller takes the jobs at once.
+
+        `stop_jobs=False`: detach, the gangs keep training and the next controller re-attaches to them.
+        `stop_jobs=True`: SIGTERM every gang (the trainer finishes its step and saves a checkpoint, exit 75), so
+        no process outlives the controller; the next controller sees a preempted attempt and resumes it from
+        that checkpoint, without counting it as a failure.
+        """
+        with self.store.transaction() as session:
+            for live in self._live.values():
+                if stop_jobs:
+                    # Recorded first: the next controller classifies the attempt's end as a preemption.
+                    self._mark_stopped(session, live)
+            release_claims(session=session, controller_id=self.id)
         for live in self._live.values():
             if stop_jobs:
                 live.gang.cancel(self.config.cancel_grace_seconds)
             else:
                 live.gang.detach()
         self._live.clear()
-        if not stop_jobs:
-            with self.store.transaction() as session:
-                release_claims(session=session, controller_id=self.id)
+
+    def _mark_stopped(self, session: Any, live: LiveAttempt) -> None:
+        job = session.get(Job, live.job_id)
+        attempt = get_current_attempt(session=session, job=job) if job is not None else None
+        if attempt is None or attempt.number != live.attempt or attempt.backend_record is None:
+            return
+        attempt.backend_record = {**attempt.backend_record, STOPPED_BY_CONTROLLER: True}
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.CONTROLLER,
+            reason=REASON_RANKS_STOPPED,
+            message=f"controller {self.id} is exiting: stopping the ranks (they save a checkpoint first)",
+            attempt=live.attempt,
+        )
 
     def reconcile_once(self) -> None:
         now = self.clock()
@@ -536,6 +562,7 @@ class Controller:
         live = self._watch(
             job_id, spec, gang, number, run_dir, launched_at=started.timestamp(), nodes=nodes, reattach=True
         )
+        live.stopped_by_controller = bool(record.get(STOPPED_BY_CONTROLLER))
         log.info("job %s: re-attached to attempt %d", spec.name, number)
         return live
 
@@ -781,6 +808,7 @@ class Controller:
             progressed=live.progress.step is not None or live.progress.last_progress_at is not None,
             hang=hang,
             lost_nodes=lost_nodes,
+            preempted=live.stopped_by_controller,
         )
 
     def _finish(

@@ -61,6 +61,7 @@ class LiveAttempt:
     checkpoint_stall_seconds: float = 0.0
     straggler_seconds: float = 0.0
     stage_seconds_by_step: dict[int, float] = field(default_factory=dict)
+    stopped_by_controller: bool = False  # a controller stopped the ranks on its way out: a preemption
     ranks: dict[int, Any] = field(default_factory=dict)  # rank -> the source's newest RankState
     _detector: StragglerDetector | None = None
     _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))

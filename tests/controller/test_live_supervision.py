@@ -163,3 +163,36 @@ def test_a_job_that_raises_before_its_first_step_fails_after_one_retry_as_a_user
         print(f"\n[crash loop] {job.phase_reason}: {job.phase_message}")
     finally:
         run.stop()
+
+
+def test_a_controller_stopped_with_sigterm_leaves_no_process_and_the_next_one_resumes(tmp_path: Path) -> None:
+    import psutil
+
+    from controller.backends.local import ENV_GANG
+
+    run = _run(tmp_path, _spec("ctl-exit", 60))
+    try:
+        run.wait_step(5, timeout=120)
+        run.controller.send_signal(signal.SIGTERM)
+        run.controller.wait(timeout=60)
+
+        def tagged() -> list[int]:
+            found = []
+            for proc in psutil.process_iter():
+                try:
+                    env = proc.environ()
+                except psutil.Error:
+                    continue
+                if env.get(ENV_GANG) and env.get("VLCTL_TRAINING_JOB") == "ctl-exit":
+                    found.append(proc.pid)
+            return found
+
+        assert tagged() == []  # no orphan: every rank and agent of the job is gone
+        assert run.phase() == "running"  # the job itself goes on with the next controller
+        run.start_controller(trainer_module="step_trainer")
+        assert run.wait_done(timeout=180) == "succeeded"
+        attempts = run.attempts()
+        assert attempts[0].exit_class == "Preempted" and len(attempts) == 2
+        assert run.job().num_restarts_counted == 0
+    finally:
+        run.stop()

@@ -1,0 +1,768 @@
+"""The Kubernetes backend: one attempt of a job is a gang of pods, one per node.
+
+`launch` creates the attempt's ConfigMap, headless Service, Volcano PodGroup (gang "volcano") and pods; the gang
+handle reads the pods back (`poll`), stops them (`cancel`), and is found again from its record or its labels
+(`attach`). The controller core drives it exactly like the local backend; slots `n0, n1, ...` stand for nodes,
+and the scheduler places each slot's pod on a machine, kept off excluded machines by node affinity.
+
+Decisions:
+
+- The manifests come from outside (`AttemptManifests`: `k8s.render` behind the operator), because the layers go
+  cli -> k8s -> controller and the controller never imports `k8s`. So do the job's namespace, spec (the one the
+  controller runs), owner reference and Secrets (`resolve` -> `JobBinding`): one operator serves TrainingJobs in
+  every namespace.
+- Dicts, not the client's generated models: manifests are dicts and the backend reads them back as dicts, so
+  every call goes through `KubeApi` with `_preload_content=False` and parses the JSON itself (which also skips
+  the models' slow deserialisation of large pod lists).
+- The attempt's configuration is the one the controller wrote (`config_path`: the checkpoint interval in effect
+  and `checkpoint.resume_step`, chosen and verified by the controller); the manifests put it in the ConfigMap and
+  the resume point on the pods' command line. `overrides` and `env` are added to every pod.
+- Idempotent launch: an object that already exists is accepted when it carries this job's and attempt's labels,
+  the same owner and no deletion in progress (a create whose answer was lost and retried); anything else under
+  that name fails the launch. A launch that fails half-way deletes what it created.
+- Exit codes (`poll`), per slot: Succeeded -> 0; Failed -> the container's exit code; gone, replaced (another
+  uid), being deleted by someone else, evicted, or on a node that stopped reporting -> EXIT_LOST; unscheduled
+  past the scheduling timeout -> EXIT_LOST, which fails the whole gang: with no gang scheduler this is the
+  all-or-nothing rule (a partial gang would hold its nodes while waiting at the rendezvous); a container that
+  cannot start (image, configuration) past the timeout -> 1. A code, once read, is kept: after `cancel` deletes
+  the pods, the failed node still reports its own code and the others report SIGTERM (stopped by us).
+- Per-rank exit codes come from the failed pod's log: torchrun prints its failure summary there (global rank,
+  the worker's own code, root cause first), read once when the pod is first seen failed, before anyone deletes
+  it. A pod without a summary yields its container's code for its first rank.
+- `cancel` deletes the attempt's objects with the grace period given (the trainer saves on SIGTERM) and waits
+  for the pods to go, at most the grace period and a margin, as the local backend waits for its processes.
+  Pods of an attempt that ended on its own (success, or every node failed) stay for their logs until the next
+  launch reaps them or the TrainingJob is deleted.
+- Telemetry: Prometheus' API, or each rank's endpoint on its pod's IP (`base_port + local_rank`). The ingest's
+  `EndpointTelemetry` finds endpoints through the trainer's endpoint files (`trainer.contract.telemetry`);
+  `PodEndpointTelemetry` writes those files from the pod list and lets it scrape.
+- Stack dumps need `pods/exec`, which the operator's role does not grant: `dump_stacks` returns none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import urllib3
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from controller.backends.base import EXIT_LOST
+from controller.backends.torchrun_log import WorkerExit, parse_failures
+from controller.ingest import EndpointTelemetry, PrometheusTelemetry, TelemetryUpdate
+from controller.spec import TrainingJobSpec
+from trainer.contract.telemetry import ENDPOINT_FILE
+
+log = logging.getLogger(__name__)
+
+GangMode = Literal["none", "volcano", "kueue"]
+MetricsSource = Literal["endpoints", "prometheus"]
+GANG_MODES = ("none", "volcano", "kueue")
+METRICS_SOURCES = ("endpoints", "prometheus")
+SLOT_PREFIX = "n"
+PODGROUP_API = ("scheduling.volcano.sh", "v1beta1", "podgroups")
+STOPPED_BY_US = -int(signal.SIGTERM)  # a node `cancel` stopped while it ran (Popen style: killed by SIGTERM)
+# torchrun prints its failure summary last, about 10 lines per failed worker
+LOG_TAIL_LINES = 2000
+LOG_TAIL_BYTES = 256 << 10
+# Container states that will not resolve by waiting: fail the node once the scheduling timeout is over.
+_CANNOT_START = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+CREATE_RETRY_SECONDS = (0.2, 1.0, None)  # waits between tries of a create; None: the last try
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+_LOST_REASONS = frozenset({"Evicted", "NodeLost", "Preempting", "Terminated", "UnexpectedAdmissionError"})
+
+
+# ------------------------------------------------------------------------------------------------ API access
+
+
+def call_json(fn: Callable[..., Any], *args: Any, timeout: float | None = 30.0, **kwargs: Any) -> Any:
+    """Call a generated client method and return the parsed JSON body (None when empty)."""
+    response = fn(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
+    data = response.data
+    return json.loads(data) if data else None
+
+
+def api_error(err: ApiException) -> str:
+    """One line from an ApiException: the code, the Status reason and its message."""
+    try:
+        status = json.loads(err.body or b"{}")
+        return f"{err.status} {status.get('reason') or err.reason}: {status.get('message', '')}".strip()
+    except (TypeError, ValueError):
+        return f"{err.status} {err.reason}"
+
+
+def is_status(err: BaseException, *codes: int) -> bool:
+    return isinstance(err, ApiException) and err.status in codes
+
+
+class KubeApi:
+    """The calls the backend makes, on dicts. Each kind's methods are named out, so the RBAC test can read them."""
+
+    def __init__(self, api_client: client.ApiClient, *, timeout_seconds: float = 30.0):
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.timeout = timeout_seconds
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        kind, namespace = obj["kind"], obj["metadata"]["namespace"]
+        if kind == "PodGroup":
+            return call_json(
+                self.custom.create_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2], obj,
+                timeout=self.timeout,
+            )  # fmt: skip
+        create = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "ConfigMap": self.core.create_namespaced_config_map,
+        }[kind]
+        return call_json(create, namespace, obj, timeout=self.timeout)
+
+    def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        if kind == "PodGroup":
+            answer = call_json(
+                self.custom.list_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2],
+                label_selector=selector, timeout=self.timeout,
+            )  # fmt: skip
+        else:
+            list_ = {
+                "Pod": self.core.list_namespaced_pod,
+                "Service": self.core.list_namespaced_service,
+                "ConfigMap": self.core.list_namespaced_config_map,
+            }[kind]
+            answer = call_json(list_, namespace, label_selector=selector, timeout=self.timeout)
+        return list(answer.get("items") or [])
+
+    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        if kind == "PodGroup":
+            return call_json(
+                self.custom.get_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2], name,
+                timeout=self.timeout,
+            )  # fmt: skip
+        read = {
+            "Pod": self.core.read_namespaced_pod,
+            "Service": self.core.read_namespaced_service,
+            "ConfigMap": self.core.read_namespaced_config_map,
+        }[kind]
+        return call_json(read, name, namespace, timeout=self.timeout)
+
+    def delete(self, kind: str, namespace: str, name: str, *, grace_seconds: int | None = None) -> bool:
+        """False when it was already gone."""
+        try:
+            if kind == "PodGroup":
+                call_json(
+                    self.custom.delete_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2],
+                    name, timeout=self.timeout,
+                )  # fmt: skip
+            elif kind == "Pod":
+                call_json(
+                    self.core.delete_namespaced_pod, name, namespace, grace_period_seconds=grace_seconds,
+                    timeout=self.timeout,
+                )  # fmt: skip
+            else:
+                delete = {
+                    "Service": self.core.delete_namespaced_service,
+                    "ConfigMap": self.core.delete_namespaced_config_map,
+                }[kind]
+                call_json(delete, name, namespace, timeout=self.timeout)
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def pod_log(self, namespace: str, name: str, container: str) -> str:
+        response = self.core.read_namespaced_pod_log(
+            name, namespace, container=container, tail_lines=LOG_TAIL_LINES, limit_bytes=LOG_TAIL_BYTES,
+            _preload_content=False, _request_timeout=self.timeout,
+        )  # fmt: skip
+        return response.data.decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+@dataclass(frozen=True, slots=True)
+class JobBinding:
+    """What the backend needs to know about a job beyond its name: where it lives and what it runs."""
+
+    namespace: str
+    spec: TrainingJobSpec  # the spec the controller runs (its store's), not a later edit of the object
+    owner: Mapping[str, str] | None = None  # the TrainingJob's apiVersion, kind, name, uid
+    env_secrets: tuple[str, ...] = ()
+
+
+class AttemptManifests(Protocol):
+    """The objects of an attempt and their labels (`k8s.render` behind it, supplied by the k8s layer, which the
+    controller does not import). Every object carries `label_job` and `label_attempt`; pods `label_node_index`."""
+
+    label_job: str
+    label_attempt: str
+    label_node_index: str
+
+    def render(
+        self,
+        binding: JobBinding,
+        *,
+        attempt: int,
+        config: Mapping[str, Any],
+        excluded_nodes: Sequence[str],
+        image: str,
+        gang: GangMode,
+        queue: str | None,
+    ) -> list[dict[str, Any]]:
+        """In creation order; `config` is the controller's configuration of the attempt (with its resume step)."""
+        ...
+
+    def metrics_base_port(self, spec: TrainingJobSpec) -> int:
+        """Rank `local_rank` of a pod serves its telemetry on this port + local_rank."""
+        ...
+
+
+def slot_names(nodes: int) -> list[str]:
+    return [f"{SLOT_PREFIX}{i}" for i in range(nodes)]
+
+
+class KubernetesBackend:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        image: str,
+        *,
+        manifests: AttemptManifests,
+        resolve: Callable[[str], JobBinding],
+        gang: GangMode = "none",
+        queue: str | None = None,
+        scheduling_timeout_seconds: float | None = 300.0,
+        metrics: MetricsSource = "endpoints",
+        prometheus_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+        request_timeout_seconds: float = 30.0,
+        cancel_poll_seconds: float = 0.5,
+    ):
+        """`resolve(job name)`: the job's namespace, spec, owner and Secrets (the operator's TrainingJob binding);
+        LookupError when the job has none. `scheduling_timeout_seconds` None: wait for the scheduler forever (a
+        queue such as Kueue or Volcano admits the gang when it fits)."""
+        if gang not in GANG_MODES:
+            raise ValueError(f"gang: must be one of {', '.join(GANG_MODES)}, got {gang!r}")
+        if gang == "kueue" and not queue:
+            raise ValueError("queue: gang 'kueue' needs the name of a Kueue LocalQueue")
+        if gang == "none" and queue:
+            raise ValueError(f"queue: {queue!r} is only used with gang 'volcano' or 'kueue'")
+        if metrics not in METRICS_SOURCES:
+            raise ValueError(f"metrics: must be one of {', '.join(METRICS_SOURCES)}, got {metrics!r}")
+        if metrics == "prometheus" and not prometheus_url:
+            raise ValueError("prometheus_url: metrics 'prometheus' needs the Prometheus server's URL")
+        if scheduling_timeout_seconds is not None and not scheduling_timeout_seconds > 0:
+            raise ValueError(f"scheduling_timeout_seconds: must be > 0, got {scheduling_timeout_seconds}")
+        if not image or not image.strip():
+            raise ValueError("image: must name the trainer image")
+        self.kube = KubeApi(api_client, timeout_seconds=request_timeout_seconds)
+        self.image = image
+        self.manifests = manifests
+        self.gang = gang
+        self.queue = queue
+        self.scheduling_timeout_seconds = scheduling_timeout_seconds
+        self.metrics = metrics
+        self.prometheus_url = prometheus_url
+        self.clock = clock
+        self.cancel_poll_seconds = cancel_poll_seconds
+        self._resolve = resolve
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of object an attempt has, in creation order."""
+        return ("ConfigMap", "Service", *(("PodGroup",) if self.gang == "volcano" else ()), "Pod")
+
+    def binding(self, job_name: str) -> JobBinding:
+        try:
+            return self._resolve(job_name)
+        except LookupError as err:
+            raise LookupError(f"job {job_name}: no TrainingJob is bound to it ({err})") from None
+
+    def job_selector(self, job_name: str) -> str:
+        return f"{self.manifests.label_job}={job_name}"
+
+    # ------------------------------------------------------------------------------------ Backend protocol
+
+    def node_slots(self, *, nodes: int, spares: int, excluded: Collection[str]) -> list[str] | None:
+        """Always the slots n0.. n(nodes-1): excluded machines are kept out by the pods' node affinity."""
+        return slot_names(nodes)
+
+    def launch(
+        self,
+        *,
+        job_name: str,
+        attempt: int,
+        config_path: str | Path,
+        overrides: Sequence[str],
+        nodes: int,
+        procs_per_node: int,
+        run_dir: str | Path,
+        env: Mapping[str, str] | None = None,
+        names: Sequence[str] | None = None,
+        excluded: Collection[str] = (),
+    ) -> KubernetesGang:
+        b = self.binding(job_name)
+        r = b.spec.resources
+        if (nodes, procs_per_node) != (r.nodes, r.procs_per_node):
+            raise ValueError(
+                f"nodes, procs_per_node: {nodes} x {procs_per_node} differs from the job's resources "
+                f"{r.nodes} x {r.procs_per_node}"
+            )
+        names = list(names) if names is not None else slot_names(nodes)
+        if len(names) != nodes or len(set(names)) != nodes:
+            raise ValueError(f"names: expected {nodes} distinct slot names, got {names}")
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{config_path}: cannot read the attempt's configuration ({err})") from None
+        objects = self.manifests.render(
+            b,
+            attempt=attempt,
+            config=config,
+            excluded_nodes=sorted(set(excluded)),
+            image=self.image,
+            gang=self.gang,
+            queue=self.queue,
+        )
+        for obj in objects:
+            if obj["kind"] == "Pod":
+                container = obj["spec"]["containers"][0]
+                container["command"] += list(overrides)
+                container["env"] += [{"name": k, "value": str(v)} for k, v in (env or {}).items()]
+        gang = KubernetesGang(
+            kube=self.kube,
+            labels=self.manifests,
+            namespace=b.namespace,
+            job_name=job_name,
+            attempt=attempt,
+            names=names,
+            procs_per_node=procs_per_node,
+            launched_at=self.clock(),
+            scheduling_timeout_seconds=self.scheduling_timeout_seconds,
+            kinds=self.kinds,
+            clock=self.clock,
+            cancel_poll_seconds=self.cancel_poll_seconds,
+        )
+        try:
+            for obj in objects:
+                created = self._create(obj, b, job_name, attempt)
+                if obj["kind"] == "Pod":
+                    index = int(obj["metadata"]["labels"][self.manifests.label_node_index])
+                    gang.pod_uids[names[index]] = created["metadata"]["uid"]
+        except BaseException:
+            gang.cancel(0)
+            raise
+        log.info("job %s: attempt %d launched as %d pod(s) in %s", job_name, attempt, nodes, b.namespace)
+        return gang
+
+    def _create(self, obj: dict[str, Any], b: JobBinding, job_name: str, attempt: int) -> dict[str, Any]:
+        """Create, retrying a server error or a lost reply: the retry then meets the first try's object."""
+        for delay in CREATE_RETRY_SECONDS:
+            try:
+                return self.kube.create(obj)
+            except ApiException as err:
+                if err.status == 409:
+                    break
+                if err.status not in RETRIED_STATUSES or delay is None:
+                    raise
+            except urllib3.exceptions.HTTPError:
+                if delay is None:
+                    raise
+            time.sleep(delay)
+        meta = obj["metadata"]
+        existing = self.kube.read(obj["kind"], meta["namespace"], meta["name"])
+        labels = existing["metadata"].get("labels") or {}
+        owners = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or []}
+        ours = (
+            labels.get(self.manifests.label_job) == job_name
+            and labels.get(self.manifests.label_attempt) == str(attempt)
+            and not existing["metadata"].get("deletionTimestamp")
+            and (b.owner is None or b.owner["uid"] in owners)
+        )
+        if not ours:
+            raise RuntimeError(
+                f"{obj['kind']} {meta['namespace']}/{meta['name']} already exists and is not attempt {attempt} "
+                f"of job {job_name} (another job's, or still being deleted)"
+            )
+        return existing
+
+    def attach(self, record: Mapping[str, Any]) -> KubernetesGang:
+        try:
+            return KubernetesGang(
+                kube=self.kube,
+                labels=self.manifests,
+                namespace=str(record["namespace"]),
+                job_name=str(record["job_name"]),
+                attempt=int(record["attempt"]),
+                names=[str(n) for n in record["nodes"]],
+                procs_per_node=int(record["procs_per_node"]),
+                launched_at=float(record["launched_at"]),
+                scheduling_timeout_seconds=self.scheduling_timeout_seconds,
+                kinds=tuple(record.get("kinds") or self.kinds),
+                clock=self.clock,
+                cancel_poll_seconds=self.cancel_poll_seconds,
+                pod_uids=dict(record.get("pod_uids") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"gang record: missing or invalid field {err}") from err
+
+    def reap(self, job_name: str, *, keep: Sequence[str] = ()) -> int:
+        """Delete every object of `job_name` whose attempt is not in `keep` (attempt numbers); returns the
+        number of pods deleted. The controller calls it before a launch: nothing of the job's may run then."""
+        try:
+            namespace = self.binding(job_name).namespace
+        except LookupError:
+            return 0
+        pods = 0
+        for kind in reversed(self.kinds):  # pods first: they use the rest
+            for obj in self.kube.list(kind, namespace, self.job_selector(job_name)):
+                meta = obj["metadata"]
+                if (meta.get("labels") or {}).get(self.manifests.label_attempt) in keep:
+                    continue
+                if self.kube.delete(kind, namespace, meta["name"]) and kind == "Pod":
+                    pods += 1
+        return pods
+
+    def remove_job(self, job_name: str, namespace: str) -> int:
+        """Delete every object of the job (all attempts); returns how many are still there (being deleted)."""
+        left = 0
+        for kind in reversed(self.kinds):
+            for obj in self.kube.list(kind, namespace, self.job_selector(job_name)):
+                if not obj["metadata"].get("deletionTimestamp"):
+                    self.kube.delete(kind, namespace, obj["metadata"]["name"])
+            left += len(self.kube.list(kind, namespace, self.job_selector(job_name)))
+        return left
+
+    def telemetry(
+        self,
+        *,
+        job_name: str,
+        run_dir: Path,
+        num_ranks: int,
+        attempt: int,
+        rank_nodes: Sequence[str],
+        reattach: bool,
+    ) -> PodEndpointTelemetry | PrometheusTelemetry:
+        b = self.binding(job_name)
+        if self.metrics == "prometheus":
+            assert self.prometheus_url is not None
+            # Series of processes started before the attempt's pods were created belong to an older attempt.
+            pods = self.kube.list("Pod", b.namespace, _attempt_selector(self.manifests, job_name, attempt))
+            created = [_timestamp(p["metadata"].get("creationTimestamp")) for p in pods]
+            started = min((t for t in created if t is not None), default=None)
+            return PrometheusTelemetry(
+                self.prometheus_url, job_name, attempt, num_ranks, launched_at=started or self.clock()
+            )
+        return PodEndpointTelemetry(
+            self.kube,
+            labels=self.manifests,
+            namespace=b.namespace,
+            job_name=job_name,
+            attempt=attempt,
+            num_ranks=num_ranks,
+            procs_per_node=b.spec.resources.procs_per_node,
+            base_port=self.manifests.metrics_base_port(b.spec),
+            folder=Path(run_dir) / "vlctl" / f"endpoints-attempt-{attempt}",
+        )
+
+
+def _attempt_selector(labels: AttemptManifests, job_name: str, attempt: int) -> str:
+    return f"{labels.label_job}={job_name},{labels.label_attempt}={attempt}"
+
+
+# ------------------------------------------------------------------------------------------------ the gang
+
+
+def _timestamp(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(kw_only=True, eq=False)
+class KubernetesGang:
+    kube: KubeApi
+    labels: AttemptManifests
+    namespace: str
+    job_name: str
+    attempt: int
+    names: list[str]  # slot names; slot i is the pod with node index i
+    procs_per_node: int
+    launched_at: float
+    scheduling_timeout_seconds: float | None
+    kinds: tuple[str, ...]
+    clock: Callable[[], float] = time.time
+    cancel_poll_seconds: float = 0.5
+    pod_uids: dict[str, str] = field(default_factory=dict)  # slot -> uid of the pod created for it
+    _final: dict[str, int] = field(default_factory=dict)  # slot -> exit code, once known
+    _exits: dict[str, tuple[float, list[WorkerExit]]] = field(
+        default_factory=dict
+    )  # slot -> (finished, exits)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "job_name": self.job_name,
+            "attempt": self.attempt,
+            "nodes": list(self.names),
+            "procs_per_node": self.procs_per_node,
+            "launched_at": self.launched_at,
+            "kinds": list(self.kinds),
+            "pod_uids": dict(self.pod_uids),
+        }
+
+    @property
+    def selector(self) -> str:
+        return _attempt_selector(self.labels, self.job_name, self.attempt)
+
+    def _pods(self) -> dict[int, dict[str, Any]]:
+        pods = self.kube.list("Pod", self.namespace, self.selector)
+        out = {}
+        for pod in pods:
+            try:
+                out[int(pod["metadata"]["labels"][self.labels.label_node_index])] = pod
+            except (KeyError, ValueError):
+                continue
+        return out
+
+    def poll(self) -> dict[str, int | None]:
+        pods = self._pods()
+        now = self.clock()
+        codes: dict[str, int | None] = {}
+        for index, slot in enumerate(self.names):
+            if slot in self._final:
+                codes[slot] = self._final[slot]
+                continue
+            pod = pods.get(index)
+            if pod is not None and slot not in self.pod_uids:
+                self.pod_uids[slot] = pod["metadata"]["uid"]  # attached by labels: adopt what is there
+            code = self._exit_code(slot, pod, now)
+            if code is not None:
+                self._final[slot] = code
+                if code not in (0, EXIT_LOST) and pod is not None:
+                    self._read_exits(slot, index, pod, code)
+            codes[slot] = code
+        return codes
+
+    def _exit_code(self, slot: str, pod: dict[str, Any] | None, now: float) -> int | None:
+        if pod is None or pod["metadata"]["uid"] != self.pod_uids.get(slot):
+            log.warning("job %s attempt %d: the pod of %s is gone", self.job_name, self.attempt, slot)
+            return EXIT_LOST
+        status = pod.get("status") or {}
+        phase = status.get("phase")
+        terminated = _terminated(pod)
+        if phase == "Succeeded":
+            return 0
+        if phase == "Failed":
+            if terminated is not None and status.get("reason") not in _LOST_REASONS:
+                code = int(terminated.get("exitCode") or 0)
+                signal_number = terminated.get("signal")
+                return -int(signal_number) if signal_number else (code or EXIT_LOST)
+            return EXIT_LOST
+        if pod["metadata"].get("deletionTimestamp") or phase == "Unknown":
+            return EXIT_LOST  # drained, evicted or its node stopped reporting: the gang is broken either way
+        timeout = self.scheduling_timeout_seconds
+        if phase == "Pending" and timeout is not None and now - self.launched_at > timeout:
+            if not pod["spec"].get("nodeName"):
+                log.warning(
+                    "job %s attempt %d: %s not scheduled after %.0f s",
+                    self.job_name,
+                    self.attempt,
+                    slot,
+                    timeout,
+                )
+                return EXIT_LOST
+            if _waiting_reason(pod) in _CANNOT_START:
+                return 1
+        return None
+
+    def _read_exits(self, slot: str, index: int, pod: dict[str, Any], code: int) -> None:
+        """The failed ranks of this pod, from torchrun's summary in its log (read now: the pod may go soon)."""
+        container = pod["spec"]["containers"][0]["name"]
+        try:
+            exits = parse_failures(self.kube.pod_log(self.namespace, pod["metadata"]["name"], container))
+        except ApiException as err:
+            log.warning("job %s: cannot read the log of %s: %s", self.job_name, slot, api_error(err))
+            exits = []
+        now = self.clock()
+        finished = _timestamp((_terminated(pod) or {}).get("finishedAt")) or now
+        # Times come from the pod's clock (torchrun's with 1 s resolution): keep them inside the attempt's span
+        # on ours, so a failure never seems to precede its launch.
+        finished = _clamp(finished, self.launched_at, now)
+        exits = [replace(e, time=_clamp(e.time, self.launched_at, now)) for e in exits]
+        if not exits:
+            first_rank = index * self.procs_per_node
+            exits = [
+                WorkerExit(
+                    rank=first_rank, local_rank=0, returncode=code, pid=0, root_cause=False, time=finished
+                )
+            ]
+        self._exits[slot] = (finished, exits)
+
+    def worker_exits(self) -> list[WorkerExit]:
+        """Failed ranks, the root cause first: torchrun's own root cause in the pod that failed first (or that
+        pod's first rank, when its log had no summary)."""
+        ordered = [pod_exits for _, pod_exits in sorted(self._exits.values(), key=lambda item: item[0])]
+        if ordered and not any(e.root_cause for e in ordered[0]):
+            ordered[0] = [replace(ordered[0][0], root_cause=True), *ordered[0][1:]]
+        first = {e.rank for e in ordered[0] if e.root_cause} if ordered else set()
+        exits = [
+            e if e.rank in first or not e.root_cause else replace(e, root_cause=False)
+            for pod_exits in ordered
+            for e in pod_exits
+        ]
+        return sorted(exits, key=lambda e: (not e.root_cause, e.rank))
+
+    def pids(self) -> dict[str, list[int]]:
+        return {name: [] for name in self.names}  # processes live in the pods, out of the operator's sight
+
+    def rank_pids(self) -> dict[int, int]:
+        return {}
+
+    def dump_stacks(self) -> dict[int, str]:
+        return {}
+
+    def cancel(self, grace_seconds: float) -> None:
+        try:
+            self.poll()  # keep the codes and logs of pods that already ended
+        except ApiException as err:
+            log.warning(
+                "job %s attempt %d: poll before cancel: %s", self.job_name, self.attempt, api_error(err)
+            )
+        for slot in self.names:
+            self._final.setdefault(slot, STOPPED_BY_US)
+        grace = max(0, math.ceil(grace_seconds))
+        selector = self.selector
+        for kind in reversed(self.kinds):
+            for obj in self.kube.list(kind, self.namespace, selector):
+                self.kube.delete(
+                    kind,
+                    self.namespace,
+                    obj["metadata"]["name"],
+                    grace_seconds=grace if kind == "Pod" else None,
+                )
+        deadline = self.clock() + grace + 5.0
+        while self.kube.list("Pod", self.namespace, selector) and self.clock() < deadline:
+            time.sleep(self.cancel_poll_seconds)
+
+    def detach(self) -> None:
+        pass  # nothing of the gang lives in this process
+
+
+def _clamp(t: float | None, low: float, high: float) -> float | None:
+    return None if t is None else min(max(t, low), high)
+
+
+def _terminated(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated is not None:
+            return terminated
+    return None
+
+
+def _waiting_reason(pod: Mapping[str, Any]) -> str | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting")
+        if waiting is not None:
+            return waiting.get("reason")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ telemetry
+
+
+class PodEndpointTelemetry:
+    """`EndpointTelemetry` over the attempt's pods: each poll lists them and publishes, for every rank of a running
+    pod with an IP, the endpoint file the ingest reads (`url` = http://<pod IP>:<base_port + local rank>/metrics),
+    then scrapes. Files of ranks whose pod stopped running are removed, so a stale IP is never scraped."""
+
+    def __init__(
+        self,
+        kube: KubeApi,
+        *,
+        labels: AttemptManifests,
+        namespace: str,
+        job_name: str,
+        attempt: int,
+        num_ranks: int,
+        procs_per_node: int,
+        base_port: int,
+        folder: Path,
+    ):
+        self.kube = kube
+        self.labels = labels
+        self.namespace = namespace
+        self.job_name = job_name
+        self.procs_per_node = procs_per_node
+        self.base_port = base_port
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._inner = EndpointTelemetry(self.folder, num_ranks, attempt)
+        self._published: dict[int, str] = {}
+
+    @property
+    def attempt(self) -> int:
+        return self._inner.attempt
+
+    def poll(self, now: float) -> TelemetryUpdate:
+        try:
+            self._publish()
+        except ApiException as err:  # the endpoints published last stay; the scrape says what it can reach
+            log.warning("job %s: listing pods for telemetry: %s", self.job_name, api_error(err))
+        return self._inner.poll(now)
+
+    def _publish(self) -> None:
+        pods = self.kube.list(
+            "Pod", self.namespace, _attempt_selector(self.labels, self.job_name, self.attempt)
+        )
+        urls: dict[int, str] = {}
+        for pod in pods:
+            status = pod.get("status") or {}
+            ip = status.get("podIP")
+            if status.get("phase") != "Running" or not ip or pod["metadata"].get("deletionTimestamp"):
+                continue
+            index = int(pod["metadata"]["labels"][self.labels.label_node_index])
+            host = f"[{ip}]" if ":" in ip else ip
+            for local_rank in range(self.procs_per_node):
+                rank = index * self.procs_per_node + local_rank
+                if rank < self._inner.num_ranks:
+                    urls[rank] = f"http://{host}:{self.base_port + local_rank}/metrics"
+        for rank in set(self._published) - set(urls):
+            (self.folder / ENDPOINT_FILE.format(rank=rank)).unlink(missing_ok=True)
+            del self._published[rank]
+        for rank, url in urls.items():
+            if self._published.get(rank) == url:
+                continue
+            path = self.folder / ENDPOINT_FILE.format(rank=rank)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"url": url, "attempt": self.attempt}))
+            tmp.replace(path)
+            self._published[rank] = url
+
+    def start_attempt(self, attempt: int, *, launched_at: float | None = None) -> None:
+        self._inner.start_attempt(attempt, launched_at=launched_at)
+        self._published.clear()
+
+    def close(self) -> None:
+        self._inner.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
