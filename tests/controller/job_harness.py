@@ -86,7 +86,9 @@ class JobRun:
 
     # ------------------------------------------------------------------------------------ the controller
 
-    def start_controller(self, controller_id: str = "ctl-test", *, trainer_module: str = "trainer.train") -> None:
+    def start_controller(
+        self, controller_id: str = "ctl-test", *, trainer_module: str = "trainer.train"
+    ) -> None:
         log = open(self.root / f"controller-{controller_id}.log", "ab")  # noqa: SIM115 - closed with the process
         self.controller = subprocess.Popen(
             [
@@ -190,11 +192,17 @@ class JobRun:
                 out[record["step"]] = record["loss"]
         return out
 
-    def first_step_after(self, t: float) -> float | None:
-        """Unix time of the first step line (rank 0) written after `t`."""
-        for line in (self.run_dir() / "metrics-rank0.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if "step_seconds" in record and record["time"] > t:
+    def first_step_after(self, t: float, *, attempt: int | None = None) -> float | None:
+        """Unix time of the first step line (rank 0, of `attempt` if given) written after `t`."""
+        path = self.run_dir() / "metrics-rank0.jsonl"
+        if not path.exists():
+            return None
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if "step_seconds" in record and record["time"] > t and attempt in (None, record.get("attempt")):
                 return record["time"]
         return None
 
