@@ -109,7 +109,6 @@ class Chaos:
 
 def run_demo(out: str, *, keep: bool = False) -> None:
     from controller.metrics import serve_metrics
-    from trainer.data import synthetic
 
     from .control import supervise
 
@@ -120,7 +119,15 @@ def run_demo(out: str, *, keep: bool = False) -> None:
     started = time.time()
     data, run_dir = root / "data", root / "run"
     stderr.print(f"[demo] synthetic grounding and video data in {data}", highlight=False)
-    synthetic.generate(str(data), seed=0, num_images=120, num_videos=24, num_texts=0)
+    # In a child process: the CLI imports only the trainer's contract (its data code pulls in torch).
+    made = subprocess.run(
+        [sys.executable, "-m", "trainer.data.synthetic", str(data), "--seed", "0"]
+        + ["--num-images", "120", "--num-videos", "24", "--num-texts", "0"],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        raise CliError(f"demo: making the synthetic data failed: {made.stderr.strip()[-300:]}", EXIT_FAILURE)
     url = f"sqlite:///{root / 'vlctl.db'}"
     db = open_store(StoreConfig(url=url))
     migrate.upgrade(db)

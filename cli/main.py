@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from . import control, inspect, jobs, model
+from . import control, inspect, jobs, model, render
 from .errors import exit_code_for
 
 
@@ -34,6 +34,7 @@ app.add_typer(model.app, name="model")
 jobs.register(app)
 inspect.register(app)
 control.register(app)
+render.register(app)
 
 
 def _version() -> str:

@@ -68,12 +68,13 @@ def operator(
         str | None, typer.Option(envvar="VLCTL_GANG_QUEUE", help="the Volcano queue or Kueue LocalQueue")
     ] = None,
     scheduling_timeout: Annotated[
-        float,
+        float | None,
         typer.Option(
             envvar="VLCTL_SCHEDULING_TIMEOUT",
-            help="seconds a gang may wait for all its pods to be scheduled before it is restarted; 0: forever",
+            help="seconds a gang may wait for all its pods to be scheduled before it is restarted; 0: forever "
+            "(default: 300 without a gang scheduler; forever with volcano or kueue, whose queue admits it whole)",
         ),
-    ] = 300.0,
+    ] = None,
     telemetry: Annotated[
         str,
         typer.Option(
@@ -129,6 +130,8 @@ def operator(
         raise CliError(f"--gang: must be one of {', '.join(_GANGS)}, got {gang!r}")
     if telemetry not in _TELEMETRY:
         raise CliError(f"--telemetry: must be one of {', '.join(_TELEMETRY)}, got {telemetry!r}")
+    if scheduling_timeout is None:
+        scheduling_timeout = 300.0 if gang == "none" else 0.0
     if scheduling_timeout < 0:
         raise CliError(f"--scheduling-timeout: must be >= 0, got {scheduling_timeout}")
     logging.basicConfig(
