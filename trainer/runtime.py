@@ -12,7 +12,7 @@ import torch
 
 from trainer.checkpoint import CheckpointConfig, Checkpointer, capture_rng, restore_rng
 from trainer.checkpoint.chunk import LocalChunk
-from trainer.contract.telemetry import EXIT_PREEMPTED
+from trainer.contract.telemetry import ENV_METRICS_HOST, EXIT_PREEMPTED
 from trainer.contract.training import TrainingConfig
 from trainer.data.dataset import ConcatSource, CorpusSource, DatasetConfig, JsonlDataset
 from trainer.data.image import ImageProcessorConfig
@@ -93,11 +93,14 @@ class Run:
             layout={"dp": p.dp, "tp": p.tp, "pp": p.pp, "world_size": p.world_size},
         )
         t = cfg.telemetry
+        # A host written in the config wins; otherwise the launcher's VLCTL_METRICS_HOST (a pod listens on
+        # 0.0.0.0), else the config's default (loopback).
+        host = t.host if "host" in t.model_fields_set else os.environ.get(ENV_METRICS_HOST, t.host)
         self.telemetry = RankTelemetry.from_env(
             TelemetryConfig.from_env(
                 os.environ,
                 enabled=t.enabled,
-                host=t.host,
+                host=host,
                 **({"base_port": t.base_port} if t.base_port else {}),
             ),
             run_dir=self.run_dir,
