@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from . import control, inspect, jobs, model, render
+from . import control, inspect, jobs, model, operator, render
 from .errors import exit_code_for
 
 
@@ -35,6 +35,7 @@ jobs.register(app)
 inspect.register(app)
 control.register(app)
 render.register(app)
+operator.register(app)
 
 
 def _version() -> str:

@@ -87,6 +87,44 @@ class AttemptTimeline:
             raise ValueError(f"checkpoint_stall_seconds: must be >= 0, got {self.checkpoint_stall_seconds}")
 
 
+def recorded_timeline(
+    *,
+    launched_at: float,
+    first_step_at: float | None,
+    failed_at: float | None,
+    detected_at: float | None,
+    ended_at: float | None,
+    resumed_from_step: int,
+    last_step: int | None,
+    checkpoint_stall_seconds: float,
+    straggler_seconds: float,
+) -> AttemptTimeline:
+    """An AttemptTimeline from what the store recorded, made consistent: times come from different clocks
+    (a rank's, torchrun's whole seconds, the controller's), so each is clamped to be no earlier than the one
+    before it rather than rejected, and the measured straggler wait rides in one pseudo-window."""
+    order = [launched_at]
+    for t in (first_step_at, failed_at, detected_at, ended_at):
+        order.append(None if t is None else max(t, max(x for x in order if x is not None)))
+    _, first, failed, detected, ended = order
+    if failed is not None and detected is None:
+        detected = failed
+    if failed is None:
+        detected = None
+    return AttemptTimeline(
+        launched_at=launched_at,
+        first_step_at=first,
+        failed_at=failed,
+        detected_at=detected,
+        ended_at=ended,
+        resumed_from_step=resumed_from_step,
+        last_step=None if last_step is None else max(last_step, resumed_from_step),
+        checkpoint_stall_seconds=max(0.0, checkpoint_stall_seconds),
+        step_windows=(
+            StepWindow(num_steps=1, median_own_work_seconds=0.0, slowest_own_work_seconds=straggler_seconds),
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Goodput:
     wall_seconds: float

@@ -50,7 +50,7 @@ from controller.checkpoints import NoSuchCheckpoint, checkpoint_root, choose_res
 from controller.domain import states
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
-from controller.goodput import AttemptTimeline, StepWindow, compute_goodput
+from controller.goodput import compute_goodput, recorded_timeline
 from controller.policy import (
     RestartCost,
     auto_checkpoint_interval,
@@ -208,6 +208,7 @@ class Controller:
                     controller_id=self.id,
                     lease_seconds=self.config.lease_seconds,
                     limit=room,
+                    backends=sorted(self.backends),
                     now=_dt(now),
                 )
                 held |= {job.id for job in claimed}
@@ -936,41 +937,29 @@ class Controller:
     def _update_goodput(
         self, session: Any, job: Job, live: LiveAttempt | None, now: float, *, finished: bool = False
     ) -> None:
-        timelines = []
-        for a in list_attempts(session=session, job_id=job.id):
-            failed = _ts(a.failed_at)
-            detected = _ts(a.detected_at) if failed is not None else None
-            if failed is not None and detected is None:
-                detected = failed
-            timelines.append(
-                AttemptTimeline(
-                    launched_at=a.started_at.timestamp(),
-                    first_step_at=_ts(a.first_step_at),
-                    failed_at=failed,
-                    detected_at=detected,
-                    ended_at=_ts(a.ended_at),
-                    resumed_from_step=a.resumed_from_step or 0,
-                    last_step=max(a.last_step, a.resumed_from_step or 0) if a.last_step is not None else None,
-                    checkpoint_stall_seconds=a.checkpoint_stall_seconds,
-                    # One pseudo-window carries the attempt's measured straggler wait.
-                    step_windows=(
-                        StepWindow(
-                            num_steps=1,
-                            median_own_work_seconds=0.0,
-                            slowest_own_work_seconds=a.straggler_seconds,
-                        ),
-                    ),
-                )
-            )
         end = job.finished_at.timestamp() if finished and job.finished_at else now
         try:
+            timelines = [
+                recorded_timeline(
+                    launched_at=a.started_at.timestamp(),
+                    first_step_at=_ts(a.first_step_at),
+                    failed_at=_ts(a.failed_at),
+                    detected_at=_ts(a.detected_at),
+                    ended_at=_ts(a.ended_at),
+                    resumed_from_step=a.resumed_from_step or 0,
+                    last_step=a.last_step,
+                    checkpoint_stall_seconds=a.checkpoint_stall_seconds,
+                    straggler_seconds=a.straggler_seconds,
+                )
+                for a in list_attempts(session=session, job_id=job.id)
+            ]
             g = compute_goodput(
                 submitted_at=job.created_at.timestamp(),
                 attempts=timelines,
                 now=max(end, job.created_at.timestamp()),
                 finished=finished,
             )
-        except ValueError as err:  # clocks of different controllers: never let accounting stop the loop
+        except ValueError as err:  # inconsistent records: never let accounting stop the loop
             log.warning("job %s: goodput not computed: %s", job.name, err)
             return
         record_goodput(

@@ -58,9 +58,11 @@ def claim_jobs(
     lease_seconds: float,
     limit: int,
     phases: Collection[Phase] = ACTIVE_PHASES,
+    backends: Collection[str] | None = None,
     now: datetime | None = None,
 ) -> list[Job]:
-    """Claim up to `limit` jobs in `phases` that nobody holds (or whose lease ran out), oldest first.
+    """Claim up to `limit` jobs in `phases` that nobody holds (or whose lease ran out), oldest first; only jobs
+    whose spec names one of `backends` when given (a local controller and an operator may share a store).
 
     Jobs this controller already holds are not returned: `renew_leases` keeps those. A takeover from another
     controller is recorded on the job's timeline.
@@ -71,6 +73,7 @@ def claim_jobs(
     stmt = (
         select(Job)
         .where(Job.phase.in_(list(phases)), claimable)
+        .where(Job.spec["backend"].as_string().in_(list(backends)) if backends is not None else True)
         .order_by(Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)

@@ -963,18 +963,34 @@ def test_a_cancelled_job_is_stopped_by_its_controller_on_the_next_pass(world: Wo
 
 
 def test_one_jobs_error_does_not_stop_the_pass_for_the_others(
-    world: World, caplog: pytest.LogCaptureFixture
+    world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctl = world.controller()
-    broken = world.submit(spec("broken", backend="kubernetes"))  # this controller has no such backend
+    broken = world.submit(spec("broken"))
     fine = world.submit(spec("fine"))
+    launch = ctl._launch
+
+    def failing_launch(job_id, job_spec):
+        if job_spec.name == "broken":
+            raise RuntimeError("the broken job's launch blew up")
+        return launch(job_id, job_spec)
+
+    monkeypatch.setattr(ctl, "_launch", failing_launch)
     ctl.reconcile_once()
     assert world.job(broken).phase is Phase.PENDING
     assert world.job(fine).phase is Phase.LAUNCHING
     assert "reconcile failed; retrying on the next pass" in caplog.text
-    assert "this controller has no 'kubernetes' backend" in caplog.text
+    assert "the broken job's launch blew up" in caplog.text
     ctl.reconcile_once()  # retried, still failing, still harmless
     assert world.job(broken).phase is Phase.PENDING and len(world.backend.launches) == 1
+
+
+def test_a_controller_claims_only_jobs_of_its_backends(world: World) -> None:
+    ctl = world.controller()
+    other = world.submit(spec("on-a-cluster", backend="kubernetes"))  # an operator's job in a shared store
+    ctl.reconcile_once()
+    job = world.job(other)
+    assert job.phase is Phase.PENDING and job.claimed_by is None and world.backend.launches == []
 
 
 def test_shutdown_detaches_and_releases_so_another_controller_takes_over_at_once(world: World) -> None:

@@ -229,10 +229,11 @@ def test_rbac_is_least_privilege() -> None:
         "",
         "secrets",
     ) not in resources  # secrets reach the pods by reference; the operator never reads them
-    assert {v for g, r, v in grants if r == "nodes"} == {"get", "list"}  # patch only in optional/
-    assert {v for g, r, v in grants if r == "pods"} == {"create", "delete", "get", "list", "watch"}
+    # The exact verbs are checked against what the operator does in test_rbac.py; here, the shape.
+    assert not any(r == "nodes" for _, r, _ in grants)  # patch (cordon) only in optional/
+    assert {v for g, r, v in grants if r == "pods"} <= {"create", "delete", "get", "list", "watch"}
     assert {v for g, r, v in grants if r == "pods/log"} == {"get"}
-    assert {v for g, r, v in grants if r == "events"} == {"create", "patch"}
+    assert {v for g, r, v in grants if r == "events"} <= {"create", "patch"}
     for needed in ("trainingjobs", "trainingjobs/status", "trainingjobs/finalizers"):
         assert ("vlctl.dev", needed) in resources
     assert ("scheduling.volcano.sh", "podgroups") in resources
