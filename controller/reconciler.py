@@ -50,18 +50,16 @@ from controller.checkpoints import NoSuchCheckpoint, checkpoint_root, choose_res
 from controller.domain import states
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
-from controller.goodput import compute_goodput, recorded_timeline
+from controller.history import checkpoint_interval, failure_history, restart_cost, update_goodput
 from controller.policy import (
-    RestartCost,
-    auto_checkpoint_interval,
     decide_exclude_node,
     decide_restart,
 )
 from controller.spec import TrainingJobSpec
 from controller.store.claims import claim_jobs, release_claims, renew_leases
-from controller.store.models import Attempt, Event, Job, RankStatus
-from controller.store.records import exclude_node, excluded_nodes, record_goodput
-from controller.store.repo import append_event, get_current_attempt, list_attempts
+from controller.store.models import Event, Job, RankStatus
+from controller.store.records import exclude_node, excluded_nodes
+from controller.store.repo import append_event, get_current_attempt
 from controller.store.session import Store
 from controller.supervision import LiveAttempt
 
@@ -70,7 +68,6 @@ log = logging.getLogger(__name__)
 REASON_STRAGGLER_FLAGGED = "StragglerFlagged"
 REASON_NODE_SLOW = "NodeSlow"
 REASON_EXCLUDE_DECISION = "ExcludeNodeDecision"
-REASON_CHECKPOINT_INTERVAL = "CheckpointInterval"
 REASON_STACKS_DUMPED = "StacksDumped"
 REASON_LAUNCH_INTERRUPTED = "LaunchInterrupted"
 REASON_LAUNCH_FAILED = "LaunchFailed"
@@ -280,7 +277,7 @@ class Controller:
             except NoSuchCheckpoint as err:
                 states.fail(job, session=session, message=str(err), reason=REASON_LAUNCH_FAILED, now=_dt(now))
                 return
-            interval = self._checkpoint_interval(session, job, spec)
+            interval = checkpoint_interval(session=session, job=job, spec=spec, now=self.clock())
             excluded = sorted(excluded_nodes(session=session, job_id=job.id))
             attempt = states.launch(
                 job,
@@ -392,64 +389,6 @@ class Controller:
             )
         return nodes
 
-    def _checkpoint_interval(self, session: Any, job: Job, spec: TrainingJobSpec) -> int:
-        """The spec's interval, or `auto`: Young/Daly from the measured save time and the job's failure rate."""
-        policy = spec.checkpoint_policy
-        if policy.interval != "auto":
-            return int(policy.interval)
-        attempts = list_attempts(session=session, job_id=job.id)
-        step_seconds = _median([_mean_step_seconds(a) for a in attempts])
-        save = self._median_save_seconds(session, job)
-        if step_seconds is None or save is None:
-            # Nothing measured yet: the trainer's own setting, within the policy's bounds.
-            steps = spec.training.checkpoint.interval_steps
-            return min(max(steps, policy.min_interval_steps), policy.max_interval_steps)
-        failures = sum(1 for a in attempts if a.failed_at is not None)
-        observed = sum(
-            ((a.ended_at or _dt(self.clock())) - a.started_at).total_seconds()
-            for a in attempts
-            if a.started_at
-        )
-        choice = auto_checkpoint_interval(
-            save_seconds=save,
-            median_step_seconds=step_seconds,
-            num_failures=failures,
-            observed_seconds=observed,
-            policy=spec.checkpoint_interval_policy(),
-        )
-        append_event(
-            session=session,
-            job=job,
-            type=EventType.DECISION,
-            reason=REASON_CHECKPOINT_INTERVAL,
-            message=(
-                f"checkpoint every {choice.steps} steps: sqrt(2 x {save:.2f} s save x {choice.mtbf_seconds:.0f} s "
-                f"MTBF) = {choice.interval_seconds:.0f} s at {step_seconds:.2f} s/step"
-                + (" (clamped)" if choice.clamped else "")
-            ),
-            data={
-                "steps": choice.steps,
-                "optimal_steps": choice.optimal_steps,
-                "interval_seconds": choice.interval_seconds,
-                "mtbf_seconds": choice.mtbf_seconds,
-                "save_seconds": save,
-                "step_seconds": step_seconds,
-                "failures": failures,
-                "observed_seconds": observed,
-            },
-        )
-        return choice.steps
-
-    def _median_save_seconds(self, session: Any, job: Job) -> float | None:
-        from controller.store.models import Checkpoint
-
-        values = session.scalars(
-            select(Checkpoint.save_seconds).where(
-                Checkpoint.job_id == job.id, Checkpoint.save_seconds.is_not(None)
-            )
-        ).all()
-        return _median(list(values))
-
     def _write_config(
         self, spec: TrainingJobSpec, run_dir: Path, attempt: int, *, interval: int, resume: Any
     ) -> Path:
@@ -524,7 +463,7 @@ class Controller:
                     message=f"first step {live.progress.step} done",
                     now=_dt(now),
                 )
-            self._update_goodput(session, job, live, now)
+            update_goodput(session=session, job=job, now=now)
         ended = bool(codes) and all(c == 0 for c in codes.values())
         if failed_nodes or ended:
             self._handle_end(job_id, spec, live, codes=codes, now=now)
@@ -678,7 +617,9 @@ class Controller:
                 )
                 is not None
             )
-            cost = self._restart_cost(session, job)
+            cost = restart_cost(
+                session=session, job=job, teardown_seconds=self.config.cancel_grace_seconds / 2
+            )
             decision = decide_exclude_node(
                 node=node,
                 slowdown_fraction=max(0.0, slowdown),
@@ -720,18 +661,6 @@ class Controller:
             excluded_node=node,
         )
         self._finish(job_id, spec, live, classify(end, spec.failure_rules()), now=self.clock())
-
-    def _restart_cost(self, session: Any, job: Job) -> RestartCost:
-        """Measured on this job's earlier attempts: launch to first step covers teardown, launch and load."""
-        starts = [
-            (a.first_step_at - a.started_at).total_seconds()
-            for a in list_attempts(session=session, job_id=job.id)
-            if a.first_step_at is not None and a.started_at is not None
-        ]
-        launch = _median(starts) or 60.0
-        return RestartCost(
-            teardown_seconds=self.config.cancel_grace_seconds / 2, launch_seconds=launch, load_seconds=0.0
-        )
 
     def _handle_hang(
         self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, verdict: Any, now: float
@@ -837,7 +766,7 @@ class Controller:
                 save_seconds=live.stage_seconds_by_step,
             )
             self._end_attempt(session, job, spec, result, now=now, live=live, failed_at=failed_at)
-            self._update_goodput(session, job, None, now, finished=job.phase in TERMINAL_PHASES)
+            update_goodput(session=session, job=job, now=now, finished=job.phase in TERMINAL_PHASES)
 
     def _end_attempt(
         self,
@@ -882,7 +811,9 @@ class Controller:
             attempt=job.current_attempt,
             now=_dt(now),
         )
-        decision = decide_restart(self._history(session, job), spec.restart_policy(), u=self.draw())
+        decision = decide_restart(
+            failure_history(session=session, job=job), spec.restart_policy(), u=self.draw()
+        )
         # The attempt ends when its processes are gone: after the teardown, later than the detection (`now`).
         ended = _dt(max(now, self.clock()))
         if decision.restart:
@@ -906,88 +837,6 @@ class Controller:
                 controller_id=self.id,
                 now=ended,
             )
-
-    def _history(self, session: Any, job: Job) -> list[Classification]:
-        """Every attempt's classification since the job was (re)opened, oldest first, from its Failure events."""
-        events = session.scalars(
-            select(Event)
-            .where(Event.job_id == job.id, Event.type.in_([EventType.FAILURE, EventType.PHASE_CHANGED]))
-            .order_by(Event.seq)
-        ).all()
-        history: list[Classification] = []
-        for e in events:
-            if e.type == EventType.PHASE_CHANGED and e.reason == states.REASON_RESUME_REQUESTED:
-                history.clear()
-            elif e.type == EventType.FAILURE and e.data and "exit_class" in e.data:
-                try:
-                    exit_class = ExitClass(e.data["exit_class"])
-                except ValueError:
-                    exit_class = ExitClass.UNKNOWN
-                history.append(
-                    Classification(
-                        exit_class=exit_class,
-                        message=e.message,
-                        retryable=bool(e.data.get("retryable", True)),
-                        counts_toward_limit=bool(e.data.get("counts_toward_limit", True)),
-                        step=e.data.get("step"),
-                    )
-                )
-        return history
-
-    def _update_goodput(
-        self, session: Any, job: Job, live: LiveAttempt | None, now: float, *, finished: bool = False
-    ) -> None:
-        end = job.finished_at.timestamp() if finished and job.finished_at else now
-        try:
-            timelines = [
-                recorded_timeline(
-                    launched_at=a.started_at.timestamp(),
-                    first_step_at=_ts(a.first_step_at),
-                    failed_at=_ts(a.failed_at),
-                    detected_at=_ts(a.detected_at),
-                    ended_at=_ts(a.ended_at),
-                    resumed_from_step=a.resumed_from_step or 0,
-                    last_step=a.last_step,
-                    checkpoint_stall_seconds=a.checkpoint_stall_seconds,
-                    straggler_seconds=a.straggler_seconds,
-                )
-                for a in list_attempts(session=session, job_id=job.id)
-            ]
-            g = compute_goodput(
-                submitted_at=job.created_at.timestamp(),
-                attempts=timelines,
-                now=max(end, job.created_at.timestamp()),
-                finished=finished,
-            )
-        except ValueError as err:  # inconsistent records: never let accounting stop the loop
-            log.warning("job %s: goodput not computed: %s", job.name, err)
-            return
-        record_goodput(
-            session=session,
-            job=job,
-            productive_seconds=g.productive_seconds,
-            lost_seconds={str(k): v for k, v in g.lost_by_cause().items()},
-            ettr=min(1.0, max(0.0, g.ettr)),
-        )
-
-
-def _median(values: list[float | None]) -> float | None:
-    xs = sorted(v for v in values if v is not None)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
-def _mean_step_seconds(a: Attempt) -> float | None:
-    if a.first_step_at is None or a.last_step is None:
-        return None
-    first = a.resumed_from_step or 0
-    steps = a.last_step - first - 1  # the first step's time is before first_step_at
-    end = a.failed_at or a.ended_at
-    if steps < 1 or end is None:
-        return None
-    return max(0.0, (end - a.first_step_at).total_seconds()) / steps
 
 
 def _tail(path: Path, limit: int = 4096) -> str:
