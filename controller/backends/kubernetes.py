@@ -209,6 +209,21 @@ class JobBinding:
     env_secrets: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptRequest:
+    """Everything one attempt's objects are made from: the job's binding and what the backend chose for it. One
+    value rather than a keyword list, so the renderer in the k8s layer implements `AttemptManifests.render`
+    without restating its parameters."""
+
+    binding: JobBinding
+    attempt: int
+    config: Mapping[str, Any]  # the controller's configuration of the attempt (with its resume step)
+    excluded_nodes: Sequence[str]  # kept off by node affinity
+    image: str
+    gang: GangMode
+    queue: str | None
+
+
 class AttemptManifests(Protocol):
     """The objects of an attempt and their labels (`k8s.render` behind it, supplied by the k8s layer, which the
     controller does not import). Every object carries `label_job` and `label_attempt`; pods `label_node_index`."""
@@ -217,18 +232,8 @@ class AttemptManifests(Protocol):
     label_attempt: str
     label_node_index: str
 
-    def render(
-        self,
-        binding: JobBinding,
-        *,
-        attempt: int,
-        config: Mapping[str, Any],
-        excluded_nodes: Sequence[str],
-        image: str,
-        gang: GangMode,
-        queue: str | None,
-    ) -> list[dict[str, Any]]:
-        """In creation order; `config` is the controller's configuration of the attempt (with its resume step)."""
+    def render(self, request: AttemptRequest) -> list[dict[str, Any]]:
+        """The attempt's objects, in creation order."""
         ...
 
     def metrics_base_port(self, spec: TrainingJobSpec) -> int:
@@ -335,13 +340,15 @@ class KubernetesBackend:
         except (OSError, ValueError) as err:
             raise ValueError(f"{config_path}: cannot read the attempt's configuration ({err})") from None
         objects = self.manifests.render(
-            b,
-            attempt=attempt,
-            config=config,
-            excluded_nodes=sorted(set(excluded)),
-            image=self.image,
-            gang=self.gang,
-            queue=self.queue,
+            AttemptRequest(
+                binding=b,
+                attempt=attempt,
+                config=config,
+                excluded_nodes=sorted(set(excluded)),
+                image=self.image,
+                gang=self.gang,
+                queue=self.queue,
+            )
         )
         for obj in objects:
             if obj["kind"] == "Pod":
