@@ -2,7 +2,8 @@
 
 Logs are read from the files the local backend writes (`<run_dir>/logs/attempt-<k>/rank-<r>.log`, and each node
 agent's `node-<name>.log`); `--follow` polls them, and the job's phase, until the job ends, so a person can watch
-a run from any shell on the machine without the controller's help.
+a run from any shell on the machine without the controller's help. With a cluster (`--backend kubernetes`,
+`--context`, or VLCTL_BACKEND=kubernetes) `logs` reads the job's pods instead (cli/cluster.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from controller.store.models import Event, Job, RankStatus
 from controller.store.records import NODE_EXCLUDED, excluded_nodes, list_checkpoints
 from controller.store.session import Store
 
+from . import cluster
+from .cluster import BackendOption, ContextOption, NamespaceLongOption
 from .errors import EXIT_USER_ERROR, CliError
 from .jobs import JobArgument, OutputOption, event_dict, human_seconds, iso, load_job, store
 from .output import OutputFormat, emit, human_bytes, stderr
@@ -176,8 +179,16 @@ def logs(
     ] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="how many last lines per log")] = 20,
     output: OutputOption = OutputFormat.table,
+    backend: BackendOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceLongOption = None,
 ) -> None:
-    """The last lines of the job's logs, each line prefixed with its rank unless --rank picks one."""
+    """The last lines of the job's logs, each line prefixed with its rank unless --rank picks one. In a cluster:
+    its pods' logs, one per node (--node: a node index or Kubernetes node name; --rank: that rank's lines)."""
+    if (where := cluster.target(backend, context, namespace)) is not None:
+        return cluster.logs(
+            where, job, rank=rank, node=node, attempt=attempt, follow=follow, lines=lines, output=output
+        )
     if follow and output is OutputFormat.json:
         raise CliError("--follow: not with --output json, which prints a single document", EXIT_USER_ERROR)
     if rank is not None and node is not None:

@@ -1,7 +1,9 @@
 """`vlctl submit | list | status | events | cancel | resume`: jobs in the controller's store.
 
 Every command opens the store named by VLCTL_DATABASE_URL (SQLite in the user's data folder by default) and
-brings its schema up to date. A spec is validated completely before anything is written.
+brings its schema up to date. A spec is validated completely before anything is written. With a cluster
+(`--backend kubernetes`, `--context`, or VLCTL_BACKEND=kubernetes) all but `resume` go to its TrainingJobs
+instead (cli/cluster.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from controller.store.repo import (
 )
 from controller.store.session import Store, StoreConfig, StoreUnavailable, open_store
 
+from . import cluster
+from .cluster import BackendOption, ContextOption, NamespaceOption
 from .errors import EXIT_USER_ERROR, CliError
 from .output import OutputFormat, emit, human_count, stderr
 
@@ -309,10 +313,18 @@ def _render_status(d: dict[str, Any]) -> Group:
 
 
 def submit(
-    file: Annotated[Path, typer.Argument(help="a TrainingJob spec (YAML or JSON)")],
+    file: Annotated[
+        Path, typer.Argument(help="a job spec (YAML or JSON); with a cluster also a TrainingJob object")
+    ],
     output: OutputOption = OutputFormat.table,
+    backend: BackendOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
-    """Validate a job spec and queue the job (pending) for the controller."""
+    """Validate a job spec and queue the job (pending) for the controller; with --backend kubernetes, create its
+    TrainingJob in the cluster (the spec's own `backend:` never chooses)."""
+    if (where := cluster.target(backend, context, namespace)) is not None:
+        return cluster.submit(where, file, output)
     try:
         spec = load_spec(file)
     except SpecError as err:
@@ -326,8 +338,15 @@ def submit(
     emit(data, output, lambda d: f"submitted {d['name']} ({d['phase']})")
 
 
-def list_(output: OutputOption = OutputFormat.table) -> None:
-    """Jobs with their phase, attempt, restarts, newest checkpoint and ETTR."""
+def list_(
+    output: OutputOption = OutputFormat.table,
+    backend: BackendOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Jobs with their phase, attempt, restarts, newest checkpoint and ETTR (a cluster's: its TrainingJobs)."""
+    if (where := cluster.target(backend, context, namespace)) is not None:
+        return cluster.list_jobs(where, output)
     with store() as db, db.read() as session:
         rows = [_job_dict(job, attempt) for job, attempt in list_jobs_with_latest_attempt(session=session)]
 
@@ -346,15 +365,32 @@ def list_(output: OutputOption = OutputFormat.table) -> None:
     emit(rows, output, table)
 
 
-def status(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
-    """One job's state: progress, ETA, checkpoint, goodput, the current attempt and every rank."""
+def status(
+    job: JobArgument,
+    output: OutputOption = OutputFormat.table,
+    backend: BackendOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """One job's state: progress, ETA, checkpoint, goodput, the current attempt and every rank (a cluster's:
+    its TrainingJob's status and conditions)."""
+    if (where := cluster.target(backend, context, namespace)) is not None:
+        return cluster.status(where, job, output)
     with store() as db, db.read() as session:
         data = status_dict(session, load_job(session, job))
     emit(data, output, _render_status)
 
 
-def events(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
-    """The job's timeline, oldest first."""
+def events(
+    job: JobArgument,
+    output: OutputOption = OutputFormat.table,
+    backend: BackendOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """The job's timeline, oldest first (a cluster's: the Events on its TrainingJob)."""
+    if (where := cluster.target(backend, context, namespace)) is not None:
+        return cluster.events(where, job, output)
     with store() as db, db.read() as session:
         found = load_job(session, job)
         rows = [event_dict(e) for e in list_events(session=session, job_id=found.id)]
@@ -370,8 +406,18 @@ def events(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
     emit(rows, output, table)
 
 
-def cancel(job: JobArgument, yes: YesOption = False, output: OutputOption = OutputFormat.table) -> None:
-    """Cancel a job: the controller stops its ranks; the job ends as cancelled."""
+def cancel(
+    job: JobArgument,
+    yes: YesOption = False,
+    output: OutputOption = OutputFormat.table,
+    backend: BackendOption = None,
+    context: ContextOption = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Cancel a job: the controller stops its ranks; the job ends as cancelled. In a cluster: delete its
+    TrainingJob, whose pods the operator stops."""
+    if (where := cluster.target(backend, context, namespace)) is not None:
+        return cluster.cancel(where, job, yes, output)
     confirm("cancel", f"cancel job {job}?", yes)
     with store() as db, db.transaction() as session:
         found = load_job(session, job)
