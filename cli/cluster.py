@@ -18,11 +18,8 @@ Decisions:
 - `status`/`list` JSON use the store's keys where the TrainingJob has the value (phase in its lowercase store
   form, reason and message from the condition that holds, attempt, restarts, checkpoint, ETTR, progress), plus
   namespace, uid and the raw conditions. `events` lists the core/v1 Events on the object, oldest first.
-- `logs` reads the attempt's pods (labels vlctl.dev/job and vlctl.dev/attempt), one per node. `--rank R` reads
-  the pod of node R // procs_per_node and keeps the lines torchrun prefixed with that rank (`[rank3]:`,
-  `[3]:`, or `--tee`'s `[default1]:` by local rank), or the whole pod when its log carries no such prefix.
-  `--follow` streams every started pod, picks up pods that start later and, unless `--attempt` pins one, the
-  next attempt's pods after a restart; it returns once the job has ended and its streams are done.
+- `logs` reads the attempt's pods, one per node, or one rank's lines; `--follow` streams them: see
+  cli/cluster_logs.py.
 - Exit codes, as for the store: 2 bad input (invalid spec, unknown job, context or namespace, a name taken),
   3 the API server cannot be reached (the line names its URL), 1 the request failed (403 names verb and
   resource). The Kubernetes client is imported only when a command goes to a cluster.
@@ -32,10 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
-import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,12 +57,11 @@ from k8s.crd import (
     object_from_spec,
 )
 
-from .errors import EXIT_FAILURE, EXIT_USER_ERROR, CliError
+from .errors import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USER_ERROR, CliError
 from .output import OutputFormat, emit, human_count, stderr
 from .render import DEFAULT_IMAGE, read_job
 
 ENV_BACKEND = "VLCTL_BACKEND"
-EXIT_UNREACHABLE = 3  # as the store's EXIT_UNAVAILABLE in cli/jobs.py
 DEFAULT_NAMESPACE = "default"
 CONNECT_TIMEOUT_SECONDS = 10.0
 READ_TIMEOUT_SECONDS = 60.0
@@ -78,10 +71,6 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 RESOURCE = f"{PLURAL}.{GROUP}"
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _JOB_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # the CRD's x-kubernetes-validations rule
-# torchrun's line prefixes: the global rank (`[rank3]:` or the template `[${rank}]:`), or `--tee`'s default
-# `[${role_name}${local_rank}]:` with the default role.
-_GLOBAL_PREFIX = re.compile(r"^\[(?:rank)?(\d+)\]:\s?")
-_LOCAL_PREFIX = re.compile(r"^\[default(\d+)\]:\s?")
 # Which condition's reason and message explain the phase, most telling first.
 _PHASE_CONDITIONS = ("Failed", "Succeeded", "Restarting", "Running", "Created")
 
@@ -191,7 +180,7 @@ def connect(where: Target, *, file_namespace: str | None = None) -> Cluster:
             own = (chosen.get("context") or {}).get("namespace")
     except (config.ConfigException, OSError, KeyError, TypeError) as err:
         source = "the pod's service account (in-cluster)" if in_cluster else f"kubeconfig {kubeconfig}"
-        raise CliError(f"{source}: cannot load the Kubernetes configuration ({_flat(str(err))})") from None
+        raise CliError(f"{source}: cannot load the Kubernetes configuration ({one_line(str(err))})") from None
     api_client = client.ApiClient(configuration)
     api_client.user_agent = "vlctl"
     return Cluster(
@@ -219,7 +208,9 @@ def api_call(cl: Cluster, verb: str, resource: str, name: str | None = None) -> 
 def _unreachable(cl: Cluster, err: BaseException) -> CliError:
     reason = getattr(err, "reason", None) or err
     why = re.sub(r"<[^>]*>:\s*", "", str(reason))  # urllib3 names the connection object first
-    return CliError(f"cannot reach the Kubernetes API server at {cl.server}: {_flat(why)}", EXIT_UNREACHABLE)
+    return CliError(
+        f"cannot reach the Kubernetes API server at {cl.server}: {one_line(why)}", EXIT_UNAVAILABLE
+    )
 
 
 def _status_body(err: Any) -> dict[str, Any]:
@@ -231,14 +222,15 @@ def _status_body(err: Any) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _api_message(err: Any) -> str:
-    return _flat(str(_status_body(err).get("message") or err.reason or ""))
+def api_message(err: Any) -> str:
+    """The API server's message for a failed call, on one line."""
+    return one_line(str(_status_body(err).get("message") or err.reason or ""))
 
 
 def _api_failure(err: Any, cl: Cluster, verb: str, resource: str, name: str | None) -> CliError:
     body = _status_body(err)
     details = body.get("details") or {}
-    message = _api_message(err)
+    message = api_message(err)
     what = f"{verb} {resource}" + (f" {name}" if name else "") + f" in namespace {cl.namespace}"
     code = err.status
     if code == 404 and details.get("kind") == "namespaces":
@@ -262,15 +254,16 @@ def _api_failure(err: Any, cl: Cluster, verb: str, resource: str, name: str | No
     if code == 403:
         return CliError(f"{what}: forbidden ({message})", EXIT_FAILURE)
     if code == 0:  # the client's own failure before any answer (TLS)
-        return CliError(f"cannot reach the Kubernetes API server at {cl.server}: {message}", EXIT_UNREACHABLE)
+        return CliError(f"cannot reach the Kubernetes API server at {cl.server}: {message}", EXIT_UNAVAILABLE)
     if code in (502, 503, 504):  # a proxy or load balancer in front of it answered
         return CliError(
-            f"cannot reach the Kubernetes API server at {cl.server}: {code} {message}", EXIT_UNREACHABLE
+            f"cannot reach the Kubernetes API server at {cl.server}: {code} {message}", EXIT_UNAVAILABLE
         )
     return CliError(f"{what}: {code} {body.get('reason') or err.reason}: {message}", EXIT_FAILURE)
 
 
-def _flat(text: str) -> str:
+def one_line(text: str) -> str:
+    """`text` with each run of whitespace (newlines too) made one space: every error stays one line."""
     return " ".join(text.split())
 
 
@@ -520,7 +513,7 @@ def _event_dict(e: Mapping[str, Any]) -> dict[str, Any]:
 def events(where: Target, name: str, output: OutputFormat) -> None:
     """The Events on the TrainingJob, oldest first; those of a deleted one while the API server keeps them."""
     cl = connect(where)
-    row = _job_or_none(cl, name)
+    row = job_or_none(cl, name)
     uid = None if row is None else row["uid"]
     selector = f"involvedObject.kind={KIND},involvedObject.name={name}"
     with api_call(cl, "list", "events"):
@@ -586,260 +579,16 @@ def cancel(where: Target, name: str, yes: bool, output: OutputFormat) -> None:
     emit(data, output, lambda d: f"{d['name']}: cancelled")
 
 
-# ------------------------------------------------------------------------------------------------ logs
+def logs(where: Target, name: str, **options: Any) -> None:
+    """`vlctl logs` in the cluster: cli/cluster_logs.py, imported here because it imports this module. The
+    poll interval is read at each call, so it stays one setting with the other timings above."""
+    from .cluster_logs import logs as show_logs
+
+    show_logs(where, name, poll_seconds=FOLLOW_POLL_SECONDS, **options)
 
 
-@dataclass(kw_only=True)
-class PodLog:
-    """One node's pod, and the rank whose lines to keep (None: every line)."""
-
-    pod: dict[str, Any]
-    index: int
-    rank: int | None
-    procs_per_node: int
-    prefixed: bool = False  # a rank-prefixed line has been seen in this pod's log
-
-    @property
-    def name(self) -> str:
-        return self.pod["metadata"]["name"]
-
-    def rank_of(self, line: str) -> tuple[int, str] | None:
-        if m := _GLOBAL_PREFIX.match(line):
-            return int(m[1]), line[m.end() :]
-        if m := _LOCAL_PREFIX.match(line):
-            return self.index * self.procs_per_node + int(m[1]), line[m.end() :]
-        return None
-
-    def keep(self, lines: list[str]) -> list[str]:
-        """The lines of `rank`, unprefixed; every line while the log has shown no prefix at all."""
-        if self.rank is None:
-            return lines
-        parsed = [(line, self.rank_of(line)) for line in lines]
-        self.prefixed = self.prefixed or any(p is not None for _, p in parsed)
-        if not self.prefixed:
-            return lines
-        return [p[1] for _, p in parsed if p is not None and p[0] == self.rank]
-
-
-def _started(pod: Mapping[str, Any]) -> bool:
-    """A container ran or runs, so the kubelet has a log to serve."""
-    status = pod.get("status") or {}
-    states = [c.get("state") or {} for c in status.get("containerStatuses") or []]
-    return any("running" in s or "terminated" in s for s in states)
-
-
-def _attempt_pods(cl: Cluster, name: str, attempt: int) -> list[dict[str, Any]]:
-    selector = manifests.attempt_selector(name, attempt)
-    with api_call(cl, "list", "pods"):
-        answer = cl.call(cl.core.list_namespaced_pod, cl.namespace, label_selector=selector)
-    pods = [
-        p
-        for p in answer.get("items") or []
-        if manifests.LABEL_NODE_INDEX in (p["metadata"].get("labels") or {})
-    ]
-    return sorted(pods, key=lambda p: int(p["metadata"]["labels"][manifests.LABEL_NODE_INDEX]))
-
-
-def _select(
-    pods: list[dict[str, Any]], *, rank: int | None, node: str | None, procs_per_node: int
-) -> list[PodLog]:
-    chosen = []
-    for pod in pods:
-        index = int(pod["metadata"]["labels"][manifests.LABEL_NODE_INDEX])
-        names = {str(index), f"n{index}", pod["metadata"]["name"], (pod.get("spec") or {}).get("nodeName")}
-        if rank is not None and index != rank // procs_per_node:
-            continue
-        if node is not None and node not in names:
-            continue
-        chosen.append(PodLog(pod=pod, index=index, rank=rank, procs_per_node=procs_per_node))
-    return chosen
-
-
-def _read(cl: Cluster, log: PodLog, tail: int | None) -> list[str] | None:
-    """The pod's log (its last `tail` lines), or None with a note when the kubelet has none to give yet."""
-    with api_call(cl, "get", "pods/log", log.name):
-        try:
-            text = cl.call(
-                cl.core.read_namespaced_pod_log, log.name, cl.namespace, container=manifests.CONTAINER_NAME,
-                **({} if tail is None else {"tail_lines": tail}),
-            )  # fmt: skip
-        except Exception as err:  # 400: the container waits to start; 404: the pod just went
-            if getattr(err, "status", None) not in (400, 404):
-                raise
-            why = _api_message(err)
-            stderr.print(f"pod {log.name}: no log to show ({why})", markup=False, highlight=False)
-            return None
-    return text.splitlines() if isinstance(text, str) else []
-
-
-def _write(lines: list[str], prefix: str) -> None:
-    if lines:
-        typer.echo("".join(f"{prefix}{line}\n" for line in lines), nl=False)
-
-
-def logs(
-    where: Target,
-    name: str,
-    *,
-    rank: int | None,
-    node: str | None,
-    attempt: int | None,
-    follow: bool,
-    lines: int,
-    output: OutputFormat,
-) -> None:
-    """The last lines of the job's pods (one per node), or of one rank's or node's."""
-    if follow and output is OutputFormat.json:
-        raise CliError("--follow: not with --output json, which prints a single document")
-    if rank is not None and node is not None:
-        raise CliError("--rank, --node: give one or the other")
-    cl = connect(where)
-    obj = get_job(cl, name)
-    d = status_dict(obj)
-    current, procs = int(d["attempt"] or 0), int(d["procs_per_node"] or 1)
-    if current == 0:
-        raise CliError(f"logs: job {name!r} has never been launched, so it has no logs yet")
-    number = current if attempt is None else attempt
-    if number > current:
-        raise CliError(f"--attempt: job {name!r} has attempts 1 to {current}")
-    world = int(d["nodes"] or 1) * procs
-    if rank is not None and rank >= world:
-        raise CliError(f"--rank: job {name!r} has ranks 0 to {world - 1}")
-    selected = _select(_attempt_pods(cl, name, number), rank=rank, node=node, procs_per_node=procs)
-    if not selected and not follow:
-        what = f"rank {rank}" if rank is not None else f"node {node}" if node is not None else "any node"
-        raise CliError(
-            f"logs: no pod of {what} for attempt {number} of job {name!r} (gone, or not created yet)"
-        )
-    prefixed = rank is None and node is None
-    if follow:
-        _follow(
-            cl,
-            name,
-            number,
-            selected,
-            pinned=attempt is not None,
-            rank=rank,
-            node=node,
-            tail=lines,
-            procs=procs,
-        )
-        return
-    data = []
-    for log in selected:
-        # A rank's lines are picked out of the whole log, so its last `lines` are found however the ranks mix.
-        text = _read(cl, log, None if rank is not None else lines) or []
-        kept = log.keep(text)[-lines:] if lines else []
-        if rank is not None and not log.prefixed and text:
-            stderr.print(
-                f"pod {log.name}: no rank prefixes in its log; showing node {log.index}'s whole log "
-                f"(ranks {log.index * procs} to {log.index * procs + procs - 1})",
-                markup=False,
-                highlight=False,
-            )
-        data.append(
-            {
-                "attempt": number,
-                "node_index": log.index,
-                "pod": log.name,
-                "node": (log.pod.get("spec") or {}).get("nodeName"),
-                "rank": rank if log.prefixed else None,
-                "lines": kept,
-            }
-        )
-    if output is OutputFormat.json:
-        emit(data, output, str)
-        return
-    for row in data:
-        _write(row["lines"], f"[node {row['node_index']}] " if prefixed else "")
-
-
-def _stream(cl: Cluster, log: PodLog, tail: int | None, out: queue.Queue) -> None:
-    """Put (uid, lines) on `out` as they come, (uid, a note) if the stream breaks, then (uid, None) at its end."""
-    uid = log.pod["metadata"]["uid"]
-    try:
-        response = cl.call(
-            cl.core.read_namespaced_pod_log, log.name, cl.namespace, container=manifests.CONTAINER_NAME,
-            follow=True, tail_lines=tail, stream=True,
-        )  # fmt: skip
-        pending = b""
-        for chunk in response.stream(4096, decode_content=True):
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            if complete:
-                out.put((uid, [c.decode("utf-8", errors="replace") for c in complete]))
-        if pending:
-            out.put((uid, [pending.decode("utf-8", errors="replace")]))
-    except Exception as err:  # noqa: BLE001 - reported, and the pod counts as done
-        why = _api_message(err) if hasattr(err, "status") else _flat(str(err))
-        out.put((uid, f"pod {log.name}: its log stream broke ({why[:200]})"))
-    finally:
-        out.put((uid, None))
-
-
-def _follow(
-    cl: Cluster,
-    name: str,
-    attempt: int,
-    selected: list[PodLog],
-    *,
-    pinned: bool,
-    rank: int | None,
-    node: str | None,
-    tail: int,
-    procs: int,
-) -> None:
-    """Stream every started pod of the attempt; pods that start later join. Once no stream is open, a new attempt
-    (unless pinned) is followed from its first lines; an ended or deleted job returns after one more look for
-    pods that started and ended between two polls."""
-    prefixed = rank is None and node is None
-    out: queue.Queue = queue.Queue()
-    following: dict[str, PodLog] = {}  # uid -> its stream is open
-    done: set[str] = set()
-    pods, ending = selected, False
-    first_tail: int | None = (
-        tail * procs if rank is not None else tail
-    )  # a rank's share of the last lines, about
-    while True:
-        started = 0
-        for log in pods:
-            uid = log.pod["metadata"]["uid"]
-            if uid not in following and uid not in done and _started(log.pod):
-                following[uid] = log
-                threading.Thread(target=_stream, args=(cl, log, first_tail, out), daemon=True).start()
-                started += 1
-        deadline = time.monotonic() + FOLLOW_POLL_SECONDS
-        while following and (left := deadline - time.monotonic()) > 0:
-            try:
-                uid, got = out.get(timeout=left)
-            except queue.Empty:
-                break
-            if got is None:
-                done.add(uid)
-                following.pop(uid, None)
-            elif isinstance(got, str):
-                stderr.print(got, markup=False, highlight=False)
-            else:
-                log = following[uid]
-                _write(log.keep(got), f"[node {log.index}] " if prefixed else "")
-        if not following:
-            if ending and not started:
-                return
-            row = _job_or_none(cl, name)
-            if row is None:
-                stderr.print(f"TrainingJob {name} was deleted", markup=False, highlight=False)
-                return
-            if not pinned and row["attempt"] > attempt:
-                attempt, done, first_tail, ending = row["attempt"], set(), None, False
-                stderr.print(f"--- attempt {attempt} ---", markup=False, highlight=False)
-            elif row["phase"] in TERMINAL or row["deleted"]:
-                ending = True
-            else:
-                time.sleep(FOLLOW_POLL_SECONDS)
-        pods = _select(_attempt_pods(cl, name, attempt), rank=rank, node=node, procs_per_node=procs)
-
-
-def _job_or_none(cl: Cluster, name: str) -> dict[str, Any] | None:
+def job_or_none(cl: Cluster, name: str) -> dict[str, Any] | None:
+    """The job's `list` row, or None when there is no TrainingJob of that name."""
     try:
         return job_dict(get_job(cl, name))
     except CliError as err:

@@ -8,6 +8,7 @@ from .output import stderr
 
 EXIT_USER_ERROR = 2  # bad input: an invalid spec, an unknown name, a missing file
 EXIT_FAILURE = 1  # the operation itself failed
+EXIT_UNAVAILABLE = 3  # the store's database or the cluster's API server cannot be reached
 
 
 class CliError(Exception):

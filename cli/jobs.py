@@ -44,10 +44,9 @@ from controller.store.session import Store, StoreConfig, StoreUnavailable, open_
 
 from . import cluster
 from .cluster import BackendOption, ContextOption, NamespaceOption
-from .errors import EXIT_USER_ERROR, CliError
+from .errors import EXIT_UNAVAILABLE, EXIT_USER_ERROR, CliError
 from .output import OutputFormat, emit, human_count, stderr
 
-EXIT_UNAVAILABLE = 3  # the database cannot be reached
 STATUS_TABLE_MAX_RANKS = 32  # the table shows flagged ranks first, up to this many; JSON lists every rank
 
 OutputOption = Annotated[

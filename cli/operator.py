@@ -22,9 +22,6 @@ import typer
 from .errors import EXIT_USER_ERROR, CliError
 from .output import stderr
 
-_GANGS = ("none", "volcano", "kueue")
-_TELEMETRY = ("endpoints", "prometheus")
-
 
 def _kube_configuration(kubeconfig: Path | None):
     from kubernetes import client, config
@@ -121,15 +118,16 @@ def operator(
     ] = None,
 ) -> None:
     """Run the TrainingJob operator: leader election, then reconcile TrainingJobs through the controller."""
+    from controller.backends.kubernetes import GANG_MODES, METRICS_SOURCES
     from controller.reconciler import ControllerConfig
     from k8s.operator import Operator, OperatorConfig, serve_health
 
     from .jobs import store
 
-    if gang not in _GANGS:
-        raise CliError(f"--gang: must be one of {', '.join(_GANGS)}, got {gang!r}")
-    if telemetry not in _TELEMETRY:
-        raise CliError(f"--telemetry: must be one of {', '.join(_TELEMETRY)}, got {telemetry!r}")
+    if gang not in GANG_MODES:
+        raise CliError(f"--gang: must be one of {', '.join(GANG_MODES)}, got {gang!r}")
+    if telemetry not in METRICS_SOURCES:
+        raise CliError(f"--telemetry: must be one of {', '.join(METRICS_SOURCES)}, got {telemetry!r}")
     if scheduling_timeout is None:
         scheduling_timeout = 300.0 if gang == "none" else 0.0
     if scheduling_timeout < 0:

@@ -7,10 +7,10 @@ and the scheduler places each slot's pod on a machine, kept off excluded machine
 
 Decisions:
 
-- The manifests come from outside (`AttemptManifests`: `k8s.render` behind the operator), because the layers go
-  cli -> k8s -> controller and the controller never imports `k8s`. So do the job's namespace, spec (the one the
-  controller runs), owner reference and Secrets (`resolve` -> `JobBinding`): one operator serves TrainingJobs in
-  every namespace.
+- The manifests come from outside (`AttemptManifests`: the operator passes `k8s.attempts.RenderedAttempts`),
+  because the layers go cli -> k8s -> controller and the controller never imports `k8s`. So do the job's
+  namespace, spec (the one the controller runs), owner reference and Secrets (`resolve` -> `JobBinding`): one
+  operator serves TrainingJobs in every namespace.
 - Dicts, not the client's generated models: manifests are dicts and the backend reads them back as dicts, so
   every call goes through `KubeApi` with `_preload_content=False` and parses the JSON itself (which also skips
   the models' slow deserialisation of large pod lists).

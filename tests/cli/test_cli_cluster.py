@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,7 @@ from typer.testing import CliRunner
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "k8s"))
 
-import apiserver  # noqa: E402
-from apiserver import ApiError, FakeApiServer  # noqa: E402
+from apiserver import FakeApiServer  # noqa: E402
 
 from cli.main import app  # noqa: E402
 from controller.spec import load_spec, parse_spec  # noqa: E402
@@ -91,37 +90,9 @@ STATUS = {
 
 # ------------------------------------------------------------------------------------------------ harness
 
-# Field labels the real API server supports for core/v1 Events, which the stand-in (metadata.name and
-# metadata.namespace only) lacks: its module-level `field_matcher` is swapped for this one in `api`.
-_EVENT_FIELDS = {
-    "metadata.name", "metadata.namespace", "involvedObject.kind", "involvedObject.name",
-    "involvedObject.namespace", "involvedObject.uid", "involvedObject.apiVersion", "reason", "type",
-}  # fmt: skip
-
-
-def field_matcher(selector: str | None) -> Callable[[dict[str, Any]], bool]:
-    checks: list[Callable[[dict[str, Any]], bool]] = []
-    for term in (t.strip() for t in (selector or "").split(",") if t.strip()):
-        negate = "!=" in term
-        key, value = (p.strip() for p in re.split(r"!=|==?", term, maxsplit=1))
-        if key not in _EVENT_FIELDS:
-            raise ApiError(400, "BadRequest", f'field label not supported: "{key}"')
-
-        path = key.split(".")
-
-        def check(obj: dict[str, Any], path: list[str] = path, v: str = value, n: bool = negate) -> bool:
-            node: Any = obj
-            for part in path:
-                node = node.get(part) if isinstance(node, dict) else None
-            return ((node or "") == v) != n
-
-        checks.append(check)
-    return lambda obj: all(check(obj) for check in checks)
-
 
 @pytest.fixture
-def api(monkeypatch) -> Iterator[FakeApiServer]:
-    monkeypatch.setattr(apiserver, "field_matcher", field_matcher)
+def api() -> Iterator[FakeApiServer]:
     server = FakeApiServer()
     server.start()
     try:

@@ -8,8 +8,9 @@ What it implements, the way the real server does:
   A replace or patch carrying a stale `resourceVersion` gets 409 Conflict; custom resources need one to be
   replaced. Writes to an object with a status subresource keep its status; writes to `/status` change only it.
   `generation` moves when anything outside metadata and status changes.
-- list with `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!key`) and `fieldSelector`
-  (`metadata.name`, `metadata.namespace`, `=` and `!=`).
+- list with `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!key`) and `fieldSelector` (`=`, `==`,
+  `!=`; `metadata.name` and `metadata.namespace`, and for Events also `involvedObject.kind`, `.name`,
+  `.namespace`, `.uid`, `.apiVersion`, `reason` and `type`; any other field is 400 BadRequest).
 - create (409 AlreadyExists, `generateName`), get (404 NotFound), replace, patch (merge patch, JSON patch, and
   strategic merge patch treated as a merge patch: enough for the maps the operator patches; a dict sent as a
   JSON patch is rejected as the real server does), delete (DeleteOptions preconditions; finalizers: `deletionTimestamp` set, the object kept until its
@@ -206,21 +207,37 @@ def label_matcher(selector: str | None) -> Callable[[Mapping[str, str]], bool]:
     return lambda labels: all(check(labels) for check in checks)
 
 
-_FIELDS = {"metadata.name": ("name",), "metadata.namespace": ("namespace",)}
+# Field labels every resource supports, and those a resource adds (a subset of the real server's, for the
+# selectors vlctl sends); the real server answers any other label with 400.
+_FIELDS = ("metadata.name", "metadata.namespace")
+_RESOURCE_FIELDS = {
+    "events": (
+        "involvedObject.kind", "involvedObject.name", "involvedObject.namespace", "involvedObject.uid",
+        "involvedObject.apiVersion", "reason", "type",
+    ),
+}  # fmt: skip
 
 
-def field_matcher(selector: str | None) -> Callable[[Mapping[str, Any]], bool]:
+def field_matcher(selector: str | None, plural: str = "") -> Callable[[Mapping[str, Any]], bool]:
+    """A field selector string for a resource (its plural) -> a predicate on its objects; ApiError 400 for a
+    field label the resource does not support. An absent field compares as the empty string."""
+    supported = (*_FIELDS, *_RESOURCE_FIELDS.get(plural, ()))
     checks: list[Callable[[Mapping[str, Any]], bool]] = []
     for term in _split_terms(selector or ""):
         negate = "!=" in term
         key, value = (p.strip() for p in re.split(r"!=|==?", term, maxsplit=1))
-        if key not in _FIELDS:
+        if key not in supported:
             raise ApiError(400, "BadRequest", f'field label not supported: "{key}"')
-        (attr,) = _FIELDS[key]
-        checks.append(
-            lambda obj, a=attr, v=value, n=negate: ((obj.get("metadata") or {}).get(a, "") == v) != n
-        )
+        path = tuple(key.split("."))
+        checks.append(lambda obj, p=path, v=value, n=negate: (_field(obj, p) == v) != n)
     return lambda obj: all(check(obj) for check in checks)
+
+
+def _field(obj: Mapping[str, Any], path: tuple[str, ...]) -> str:
+    node: Any = obj
+    for part in path:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return "" if node is None else str(node)
 
 
 # ------------------------------------------------------------------------------------------------ patches
@@ -312,7 +329,10 @@ class FakeApiServer:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="fake-apiserver", daemon=True)
+        # `stop()` waits for the loop's next look at its shutdown flag: every 0.5 s by default, per test.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-apiserver", daemon=True
+        )
         self._thread.start()
         return self.url
 
@@ -672,7 +692,7 @@ class FakeApiServer:
 
     def _list(self, resource: Resource, namespace: str | None, query: Mapping[str, str]) -> dict[str, Any]:
         labels = label_matcher(query.get("labelSelector"))
-        fields = field_matcher(query.get("fieldSelector"))
+        fields = field_matcher(query.get("fieldSelector"), resource.plural)
         items = [
             copy.deepcopy(obj)
             for (plural, ns, _), obj in sorted(self._objects.items())
@@ -784,7 +804,7 @@ class FakeApiServer:
 
     def _watch(self, resource: Resource, namespace: str | None, query: Mapping[str, str]) -> Iterable[bytes]:
         labels = label_matcher(query.get("labelSelector"))
-        fields = field_matcher(query.get("fieldSelector"))
+        fields = field_matcher(query.get("fieldSelector"), resource.plural)
         timeout = float(query.get("timeoutSeconds") or 1800)
         start = query.get("resourceVersion") or "0"
 
