@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from controller.domain.phases import ACTIVE_PHASES, EventType, Phase
@@ -73,7 +73,12 @@ def claim_jobs(
     stmt = (
         select(Job)
         .where(Job.phase.in_(list(phases)), claimable)
-        .where(Job.spec["backend"].as_string().in_(list(backends)) if backends is not None else True)
+        # A spec without the key (written by hand, not through the model) means the model's default: local.
+        .where(
+            func.coalesce(Job.spec["backend"].as_string(), "local").in_(list(backends))
+            if backends is not None
+            else True
+        )
         .order_by(Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)

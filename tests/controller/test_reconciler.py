@@ -1006,3 +1006,12 @@ def test_shutdown_detaches_and_releases_so_another_controller_takes_over_at_once
     assert "LeaseTakenOver" not in world.reasons(name) and len(world.backend.launches) == 1
     second.shutdown(stop_jobs=True)
     assert gang.cancels == [GRACE] and gang.ended
+
+
+def test_a_spec_without_a_backend_key_is_a_local_job(world: World) -> None:
+    ctl = world.controller()
+    raw = spec("no-backend-key")
+    raw.pop("backend", None)
+    name = world.submit(raw)
+    ctl.reconcile_once()
+    assert world.job(name).phase is Phase.LAUNCHING
