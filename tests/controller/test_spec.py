@@ -98,3 +98,35 @@ def test_example_jobs_are_valid():
 
     for example in sorted(Path(__file__).resolve().parents[2].glob("examples/jobs/*.yaml")):
         load_spec(example)
+
+
+def test_the_spec_holds_no_secret_values_only_references() -> None:
+    """No field of the job spec (nor of the trainer config inside it) can carry a credential: secrets reach the
+    pods by reference (a Secret's name on the TrainingJob, see k8s/crd.py), never in the spec."""
+    import re
+
+    from controller.spec import TrainingJobSpec
+
+    # A credential's field name (`max_video_tokens` counts tokens of text, not of authentication).
+    secretish = re.compile(
+        r"(^|_)(password|passwd|secret|credentials?|api_?key|access_key|secret_key|private_key|token)$", re.I
+    )
+
+    def fields(schema: dict, defs: dict, path: str = "") -> list[str]:
+        if "$ref" in schema:
+            schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
+        found = []
+        for name, sub in schema.get("properties", {}).items():
+            found.append(f"{path}{name}")
+            found += fields(sub, defs, f"{path}{name}.")
+        for key in ("anyOf", "allOf", "oneOf"):
+            for sub in schema.get(key, []):
+                found += fields(sub, defs, path)
+        if isinstance(schema.get("items"), dict):
+            found += fields(schema["items"], defs, path)
+        return found
+
+    schema = TrainingJobSpec.model_json_schema()
+    names = fields(schema, schema.get("$defs", {}))
+    assert len(names) > 50  # the walk reached the nested sections
+    assert [n for n in names if secretish.search(n.rsplit(".", 1)[-1])] == []
