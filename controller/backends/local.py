@@ -53,6 +53,7 @@ from trainer.contract.telemetry import ENV_ATTEMPT, ENV_NODE, ENV_TRAINING_JOB
 REPO = Path(__file__).resolve().parents[2]
 ENV_GANG = "VLCTL_GANG"  # a token per gang, in every process's environment: the sweep's tag
 NODE_PREFIX = "local-"
+ROOT_EXIT_SECONDS = 20.0  # how long cancel waits for a node's shell to record the exit before killing it
 # torchrun sets these per worker; a controller itself started under torchrun must not pass its own down
 _INHERITED_RANK_ENV = frozenset(
     {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
@@ -363,15 +364,17 @@ class Gang:
         alive += [p for p in self._tagged() if p.pid not in roots]
         _kill(alive)
         psutil.wait_procs(alive, timeout=5)
+        # The node's shell writes its exit record once torchrun is gone; on a loaded machine that can take
+        # seconds, and killing the shell first would lose the record (the node would read as lost).
         for node in self.nodes:
             if node.popen is not None:  # our child: wait through Popen, which keeps its exit status
                 try:
-                    node.popen.wait(timeout=5)
+                    node.popen.wait(timeout=ROOT_EXIT_SECONDS)
                 except subprocess.TimeoutExpired:
                     node.popen.kill()
                     node.popen.wait()
             elif (root := self._root(node)) is not None:
-                _, left = psutil.wait_procs([root], timeout=5)
+                _, left = psutil.wait_procs([root], timeout=ROOT_EXIT_SECONDS)
                 _kill(left)
         exit_cleanup.unregister(self)
 
