@@ -4,17 +4,13 @@ answers) and real log files in a run folder laid out as the local backend writes
 from __future__ import annotations
 
 import json
-import os
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from cli_db import postgres_schema
 from typer.testing import CliRunner
 
 from cli import inspect as inspect_cli
@@ -31,35 +27,7 @@ from controller.store.repo import append_event, create_job, get_job
 from controller.store.session import Store, StoreConfig, open_store
 
 runner = CliRunner()
-POSTGRES_URL = os.environ.get("VLCTL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CONTROLLER = "ctl-test"
-
-
-@contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema on the test server, dropped afterwards; skips (fails in CI) when the server is unreachable."""
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    schema = f"vlctl_cli_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as err:
-        admin.dispose()
-        reason = f"PostgreSQL is unreachable: {str(err.orig).splitlines()[0]}"
-        if os.environ.get("VLCTL_REQUIRE_POSTGRES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        options = f"-csearch_path={schema} -csynchronous_commit=off"
-        yield (
-            make_url(POSTGRES_URL)
-            .update_query_dict({"options": options})
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -4,18 +4,13 @@ the local test server answers (`VLCTL_TEST_POSTGRES_URL`; `VLCTL_REQUIRE_POSTGRE
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from cli_db import postgres_schema
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -34,35 +29,7 @@ from controller.store.session import Store, StoreConfig, open_store
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "jobs" / "local-demo.yaml"
-POSTGRES_URL = os.environ.get("VLCTL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CONTROLLER = "ctl-test"
-
-
-@contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema on the test server, dropped afterwards; skips (fails in CI) when the server is unreachable."""
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    schema = f"vlctl_cli_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as err:
-        admin.dispose()
-        reason = f"PostgreSQL is unreachable: {str(err.orig).splitlines()[0]}"
-        if os.environ.get("VLCTL_REQUIRE_POSTGRES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        options = f"-csearch_path={schema} -csynchronous_commit=off"
-        yield (
-            make_url(POSTGRES_URL)
-            .update_query_dict({"options": options})
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
