@@ -342,6 +342,11 @@ def _print_summary(s: dict[str, Any]) -> None:
                     f"{task}: {t['hits']}/{t['n']} right (chance {t['chance']:.2f}) on this small sample",
                     highlight=False,
                 )
+        out.print(
+            f"{STEPS} steps teach the answer formats, not the tasks; `make learn` trains video direction from "
+            "scratch to about 0.9 right in some 8 minutes (docs/learning.md)",
+            highlight=False,
+        )
     out.print(
         f"metrics: controller {s['metrics_url']} (while the demo runs); per rank: {', '.join(s['ranks_metrics'])}"
     )

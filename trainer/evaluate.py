@@ -402,7 +402,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.answers:
         Path(args.answers).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(to_json(report))
+    for line in summary_lines(report):
+        print(line, file=sys.stderr)
     return 0
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """One human line per scored task and for the loss (the JSON on stdout has everything)."""
+    lines = []
+    for task, what in (("grounding", "boxes with IoU > 0.5"), ("direction", "directions right")):
+        t = report.get(task) or {}
+        if t.get("n"):
+            lines.append(
+                f"{task}: {t['hits']}/{t['n']} {what} ({t['accuracy']:.3f}) against chance {t['chance']:.3f}, "
+                f"p = {t['p_value']:.1g}"
+            )
+    loss = report.get("loss") or {}
+    if loss.get("steps"):
+        lines.append(
+            f"loss: {loss['first']:.3f} at step 1, {loss['last_5_mean']:.3f} over the last 5 of {loss['steps']} steps"
+        )
+    return lines
 
 
 if __name__ == "__main__":

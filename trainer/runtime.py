@@ -4,6 +4,7 @@ config, resumes, and runs the step loop (see trainer/train.py for the step and r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -74,6 +75,8 @@ class Run:
                     else tuple(cfg.model.checkpoint_text_layers)
                 ),
                 precision="bf16" if cfg.model.dtype == "bfloat16" else "fp32",
+                vision_bag_weight=opt.vision_bag_weight,
+                vision_bag_steps=opt.vision_bag_steps,
             ),
         )
         del model
@@ -268,7 +271,12 @@ class Run:
             loss=result.loss,
             text_tokens=result.rank_text_tokens,
             vision_tokens=result.rank_vision_tokens,
-            extra={"lr": result.lr, "grad_norm": result.grad_norm, **counters},
+            extra={
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
+                **({} if math.isnan(result.vision_bag_loss) else {"vision_bag_loss": result.vision_bag_loss}),
+                **counters,
+            },
         )
         self._last_optimizer_s = times.phases["optimizer"]
         return self._stop_now

@@ -16,3 +16,5 @@ def test_learning_config_loads_single_process_on_cpu():
     # The docs' commands write the synthetic data under runs/learn/data; the config must read that split.
     assert config.data.paths and all(p.startswith("runs/learn/data/train/") for p in config.data.paths)
     assert config.training.warmup_steps < config.training.steps
+    # The vision bag loss is what lets the random vision encoder learn motion in this budget (docs/learning.md).
+    assert config.training.vision_bag_weight > 0 and config.parallel.pp == 1

@@ -26,6 +26,14 @@ def test_example_config_and_overrides():
         (["data.row_len=four"], "data.row_len: Input should be a valid integer"),
         (["training.stage=4"], "training.stage: Input should be 1, 2 or 3"),
         (["nonsense"], "expected key.path=value"),
+        (
+            ["training.vision_bag_weight=1", "parallel.pp=2", "data.rows_per_step=4"],
+            "training.vision_bag_weight: the vision bag loss needs parallel.pp = 1",
+        ),
+        (
+            ["training.vision_bag_steps=0"],
+            "training.vision_bag_steps: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_errors_name_the_field(overrides, message):

@@ -89,6 +89,15 @@ class TrainingSection(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = Field(1.0, gt=0, description="global gradient-norm clip; None: off")
     seed: int = Field(0, ge=0)
+    vision_bag_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a loss on each image and video's pooled features predicting its sample's answer "
+        "tokens (a direct signal for a vision encoder trained from scratch); 0: off; needs parallel.pp = 1",
+    )
+    vision_bag_steps: int | None = Field(
+        None, ge=1, description="add the vision bag loss for the first N steps only; None: every step"
+    )
 
     @model_validator(mode="after")
     def _schedule(self) -> TrainingSection:
@@ -147,6 +156,11 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _batch(self) -> TrainingConfig:
+        if self.training.vision_bag_weight and self.parallel.pp > 1:
+            raise ValueError(
+                "training.vision_bag_weight: the vision bag loss needs parallel.pp = 1 (it is added on the last "
+                f"stage), got pp = {self.parallel.pp}"
+            )
         dp, rows = self.parallel.dp, self.data.rows_per_step
         if rows % dp:
             raise ValueError(f"data.rows_per_step ({rows}) must be divisible by parallel.dp ({dp})")

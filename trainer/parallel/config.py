@@ -99,6 +99,8 @@ class EngineConfig:
     checkpoint_text: bool | tuple[int, ...] = False  # decoder layers likewise (indices of the full model)
     precision: str = "auto"  # auto: bf16 weights on GPU, fp32 on CPU
     check_replicated_every: int = 0  # verify tp-replicated weights bitwise equal every N steps; 0: never
+    vision_bag_weight: float = 0.0  # weight of the vision bag-of-answer-tokens loss (vision_bag.py); 0: off
+    vision_bag_steps: int | None = None  # add it for the first N updates only; None: every update
 
     def __post_init__(self) -> None:
         if self.training_stage not in TRAINING_STAGES:

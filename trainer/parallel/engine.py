@@ -57,6 +57,7 @@ from .tensor import (
     replicated_in_sync,
     sync_replicated_grads,
 )
+from .vision_bag import count_media
 from .zero import Fragment, ZeroStage
 
 
@@ -73,6 +74,7 @@ class StepResult:
     backward_s: float
     optimizer_s: float  # DeepSpeed step: dp gradient reduction, clipping, AdamW, weight all-gather
     comm_s: float  # blocked in pipeline p2p and the engine's own collectives
+    vision_bag_loss: float = float("nan")  # mean over the global batch's images and videos; nan when off
 
 
 class ParallelEngine:
@@ -82,6 +84,10 @@ class ParallelEngine:
             raise ValueError(
                 "pp: tied word embeddings (text.tie_word_embeddings) need pp = 1 (lm_head would live "
                 "on the last stage and the embedding on the first)"
+            )
+        if config.vision_bag_weight and dims.pp > 1:
+            raise ValueError(
+                "vision_bag_weight: the vision bag loss is added on the last stage and needs pp = 1"
             )
         self.mesh, self.config, self.cfg, self.step = mesh, config, cfg, 0
         model.set_activation_checkpointing(
@@ -205,22 +211,31 @@ class ParallelEngine:
             local = sum(
                 int((shifted_targets(b["labels"], b["segment_ids"]) != IGNORE_INDEX).sum()) for b in batches
             )
-            count = torch.tensor([local], dtype=torch.int64, device=dev)
+            media = sum(count_media(b) for b in batches)
+            count = torch.tensor([local, media], dtype=torch.int64, device=dev)
             dist.all_reduce(count, group=mesh.dp_group)
-        num_tokens = int(count.item())
+        num_tokens, num_media = (int(c) for c in count.tolist())
         scale = mesh.dims.dp / max(num_tokens, 1)  # DeepSpeed divides by dp when it averages over replicas
+        bag = self.vision_bag_active()
+        self.stage.vision_bag = bag
+        bag_scale = mesh.dims.dp * self.config.vision_bag_weight / max(num_media, 1)
         last, saved = self.stage.is_last, {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        bag_sum = torch.zeros((), dtype=torch.float64, device=dev)
 
         def forward(i: int, x: torch.Tensor | None) -> torch.Tensor | None:
-            nonlocal loss_sum
+            nonlocal loss_sum, bag_sum
             with self._clock(times, "forward"):
                 if x is not None and self.needs_input_grad:
                     x.requires_grad_()
                 out = self.zero(batches[i], x) if self.zero else self.stage(batches[i], x)
                 if last:
-                    loss_sum = loss_sum + out.detach().double()
-                    out = out * scale
+                    lm, extra = out if isinstance(out, tuple) else (out, None)
+                    loss_sum = loss_sum + lm.detach().double()
+                    out = lm * scale
+                    if extra is not None:
+                        bag_sum = bag_sum + extra.detach().double()
+                        out = out + extra * bag_scale
                 saved[i] = (x, out)
             return None if last else out.detach()
 
@@ -258,8 +273,11 @@ class ParallelEngine:
         self.step += 1
 
         with self._clock(times, "comm"):
+            mine = last and mesh.coords.tp == 0
             stats = torch.tensor(
-                [loss_sum.item() if last and mesh.coords.tp == 0 else 0.0], device=dev, dtype=torch.float64
+                [loss_sum.item() if mine else 0.0, bag_sum.item() if mine else 0.0],
+                device=dev,
+                dtype=torch.float64,
             )
             dist.all_reduce(stats)
             norm = torch.tensor([grad_norm], device=dev, dtype=torch.float64)
@@ -269,7 +287,7 @@ class ParallelEngine:
         text, vision = _token_counts(batches, self.cfg)
         return StepResult(
             step=self.step,
-            loss=float(stats.item()) / max(num_tokens, 1),
+            loss=float(stats[0]) / max(num_tokens, 1),
             num_tokens=num_tokens,
             grad_norm=float(norm.item()) if norm.item() >= 0 else float("nan"),
             lr=lr,
@@ -279,7 +297,13 @@ class ParallelEngine:
             backward_s=times["backward"],
             optimizer_s=times["optimizer"],
             comm_s=times["comm"],
+            vision_bag_loss=float(stats[1]) / max(num_media, 1) if bag else float("nan"),
         )
+
+    def vision_bag_active(self) -> bool:
+        """Whether the update at the current step adds the vision bag loss."""
+        steps = self.config.vision_bag_steps
+        return self.config.vision_bag_weight > 0 and (steps is None or self.step < steps)
 
     @contextmanager
     def _clock(self, times: dict[str, float], phase: str):

@@ -36,6 +36,7 @@ from trainer.models.qwen2_vl.model import IGNORE_INDEX, Qwen2VL, RMSNorm, shifte
 from trainer.models.qwen2_vl.rope import inverse_frequencies, mrope_cos_sin
 
 from .tensor import RowParallelLinear
+from .vision_bag import vision_bag_loss
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -89,7 +90,8 @@ class PipelineStage(nn.Module):
     """One stage cut from a full Qwen2VL in place (the rest is dropped), keeping the full parameter names.
 
     forward(batch, hidden) returns the hidden states (B, L, C) to send on, or on the last stage the summed
-    cross-entropy over the micro-batch's supervised tokens (fp32 scalar).
+    cross-entropy over the micro-batch's supervised tokens (fp32 scalar). While `vision_bag` is set (only
+    possible with pp = 1) the last stage returns (that sum, the summed vision bag loss: `vision_bag.py`).
     """
 
     def __init__(self, model: Qwen2VL, *, stage: int, num_stages: int, layers: range):
@@ -109,6 +111,7 @@ class PipelineStage(nn.Module):
         self.lm_head = model.lm_head
         object.__setattr__(self, "full", model)  # for embed() and positions(); not a submodule
         self.cfg = model.cfg
+        self.vision_bag = False  # the engine turns it on for the steps that add the vision bag loss
 
     @torch.no_grad()
     def materialize(self, device: torch.device, std: float = 0.02) -> None:
@@ -132,6 +135,7 @@ class PipelineStage(nn.Module):
         positions, _ = self.full.positions(
             input_ids, segment_ids, batch.get("image_grid_thw"), batch.get("video_grid_thw")
         )
+        vision: list | None = [] if self.vision_bag else None
         if self.is_first:
             x = self.full.embed(
                 input_ids,
@@ -139,6 +143,7 @@ class PipelineStage(nn.Module):
                 image_grid_thw=batch.get("image_grid_thw"),
                 pixel_values_videos=batch.get("pixel_values_videos"),
                 video_grid_thw=batch.get("video_grid_thw"),
+                vision_out=vision,
             )
         else:
             x = hidden
@@ -155,7 +160,11 @@ class PipelineStage(nn.Module):
         targets = shifted_targets(batch["labels"], segment_ids)
         keep = targets != IGNORE_INDEX
         logits = self.lm_head(x[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if vision is None:
+            return loss
+        bag = vision_bag_loss(vision, batch, merge=self.cfg.vision.spatial_merge_size)
+        return loss, bag
 
 
 # ---------------------------------------------------------------------------------------- p2p and 1F1B

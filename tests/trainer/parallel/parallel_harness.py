@@ -202,6 +202,7 @@ def train(rank, world, port, out_dir, dims_kw: dict, options: dict) -> dict:
     return {
         "coords": tuple(engine.mesh.coords),
         "losses": [r.loss for r in results],
+        "vision_bag_losses": [r.vision_bag_loss for r in results],
         "grad_norms": [r.grad_norm for r in results],
         "num_tokens": [r.num_tokens for r in results],
         "optimizer_numel": engine.optimizer_state_numel(),

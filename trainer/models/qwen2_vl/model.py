@@ -161,8 +161,11 @@ class Qwen2VL(nn.Module):
         image_grid_thw=None,
         pixel_values_videos=None,
         video_grid_thw=None,
+        vision_out: list | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with vision features written over the image and video pad tokens: (B, L, C)."""
+        """Token embeddings with vision features written over the image and video pad tokens: (B, L, C).
+        With a `vision_out` list, each kind's (kind, pad token id, features, grid) is appended to it (for a
+        training objective on the vision features themselves)."""
         x = self.model.embed_tokens(input_ids)
         for kind, token_id, pixels, grid in (
             ("image", self.cfg.image_token_id, pixel_values, image_grid_thw),
@@ -183,6 +186,8 @@ class Qwen2VL(nn.Module):
                     f"{features.shape[0]} features, {num_slots} tokens"
                 )
             x = x.masked_scatter(slots.unsqueeze(-1), features)
+            if vision_out is not None:
+                vision_out.append((kind, token_id, features, grid))
         return x
 
     def positions(self, input_ids, segment_ids, image_grid_thw=None, video_grid_thw=None):
