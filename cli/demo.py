@@ -343,7 +343,7 @@ def _print_summary(s: dict[str, Any]) -> None:
                     highlight=False,
                 )
         out.print(
-            f"{STEPS} steps teach the answer formats, not the tasks; `make learn` trains video direction from "
+            f"{STEPS} steps are far too few to learn these tasks; `make learn` trains video direction from "
             "scratch to about 0.9 right in some 8 minutes (docs/learning.md)",
             highlight=False,
         )
