@@ -21,9 +21,8 @@ device and run, costs no parameters, no optimizer state and nothing in a checkpo
 probe on the synthetic direction videos (examples/learning_probe.py; docs/learning.md has the table): fixed
 random class vectors reached 0.6 validation accuracy after 150-200 updates, a learned 4-way linear head after
 200-250, lm_head's rows after 300, and lm_head after the LLM's final norm or over the whole vocabulary not
-within 400. In
-whole-model training lm_head's rows are also moved by the language-model loss, and the one run scored against
-them stayed at chance for 400 steps.
+within 400. In whole-model training lm_head's rows are also moved by the language-model loss, and the one run
+scored against them stayed at chance for 400 steps.
 
 The term is added on the last pipeline stage, so the config refuses pp > 1 with it on (stage 0 would have to
 add it to its backward); tp and dp are fine.
@@ -67,9 +66,8 @@ def vision_bag_loss(
     """Summed over the micro-batch's images and videos: the mean cross-entropy of predicting each one's sample's
     supervised tokens from its pooled features. `vision` is what `Qwen2VL.embed(vision_out=...)` collected."""
     input_ids, segment_ids = batch["input_ids"], batch["segment_ids"]
-    targets = shifted_targets(
-        batch["labels"], segment_ids
-    )  # (B, L - 1): the token predicted at each position
+    # (B, L - 1): the token predicted at each position, ignored across sample boundaries.
+    targets = shifted_targets(batch["labels"], segment_ids)
     supervised = targets != IGNORE_INDEX
     pooled, bags = [], []
     for _kind, token_id, features, grid in vision:
