@@ -4,12 +4,16 @@ Decisions:
 
 - Both run the same `controller.reconciler.Controller` in this process, against the store named by
   VLCTL_DATABASE_URL; `run` is a controller that also shows one job live and returns when that job ends.
-- `controller` on SIGTERM or Ctrl-C releases its claims and, by default, stops its jobs' ranks (they save a
+- Stop signals (SIGTERM, Ctrl-C, SIGHUP; see signals.py) end the current pass and then the command, the same
+  way whichever arrives; a signal the caller ignores stays ignored.
+- `controller` on a stop signal releases its claims and, by default, stops its jobs' ranks (they save a
   checkpoint first), so no process outlives it; the next controller resumes them uncounted. `--on-exit detach`
   leaves them training instead, for a controller upgrade: the next controller re-attaches. SIGKILL leaves them
-  training too (nothing can run at SIGKILL); the next controller re-attaches. `run` on Ctrl-C cancels its
-  job instead, like stopping any foreground program; the ranks are stopped before it returns.
-- Exit codes of `run`: 0 when the job succeeded, 1 when it failed, 130 on Ctrl-C (cancelled).
+  training too (nothing can run at SIGKILL); the next controller re-attaches. `run` on a stop signal cancels
+  its job instead, like stopping any foreground program: the job ends `cancelled` (no later controller resumes
+  it) and the ranks are stopped before it returns.
+- Exit codes of `run`: 0 when the job succeeded, 1 when it failed or was cancelled by someone else, 128 + N when
+  signal N stopped it (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ from controller.backends.local import LocalBackend, LocalBackendConfig
 from controller.domain import states
 from controller.domain.phases import TERMINAL_PHASES, Phase
 from controller.reconciler import Controller, ControllerConfig, default_controller_id
-from controller.spec import SpecError, load_spec
-from controller.store.repo import JobExists, create_job, get_job
+from controller.store.repo import JobExists, create_job, get_current_attempt, get_job
 
 from .errors import EXIT_FAILURE, EXIT_USER_ERROR, CliError
-from .jobs import OutputOption, _job_dict, store
+from .jobs import OutputOption, _job_dict, load_submitted_spec, store
 from .live import job_snapshot, render_snapshot
 from .output import OutputFormat, emit, stderr
+from .signals import StopRequest, stop_on_signals
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def _controller(
@@ -49,7 +53,9 @@ def _controller(
     if controller_id:
         config.controller_id = controller_id
     if runs_root is not None:
-        config.runs_root = runs_root
+        # Taken against the caller's directory now: the store keeps each job's run folder, which `vlctl logs`
+        # and the next controller read from wherever they run.
+        config.runs_root = runs_root.absolute()
     try:
         local = LocalBackend(LocalBackendConfig(module=trainer_module))
     except ValueError as err:
@@ -84,9 +90,7 @@ def controller(
     if on_exit not in ("stop", "detach"):
         raise CliError(f"--on-exit: expected stop or detach, got {on_exit!r}", EXIT_USER_ERROR)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    with store() as db:
+    with stop_on_signals(stop), store() as db:
         ctl = _controller(
             db,
             poll_seconds=poll_seconds,
@@ -130,27 +134,35 @@ def run(
     poll_seconds: Annotated[float, typer.Option(help="seconds between reconcile passes")] = 1.0,
     runs_root: Annotated[Path | None, typer.Option(help="run folder root for a relative run_dir")] = None,
     output: OutputOption = OutputFormat.table,
+    trainer_module: Annotated[
+        str, typer.Option(help="what each rank runs with the attempt's config (local backend)", hidden=True)
+    ] = "trainer.train",
 ) -> None:
     """Submit a job and supervise it in the foreground, with a live view of step, loss, tokens/s, ETA, restarts
-    and stragglers. Ctrl-C cancels the job."""
-    try:
-        spec = load_spec(file)
-    except SpecError as err:
-        raise CliError(str(err), EXIT_USER_ERROR) from None
+    and stragglers. Ctrl-C (or SIGTERM) cancels the job."""
+    spec = load_submitted_spec(file)  # relative paths from this directory, inputs and memory checked
     with store() as db:
         with db.transaction() as session:
             try:
                 create_job(session=session, name=spec.name, spec=spec.model_dump(mode="json"))
             except JobExists as err:
                 raise CliError(str(err), EXIT_USER_ERROR) from None
+        stopped = StopRequest()
         phase = supervise(
-            db, spec.name, poll_seconds=poll_seconds, runs_root=runs_root, live=output is OutputFormat.table
+            db,
+            spec.name,
+            poll_seconds=poll_seconds,
+            runs_root=runs_root,
+            live=output is OutputFormat.table,
+            trainer_module=trainer_module,
+            stopped=stopped,
         )
         with db.read() as session:
-            data = _job_dict(get_job(session=session, name=spec.name))
+            job = get_job(session=session, name=spec.name)
+            data = _job_dict(job, get_current_attempt(session=session, job=job))
     emit(data, output, lambda d: f"{d['name']}: {d['phase']} ({d['reason']}) {d['message']}".rstrip())
-    if phase is Phase.CANCELLED:
-        raise typer.Exit(EXIT_INTERRUPTED)
+    if stopped.signum is not None and phase is Phase.CANCELLED:
+        raise typer.Exit(stopped.exit_code)
     if phase is not Phase.SUCCEEDED:
         raise typer.Exit(EXIT_FAILURE)
 
@@ -166,9 +178,12 @@ def supervise(
     on_pass=None,
     env: dict[str, str] | None = None,
     progress=None,
+    trainer_module: str = "trainer.train",
+    stopped: StopRequest | None = None,
 ) -> Phase:
     """Run a controller until job `name` ends, showing it live (or calling `progress` with each snapshot when not
-    live); Ctrl-C cancels the job. `on_pass` sees every snapshot too. Returns the job's phase."""
+    live); a stop signal (Ctrl-C, SIGTERM, SIGHUP) cancels the job and is recorded in `stopped`. `on_pass` sees
+    every snapshot too. Returns the job's phase."""
     from rich.live import Live
 
     ctl = _controller(
@@ -176,6 +191,7 @@ def supervise(
         poll_seconds=poll_seconds,
         controller_id=controller_id or f"{default_controller_id()}-run",
         runs_root=runs_root,
+        trainer_module=trainer_module,
         env=env,
     )
     stop = threading.Event()
@@ -196,22 +212,33 @@ def supervise(
         if phase[0] in TERMINAL_PHASES:
             stop.set()
 
-    try:
-        if view is not None:
-            view.start()
-        ctl.run(stop, on_pass=after_pass)
-        ctl.shutdown()
-    except KeyboardInterrupt:
-        stderr.print(f"interrupted: cancelling {name}", highlight=False)
+    def cancel(why: str) -> None:
+        stderr.print(f"{why}: cancelling {name}", highlight=False)
         with db.transaction() as session:
             job = get_job(session=session, name=name)
             if job.phase not in TERMINAL_PHASES:
-                states.cancel(job, session=session, message="interrupted in `vlctl run`")
+                states.cancel(job, session=session, message=f"{why} in `vlctl run`")
+        # The job is cancelled in the store before its ranks go: no controller can take it for a restart.
         ctl.shutdown(stop_jobs=True)
         phase[0] = Phase.CANCELLED
-    finally:
-        if view is not None:
-            view.stop()
+
+    with stop_on_signals(stop) as request:
+        try:
+            if view is not None:
+                view.start()
+            try:
+                ctl.run(stop, on_pass=after_pass)
+            except KeyboardInterrupt:  # a SIGINT handler other than ours (not on the main thread)
+                request.signum = request.signum or signal.SIGINT
+            if request.signum is not None and phase[0] not in TERMINAL_PHASES:
+                cancel(f"stopped by {request.name}")
+            else:
+                ctl.shutdown()
+        finally:
+            if view is not None:
+                view.stop()
+    if stopped is not None:
+        stopped.signum = request.signum
     return phase[0]
 
 

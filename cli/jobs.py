@@ -1,9 +1,10 @@
 """`vlctl submit | list | status | events | cancel | resume`: jobs in the controller's store.
 
 Every command opens the store named by VLCTL_DATABASE_URL (SQLite in the user's data folder by default) and
-brings its schema up to date. A spec is validated completely before anything is written. With a cluster
-(`--backend kubernetes`, `--context`, or VLCTL_BACKEND=kubernetes) all but `resume` go to its TrainingJobs
-instead (cli/cluster.py).
+brings its schema up to date. A spec is validated completely before anything is written: its fields, then (local
+backend) its local inputs, with relative paths taken from the current directory and stored absolute, and the
+memory its ranks need (`load_submitted_spec`). With a cluster (`--backend kubernetes`, `--context`, or
+VLCTL_BACKEND=kubernetes) all but `resume` go to its TrainingJobs instead (cli/cluster.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from controller.domain import states
 from controller.domain.phases import ACTIVE_PHASES, EventType, Phase
-from controller.spec import SpecError, load_spec
+from controller.spec import SpecError, TrainingJobSpec, load_spec, prepare_submission
 from controller.store import migrate
 from controller.store.models import Checkpoint, Event, Job, RankStatus, utcnow
 from controller.store.records import excluded_nodes, list_checkpoints
@@ -311,6 +312,16 @@ def _render_status(d: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def load_submitted_spec(file: Path) -> TrainingJobSpec:
+    """The spec in `file` as `submit` and `run` store it: validated, its relative local paths made absolute
+    against the current directory (where the user typed the command), its inputs found and its ranks' memory
+    checked (controller.spec.prepare_submission); any problem is one line naming the field, exit 2."""
+    try:
+        return prepare_submission(load_spec(file), base_dir=Path.cwd(), source=str(file))
+    except SpecError as err:
+        raise CliError(str(err), EXIT_USER_ERROR) from None
+
+
 def submit(
     file: Annotated[
         Path, typer.Argument(help="a job spec (YAML or JSON); with a cluster also a TrainingJob object")
@@ -324,10 +335,7 @@ def submit(
     TrainingJob in the cluster (the spec's own `backend:` never chooses)."""
     if (where := cluster.target(backend, context, namespace)) is not None:
         return cluster.submit(where, file, output)
-    try:
-        spec = load_spec(file)
-    except SpecError as err:
-        raise CliError(str(err), EXIT_USER_ERROR) from None
+    spec = load_submitted_spec(file)
     with store() as db, db.transaction() as session:
         try:
             job = create_job(session=session, name=spec.name, spec=spec.model_dump(mode="json"))
@@ -420,12 +428,17 @@ def cancel(
     confirm("cancel", f"cancel job {job}?", yes)
     with store() as db, db.transaction() as session:
         found = load_job(session, job)
-        try:
+        # Cancelling twice is not an error (the outcome the user asked for holds); an ended job cannot be.
+        already = found.phase is Phase.CANCELLED
+        if found.phase in (Phase.SUCCEEDED, Phase.FAILED):
+            raise CliError(
+                f"cancel: job {job!r} already ended ({found.phase}); there is nothing to cancel",
+                EXIT_USER_ERROR,
+            )
+        if not already:
             states.cancel(found, session=session, message="cancelled from the CLI")
-        except states.InvalidTransition as err:
-            raise CliError(f"cancel: {err}", EXIT_USER_ERROR) from None
-        data = _job_dict(found)
-    stderr.print(f"cancelled {job}", highlight=False)
+        data = _job_dict(found, get_current_attempt(session=session, job=found))
+    stderr.print(f"{job} is already cancelled" if already else f"cancelled {job}", highlight=False)
     emit(data, output, lambda d: f"{d['name']}: {d['phase']}")
 
 

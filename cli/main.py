@@ -26,6 +26,9 @@ class _Root(TyperGroup):
                 ("typer", "click")
             ):
                 raise
+            if isinstance(err, BrokenPipeError):  # the reader of our output left: not an error
+                _silence_stdout()
+                raise typer.Exit(0) from None
             raise typer.Exit(exit_code_for(err)) from None
 
 
@@ -47,7 +50,10 @@ def _version() -> str:
 
 def _print_version(value: bool) -> None:
     if value:
-        print(f"vlctl {_version()}")
+        try:
+            print(f"vlctl {_version()}", flush=True)
+        except BrokenPipeError:  # before any command runs, so outside _Root's rule
+            _silence_stdout()
         raise typer.Exit()
 
 
@@ -74,11 +80,22 @@ def demo(
 
 def main() -> None:
     try:
-        app()
+        try:
+            app()
+        finally:
+            # Flushed here, not at interpreter exit: a reader that left is seen inside the handler below.
+            sys.stdout.flush()
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:  # `vlctl ... | head`: the reader left; stop quietly
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        _silence_stdout()
         sys.exit(0)
+
+
+def _silence_stdout() -> None:
+    """`vlctl ... | head`: the reader has what it wanted and left. Stop quietly with status 0 (click would
+    say 1; a pipeline under `set -o pipefail` should not fail because its reader stopped early). What is still
+    buffered goes to /dev/null, so the interpreter's final flush does not fail again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -10,8 +10,17 @@ from typing import Any
 
 from rich.console import Console
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with status 1 when the reader of a pipe leaves (`vlctl list | head`); hand it to the CLI's
+        # one rule instead (cli.main: stop quietly, status 0).
+        self.quiet = True
+        raise BrokenPipeError
+
+
+stdout = _Console(soft_wrap=True)
+stderr = _Console(stderr=True, soft_wrap=True)
 
 
 class OutputFormat(StrEnum):

@@ -126,6 +126,7 @@ def choose_resume_point(
     *, session: Session, job: Job, root: str, from_step: int | None = None
 ) -> ResumePoint | None:
     """The checkpoint the next attempt resumes from (None: start from scratch); see the module docstring."""
+    next_attempt = job.current_attempt + 1  # verification events belong to the attempt they choose for
     sync_checkpoints(session=session, job=job, root=root, attempt=None)
     rows = stored_checkpoints(session=session, job_id=job.id)
     if from_step is not None:
@@ -137,7 +138,7 @@ def choose_resume_point(
             )
         result = verify(row.uri, mode="checksum")
         record_checkpoint_verification(
-            session=session, job=job, step=row.step, ok=result.ok, detail=result.problem
+            session=session, job=job, step=row.step, ok=result.ok, detail=result.problem, attempt=next_attempt
         )
         if not result.ok:
             raise NoSuchCheckpoint(
@@ -149,7 +150,7 @@ def choose_resume_point(
             continue
         result = verify(row.uri, mode="checksum")
         record_checkpoint_verification(
-            session=session, job=job, step=row.step, ok=result.ok, detail=result.problem
+            session=session, job=job, step=row.step, ok=result.ok, detail=result.problem, attempt=next_attempt
         )
         if result.ok:
             return ResumePoint(row.step, row.uri)

@@ -14,7 +14,9 @@ Decisions:
   rank's log tail. The local kernel OOM killer is indistinguishable from `kill -9` and stays a Crash.
 - CrashBeforeFirstStep is retryable and counts: one retry covers a flaky start (a rendezvous timeout), and
   policy's crash-loop guard turns a repeat into a UserError.
-- Culprits: failing ranks other than the ones stopped the graceful way, earliest exit first (then by rank).
+- Culprits: failing ranks other than the ones stopped the graceful way; the backend's root cause first (the
+  first failure in the node that ended first: a rank that lost its peer fails too, later), then earliest exit,
+  then by rank. A node whose agent was killed outright is described as such, not as a rank that was killed.
 - User rules (JobSet failurePolicy style) are tried in order after the default classification, so they can
   match its reason as well as exit codes, signals and a message regex; all the criteria a rule sets must hold
   (any value of each). The first that matches sets the action. Success and cancellation are never overridden.
@@ -30,9 +32,17 @@ from enum import StrEnum
 
 from controller.hangs import HangVerdict
 from trainer.contract import EXIT_USER_ERROR  # the trainer's exit code for invalid configuration
-from trainer.contract.telemetry import EXIT_FAULT_CRASH, EXIT_PREEMPTED
+from trainer.contract.telemetry import (
+    EXIT_FAULT_CRASH,
+    EXIT_PREEMPTED,
+    EXIT_STORAGE_UNAVAILABLE,
+    STORAGE_UNAVAILABLE,
+)
 
-OOM_LOG_PATTERN = re.compile(r"CUDA out of memory|OutOfMemoryError|HIP out of memory")
+OOM_LOG_PATTERN = re.compile(
+    r"CUDA out of memory|OutOfMemoryError|HIP out of memory|^MemoryError\b|DefaultCPUAllocator: can.t allocate memory",
+    re.MULTILINE,
+)
 MAX_SIGNAL = 64
 
 
@@ -45,6 +55,7 @@ class ExitClass(StrEnum):
     HANG = "Hang"
     NODE_LOST = "NodeLost"
     CONFIG_ERROR = "ConfigError"
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
     PREEMPTED = "Preempted"
     OOM = "OutOfMemory"
     CRASH_BEFORE_FIRST_STEP = "CrashBeforeFirstStep"
@@ -81,6 +92,8 @@ class RankExit:
     oom_killed: bool = False  # the backend saw an OOM kill (Kubernetes reason OOMKilled)
     exited_at: float | None = None
     log_tail: str = ""
+    root_cause: bool = False  # the backend saw this rank fail first (in the node that ended first)
+    agent: bool = False  # the node's agent (torchrun) ended without a report: this is the node's status
 
     @classmethod
     def from_returncode(cls, rank: int, returncode: int | None, **kwargs) -> RankExit:
@@ -285,6 +298,21 @@ def _config_error(end: AttemptEnd) -> Classification | None:
     return None
 
 
+def _storage_unavailable(end: AttemptEnd) -> Classification | None:
+    """The trainer's EXIT_STORAGE_UNAVAILABLE: its checkpoint storage stayed unwritable for
+    checkpoint.storage_outage_seconds while it kept training and retried the save with backoff. Not retryable
+    (and so never a CrashLoop): the trainer has already waited as long as the job allows, and a restart would
+    resume from the last commit and recompute the steps since, to fail at the same storage. The message quotes
+    the rank's line naming the path; a user rule (reasons: [StorageUnavailable]) can still ask for a retry."""
+    bad = culprits([r for r in end.ranks if r.exit_code == EXIT_STORAGE_UNAVAILABLE and r.signal is None])
+    if not bad:
+        return None
+    lines = [line.strip() for line in bad[0].log_tail.splitlines() if STORAGE_UNAVAILABLE in line]
+    line = lines[-1][lines[-1].index(STORAGE_UNAVAILABLE) :] if lines else STORAGE_UNAVAILABLE
+    message = f"rank {bad[0].rank}{f' ({bad[0].node})' if bad[0].node else ''}: {line}"
+    return _result(end, ExitClass.STORAGE_UNAVAILABLE, message, retry=False, count=False, ranks=ranks_of(bad))
+
+
 def _preempted(end: AttemptEnd) -> Classification | None:
     failing = [r for r in end.ranks if r.failed]
     if end.preempted:
@@ -327,6 +355,7 @@ DEFAULT_RULES: tuple[Callable[[AttemptEnd], Classification | None], ...] = (
     _node_lost,
     _hang,
     _config_error,
+    _storage_unavailable,
     _preempted,
     _out_of_memory,
     _crash,
@@ -340,6 +369,7 @@ def culprits(failing: Sequence[RankExit]) -> list[RankExit]:
         failing,
         key=lambda r: (
             r.stopped_gracefully,
+            not r.root_cause,
             r.exited_at if r.exited_at is not None else float("inf"),
             r.rank,
         ),
@@ -355,6 +385,15 @@ def describe(exits: Sequence[RankExit]) -> str:
     first = exits[0]
     where = f" ({first.node})" if first.node else ""
     sig = first.term_signal
+    if first.agent:
+        # The agent's death took the rank with it: the node is what failed, and the rank never reported.
+        how = (
+            f"was killed by {signal_name(sig)}" if sig is not None else f"exited with code {first.exit_code}"
+        )
+        text = f"the torchrun agent of {first.node or 'its node'} (rank {first.rank}) {how}"
+        if len(exits) > 1:
+            text += f"; {len(exits) - 1} more rank{'s' if len(exits) > 2 else ''} failed"
+        return text
     if sig is not None:
         how = f"was killed by {signal_name(sig)}"
     else:

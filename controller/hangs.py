@@ -5,6 +5,10 @@ Decisions:
 - The signal is each rank's last-progress timestamp (a completed step or micro-step, see
   trainer.contract.telemetry). A live, scrapable endpoint with a stale timestamp is a hang; a dead process is
   the backend's business (an exit code), not this module's.
+- A rank waiting for its checkpoint storage (an outage: it retries the save with backoff, and after the last step
+  it takes no step while it waits) is not hung: its reports of the growing outage count as progress. The wait is
+  bounded by the trainer itself (checkpoint.storage_outage_seconds, then it exits StorageUnavailable), so a job
+  whose storage is down is never killed as hung and recomputed from an older checkpoint.
 - The job is hung when no rank has progressed for max(hang_timeout_seconds, step_time_factor x the median step
   time): one rank stuck in a collective stops every other rank within a step, so "newest progress of any rank"
   is the job's progress, and the step-time term keeps a job whose steps take longer than the timeout from being
@@ -52,6 +56,13 @@ class RankProgress:
     step: int | None = None  # last completed step
     last_progress: float | None = None  # unix seconds; None before the first step or micro-step
     process_start: float | None = None  # unix seconds; None until the rank has reported
+    storage_wait_at: float | None = None  # unix seconds: its newest report of a checkpoint storage outage
+
+    @property
+    def alive_at(self) -> float | None:
+        """The newest sign that the rank is doing its work: a step, or waiting out a storage outage."""
+        times = [t for t in (self.last_progress, self.storage_wait_at) if t is not None]
+        return max(times) if times else None
 
     @classmethod
     def from_sample(cls, sample: RankSample) -> RankProgress:
@@ -118,12 +129,12 @@ def detect_hang(
     yet); `launched_at`: when the attempt was launched."""
     if median_step_seconds is not None and not median_step_seconds >= 0:
         raise ValueError(f"median_step_seconds: must be >= 0, got {median_step_seconds}")
-    progress = [r.last_progress for r in ranks if r.last_progress is not None]
+    progress = [r.alive_at for r in ranks if r.alive_at is not None]
     started = [r.process_start for r in ranks if r.process_start is not None]
 
     def rank_since(r: RankProgress) -> float:
-        if r.last_progress is not None:
-            return r.last_progress
+        if (alive := r.alive_at) is not None:
+            return alive
         return r.process_start if r.process_start is not None else launched_at
 
     if progress:
@@ -144,7 +155,7 @@ def detect_hang(
                 step=r.step,
                 since=rank_since(r),
                 seconds=max(0.0, now - rank_since(r)),
-                progressed=r.last_progress is not None,
+                progressed=r.alive_at is not None,
             )
             for r in ranks
             if now - rank_since(r) > threshold

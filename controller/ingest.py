@@ -79,6 +79,7 @@ ATTEMPT_KEY = "attempt"  # in JSONL lines and endpoint files (trainer.contract.t
 SAVING_OPERATIONS = ("stage", "save")  # the operations that make a step a checkpoint step
 _CHECKPOINT_PREFIX = "checkpoint_seconds/"
 _PHASE_PREFIX = "phase_seconds/"
+_STORAGE_OUTAGE = "checkpoint_storage_outage_seconds"  # trainer.contract.telemetry METRICS
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -111,6 +112,8 @@ class RankState:
     vision_tokens_total: float = 0.0
     tokens_per_second: float | None = None  # this rank's text + vision tokens per second of the last step(s)
     checkpoint_seconds: Mapping[str, float] = field(default_factory=dict)  # newest per operation
+    storage_outage_seconds: float | None = None  # the checkpoint storage outage it reports (0: none)
+    storage_wait_at: float | None = None  # unix seconds of its newest sign of life while in an outage
     updated_at: float | None = None  # the controller's clock (poll `now`) when this rank last reported
     failures: int = 0  # consecutive failed scrapes (endpoint source)
 
@@ -121,6 +124,7 @@ class RankState:
             step=self.step,
             last_progress=self.last_progress,
             process_start=self.process_start,
+            storage_wait_at=self.storage_wait_at,
         )
 
 
@@ -430,6 +434,11 @@ def _fold_line(
                 ops.append(CheckpointOp(rank=state.rank, step=step, operation=operation, seconds=seconds))
     if ops:
         changes["checkpoint_seconds"] = checkpoint
+    outage = _number(record.get(_STORAGE_OUTAGE), _STORAGE_OUTAGE)
+    if outage is not None:
+        # Each line in an outage is a sign of life (the trainer writes them while it waits for the storage).
+        changes["storage_outage_seconds"] = outage
+        changes["storage_wait_at"] = _number(record.get("time"), "time") if outage > 0 else None
     sample = None
     if "step_seconds" in record:  # a step line (the others are checkpoint lines)
         wall = _number(record["step_seconds"], "step_seconds")
@@ -499,6 +508,12 @@ class _ScrapedRanks:
             gained = text + vision - prev.text_tokens_total - prev.vision_tokens_total
             rate = max(gained, 0.0) / (step - prev.step) / sample.step_seconds
         phases = {p: v for p, v in sample.phase_seconds.items() if p in PHASES}
+        outage = sample.checkpoint_storage_outage_seconds
+        # A growing outage gauge is a sign of life; a frozen one (the training thread stuck) is not.
+        wait_at = None
+        if outage is not None and outage > 0:
+            grew = prev is None or prev.storage_outage_seconds is None or outage > prev.storage_outage_seconds
+            wait_at = now if grew else (prev.storage_wait_at if prev is not None else None)
         self.states[sample.rank] = RankState(
             rank=sample.rank,
             attempt=self.attempt,
@@ -515,6 +530,8 @@ class _ScrapedRanks:
             vision_tokens_total=vision,
             tokens_per_second=rate,
             checkpoint_seconds=checkpoint,
+            storage_outage_seconds=outage,
+            storage_wait_at=wait_at,
             updated_at=now,
         )
         if advanced and sample.step_seconds is not None:

@@ -46,11 +46,13 @@ from typing import Any
 from sqlalchemy import select
 
 from controller.backends.base import EXIT_LOST, Backend
+from controller.backends.rank_exec import ENV_MEMORY_LIMIT
 from controller.checkpoints import NoSuchCheckpoint, checkpoint_root, choose_resume_point, sync_checkpoints
 from controller.domain import states
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
 from controller.history import checkpoint_interval, failure_history, restart_cost, update_goodput
+from controller.memory import rank_memory_limit
 from controller.policy import (
     decide_exclude_node,
     decide_restart,
@@ -304,7 +306,7 @@ class Controller:
                 nodes=len(nodes),
                 procs_per_node=spec.resources.procs_per_node,
                 run_dir=run_dir,
-                env=self.env,
+                env=self._rank_env(spec),
                 names=nodes,
                 excluded=excluded,
             )
@@ -335,6 +337,10 @@ class Controller:
             assert row is not None and row.number == number
             row.backend_record = gang.record()
         self._live[job_id] = self._watch(job_id, spec, gang, number, run_dir, launched_at=now, nodes=nodes)
+
+    def _rank_env(self, spec: TrainingJobSpec) -> dict[str, str]:
+        limit = rank_memory_limit(spec)
+        return {**self.env, **({ENV_MEMORY_LIMIT: str(limit)} if limit is not None else {})}
 
     def _watch(
         self,
@@ -724,7 +730,12 @@ class Controller:
             exits.setdefault(
                 w.rank,
                 RankExit.from_returncode(
-                    w.rank, w.returncode, node=state.node if state else "", log_tail=tail
+                    w.rank,
+                    w.returncode,
+                    node=w.node or (state.node if state else ""),
+                    log_tail=tail,
+                    root_cause=w.root_cause,
+                    agent=w.agent,
                 ),
             )
         if codes and not exits:

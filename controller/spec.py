@@ -7,11 +7,18 @@ policy and the backend. The same model becomes the Kubernetes CRD schema, so it 
 Settings of the decision modules (policy, hangs, stragglers, failures) are built from it, never duplicated.
 
 YAML or JSON files; any problem is one `SpecError` naming the file and the field path.
+
+At submit (`prepare_submission`, used by `vlctl submit` and `vlctl run`) a local-backend spec's relative local
+paths are made absolute against the directory it was submitted from, as with any command line tool: the stored
+spec then means the same to every controller and rank wherever they run, after a controller restart too, and
+`vlctl status` shows the paths that are used. Its inputs are checked to exist and its ranks to fit in memory
+there, so a job that cannot start is refused with its field named instead of failing after launches.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from controller.failures import FailureAction, FailureRule
 from controller.hangs import HangConfig
+from controller.memory import MemoryCheckError, check_memory
 from controller.policy import CheckpointIntervalPolicy, RestartPolicy
 from controller.stragglers import StragglerConfig
 from trainer.contract.training import TrainingConfig
@@ -230,3 +238,93 @@ def load_spec(path: str | Path) -> TrainingJobSpec:
             f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(err).splitlines()[0]}"
         ) from None
     return parse_spec(raw, source=str(path))
+
+
+# ------------------------------------------------------------------------------------------ at submit
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _absolute(path: str, base: Path) -> str:
+    """`path` against `base` (after `~`), normalised but with symlinks kept, as the user wrote them."""
+    return os.path.normpath(Path(base, os.path.expanduser(path)))
+
+
+def _has_content(path: Path) -> bool:
+    """True when the file holds something besides whitespace (read until the first such byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return True
+    return False
+
+
+def resolve_paths(spec: TrainingJobSpec, base_dir: str | Path) -> TrainingJobSpec:
+    """A copy of a local-backend spec whose relative local paths are absolute, taken against `base_dir` (the
+    directory the job was submitted from), so they mean the same to every controller and rank, after a restart
+    too, and the stored spec shows them as they will be used. Object-storage URLs, the checkpoint folder (it is
+    relative to the run folder by design) and a run_dir the spec leaves at its default (the controller puts
+    that under its runs root) stay as they are. Kubernetes specs are returned unchanged: their paths are the
+    pods'."""
+    if spec.backend != "local":
+        return spec
+    base = Path(base_dir).absolute()
+    spec = spec.model_copy(deep=True)
+    t, data = spec.training, spec.training.data
+    data.paths = [p if _is_url(p) else _absolute(p, base) for p in data.paths]
+    data.corpora = [p if _is_url(p) else _absolute(p, base) for p in data.corpora]
+    if data.tokenizer is not None and not _is_url(data.tokenizer):
+        data.tokenizer = _absolute(data.tokenizer, base)
+    if not _is_url(data.cache_dir):
+        data.cache_dir = _absolute(data.cache_dir, base)
+    if not t.model.is_preset and not _is_url(t.model.name):
+        t.model.name = _absolute(t.model.name, base)
+    if "run_dir" in t.model_fields_set and not _is_url(t.run_dir):
+        t.run_dir = _absolute(t.run_dir, base)
+    return spec
+
+
+def check_paths(spec: TrainingJobSpec) -> None:
+    """Raise SpecError (naming the field and the path looked at) for a local input the job could not read:
+    a missing or empty sample file, a corpus without its index, a missing tokenizer or checkpoint folder.
+    Local-backend specs only; URLs are not looked up."""
+    if spec.backend != "local":
+        return
+    t = spec.training
+    for i, path in enumerate(t.data.paths):
+        if _is_url(path):
+            continue
+        where, file = f"training.data.paths[{i}]", Path(path)
+        if not file.exists():
+            raise SpecError(f"{where}: sample file not found: {path}")
+        if not file.is_file():
+            raise SpecError(f"{where}: not a file: {path}")
+        try:
+            if not _has_content(file):
+                raise SpecError(f"{where}: sample file is empty: {path}")
+        except OSError as err:
+            raise SpecError(f"{where}: cannot read {path} ({err.strerror})") from None
+    for i, prefix in enumerate(t.data.corpora):
+        if not _is_url(prefix) and not Path(prefix + ".idx").is_file():
+            raise SpecError(f"training.data.corpora[{i}]: corpus index not found: {prefix}.idx")
+    if t.data.tokenizer is not None and not _is_url(t.data.tokenizer) and not Path(t.data.tokenizer).is_dir():
+        raise SpecError(f"training.data.tokenizer: not a directory: {t.data.tokenizer}")
+    if not t.model.is_preset and not _is_url(t.model.name) and not Path(t.model.name).is_dir():
+        raise SpecError(f"training.model.name: checkpoint directory not found: {t.model.name}")
+
+
+def prepare_submission(
+    spec: TrainingJobSpec, *, base_dir: str | Path, source: str = "spec"
+) -> TrainingJobSpec:
+    """What `vlctl submit` and `vlctl run` store: the spec with its local paths made absolute against `base_dir`
+    (see resolve_paths), after checking that its local inputs are there and that its ranks fit in memory
+    (controller.memory). Any problem is one SpecError naming `source` and the field."""
+    resolved = resolve_paths(spec, base_dir)
+    try:
+        check_paths(resolved)
+        check_memory(resolved)
+    except (SpecError, MemoryCheckError) as err:
+        raise SpecError(f"{source}: {err}") from None
+    return resolved

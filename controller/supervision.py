@@ -135,6 +135,7 @@ class LiveAttempt:
                 step=s.step,
                 last_progress=s.last_progress,
                 process_start=s.process_start,
+                storage_wait_at=s.storage_wait_at,
             )
             for r, s in sorted(self.ranks.items())
         ]

@@ -1,5 +1,21 @@
 """A training run on one rank: builds the mesh, model, engine, data, checkpointer and telemetry from the training
-config, resumes, and runs the step loop (see trainer/train.py for the step and resume contracts)."""
+config, resumes, and runs the step loop (see trainer/train.py for the step and resume contracts).
+
+Decisions:
+
+* Checkpoint storage outages (trainer/checkpoint/outage.py): a save that fails because the storage cannot be
+  written does not end the run. Each step's sync point carries, besides the stop flag, three checkpoint flags
+  (the save in flight has finished, a retry is due, the outage limit has passed), all-reduced with "any", so
+  every rank settles the finished save, retries, or gives up at the same step: a failed asynchronous save is
+  noticed at the next step boundary, and the ranks never disagree about calling the (collective) save.
+* During an outage the interval saves give way to retries of the newest state on the backoff schedule. At the
+  end of training, or when the limit passes, nothing newer than the last commit is lost silently: the run
+  retries until the final step commits, or exits with EXIT_STORAGE_UNAVAILABLE, every rank's last log line
+  naming the checkpoint path (the controller's StorageUnavailable).
+* A SIGTERM during an outage still exits EXIT_PREEMPTED: the resumed job starts from the last committed step.
+* While it waits for the storage after the last step it reports the outage every STORAGE_WAIT_REPORT_S, which
+  the controller's hang check counts as a sign of life (the trainer's own limit bounds the wait).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +29,12 @@ import torch
 
 from trainer.checkpoint import CheckpointConfig, Checkpointer, capture_rng, restore_rng
 from trainer.checkpoint.chunk import LocalChunk
-from trainer.contract.telemetry import ENV_METRICS_HOST, EXIT_PREEMPTED
+from trainer.contract.telemetry import (
+    ENV_METRICS_HOST,
+    EXIT_PREEMPTED,
+    EXIT_STORAGE_UNAVAILABLE,
+    STORAGE_UNAVAILABLE,
+)
 from trainer.contract.training import TrainingConfig
 from trainer.data.dataset import ConcatSource, CorpusSource, DatasetConfig, JsonlDataset
 from trainer.data.image import ImageProcessorConfig
@@ -29,9 +50,10 @@ from trainer.parallel.engine import ParallelEngine
 from trainer.parallel.mesh import ParallelDims, destroy_distributed, init_distributed
 from trainer.telemetry.mfu import MfuConfig, MfuMeter
 from trainer.telemetry.rank import RankTelemetry, TelemetryConfig
-from trainer.telemetry.timers import sync_point
+from trainer.telemetry.timers import sync_flags
 
 log = logging.getLogger("trainer.train")
+STORAGE_WAIT_REPORT_S = 2.0  # while waiting for the checkpoint storage after the last step, report this often
 
 
 class Run:
@@ -92,6 +114,7 @@ class Run:
                 interval_steps=cfg.checkpoint.interval_steps,
                 keep_last=cfg.checkpoint.keep_last,
                 async_save=cfg.checkpoint.async_save,
+                storage_outage_seconds=cfg.checkpoint.storage_outage_seconds,
             ),
             layout={"dp": p.dp, "tp": p.tp, "pp": p.pp, "world_size": p.world_size},
         )
@@ -214,9 +237,12 @@ class Run:
         log.info("resumed from %s (step %d)", restored.uri, restored.step)
 
     def save(self) -> None:
+        """Save the current step (collective). A failure because the storage is unavailable is recorded in the
+        checkpointer's outage, not raised."""
+        self.checkpointer.settle()
         model, optim = self._checkpoint_tensors()
         with self.telemetry.time_checkpoint("stage", self.step):
-            self.checkpointer.save(
+            self.checkpointer.attempt(
                 self.step,
                 model=model,
                 optimizer=optim,
@@ -233,18 +259,75 @@ class Run:
         self.resume()
         steps = self.config.training.steps
         batches = iter(self.loader)
+        ckpt = self.checkpointer
         with GracefulStop() as stop:
             self._stop = stop
             while self.step < steps:
                 stop_now = self.train_step(batches)
-                if self.checkpointer.due(self.step) or stop_now or self.step == steps:
-                    self.save()
+                finished, retry, expired = self._checkpoint_flags  # agreed by every rank at the sync point
+                if finished or expired:
+                    ckpt.settle()
+                if expired and ckpt.outage.active:
+                    return self._storage_unavailable()
                 if stop_now:
-                    self.checkpointer.wait()
+                    self.save()
+                    ckpt.settle()
+                    if ckpt.outage.active:
+                        log.warning(
+                            "step %d was not saved (%s); the job resumes from %s",
+                            self.step,
+                            STORAGE_UNAVAILABLE,
+                            "the start" if ckpt.committed_step is None else f"step {ckpt.committed_step}",
+                        )
                     log.info("stopped on SIGTERM after step %d", self.step)
                     return EXIT_PREEMPTED
-        self.checkpointer.wait()
+                if ckpt.outage.active:
+                    if retry:  # the newest state, in place of the interval saves
+                        self.save()
+                elif ckpt.due(self.step) or self.step == steps:
+                    self.save()
+            return self._finish()
+
+    def _finish(self) -> int:
+        """After the last step: its save committed, retrying through an outage until the limit."""
+        ckpt = self.checkpointer
+        ckpt.settle()
+        while ckpt.committed_step != self.step:  # the same on every rank: settled outcomes are
+            if ckpt.outage.active:
+                outage = ckpt.outage
+                until = min(outage.next_retry_at, (outage.since or 0.0) + outage.limit_s)
+                # No step is taken while it waits: the growing outage it reports tells the controller's hang
+                # check that this rank is alive (controller/hangs.py), not stuck.
+                while (left := until - time.monotonic()) > 0:
+                    time.sleep(min(left, STORAGE_WAIT_REPORT_S))
+                    outage_s = outage.seconds(time.monotonic())
+                    self.telemetry.log({"checkpoint_storage_outage_seconds": outage_s}, self.step)
+                (expired,) = sync_flags(None, (ckpt.outage.expired(time.monotonic()),))
+                if expired:
+                    return self._storage_unavailable()
+            self.save()
+            ckpt.settle()
         return 0
+
+    def _storage_unavailable(self) -> int:
+        ckpt = self.checkpointer
+        outage, last = ckpt.outage, ckpt.outage.last
+        self.telemetry.log({"checkpoint_storage_outage_seconds": outage.seconds(time.monotonic())}, self.step)
+        # The last line of every rank's log; the controller's StorageUnavailable message quotes it.
+        log.error(
+            "%s: %s: no checkpoint could be written for %.0f s (checkpoint.storage_outage_seconds = %g), "
+            "%d failed saves, the last of step %s: %s; newest committed step: %s; exit code %d",
+            STORAGE_UNAVAILABLE,
+            ckpt.config.uri,
+            outage.seconds(time.monotonic()),
+            outage.limit_s,
+            outage.failures,
+            last.step if last else "?",
+            last.error if last else "?",
+            "none" if ckpt.committed_step is None else ckpt.committed_step,
+            EXIT_STORAGE_UNAVAILABLE,
+        )
+        return EXIT_STORAGE_UNAVAILABLE
 
     def train_step(self, batches) -> bool:
         """One optimizer step; True when some rank asked to stop (SIGTERM), decided together at the sync point."""
@@ -255,6 +338,7 @@ class Run:
         with tel.timer.phase("data"):
             micro = [next(batches) for _ in range(self.engine.config.num_micro_batches)]
         self._stop_now = False
+        self._checkpoint_flags: tuple[bool, ...] = (False, False, False)
         result = self.engine.train_step(
             [m.inputs for m in micro],
             timer=tel.timer,
@@ -275,6 +359,7 @@ class Run:
                 "lr": result.lr,
                 "grad_norm": result.grad_norm,
                 **({} if math.isnan(result.vision_bag_loss) else {"vision_bag_loss": result.vision_bag_loss}),
+                "checkpoint_storage_outage_seconds": self.checkpointer.outage.seconds(time.monotonic()),
                 **counters,
             },
         )
@@ -282,10 +367,14 @@ class Run:
         return self._stop_now
 
     def _meet(self) -> None:
-        """After the step's compute, before gradient reduction: injected slowness (tests), then the sync point."""
+        """After the step's compute, before gradient reduction: injected slowness (tests), then the sync point
+        (the stop flag and the checkpoint flags, see the module docstring)."""
         timer = self.telemetry.timer
         self.faults.slow_down(self.step, timer, rest_of_step=getattr(self, "_last_optimizer_s", 0.0))
-        self._stop_now = sync_point(timer, flag=self._stop.requested)
+        stop, *checkpoint = sync_flags(
+            timer, (self._stop.requested, *self.checkpointer.outage_flags(time.monotonic()))
+        )
+        self._stop_now, self._checkpoint_flags = stop, tuple(checkpoint)
 
     def __exit__(self, *exc: object) -> None:
         for close in ("checkpointer", "loader", "telemetry"):

@@ -11,6 +11,8 @@ One step on each rank:
 Resume: the newest valid checkpoint (manifest verified) is loaded before the first step: weights, optimizer
 partitions, the loader's position (global, so it survives a change of data-parallel size), RNG states when the
 world is the same. Exit codes: 0 done, 2 invalid configuration, EXIT_PREEMPTED after SIGTERM, anything else a crash.
+Running out of host memory (Python's MemoryError, torch's "can't allocate memory") also prints an
+`OutOfMemoryError:` line, which the controller classifies as OutOfMemory, as it does torch's own device OOM.
 """
 
 from __future__ import annotations
@@ -70,8 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     _single_process_env()
     from trainer.runtime import Run
 
-    with Run(config) as run:
-        return run.train()
+    try:
+        with Run(config) as run:
+            return run.train()
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, MemoryError) or "can't allocate memory" in str(err):
+            # Host memory: name it the way the controller's out-of-memory rule reads (controller/failures.py),
+            # so the attempt fails as OutOfMemory rather than as an anonymous crash.
+            print(
+                f"OutOfMemoryError: host memory exhausted on rank {os.environ.get('RANK', '0')}",
+                file=sys.stderr,
+            )
+        raise
 
 
 class _RankFilter(logging.Filter):

@@ -2,10 +2,14 @@
 
 Decisions:
 
-- atexit covers a normal exit; SIGTERM and SIGINT get a handler (installed on the first launch, when that happens
-  on the main thread, where Python runs handlers) that cancels the gangs and then does what the previous
-  handler would have: call it, ignore the signal, or die of it with the default action, so the caller still
-  sees "killed by SIGTERM".
+- atexit covers a normal exit, and a KeyboardInterrupt that ends the program. A signal whose disposition is
+  still the default (SIGTERM kills without running atexit) gets a handler, installed on the first launch when
+  that happens on the main thread (where Python runs handlers), that cancels the gangs and then dies of the
+  signal, so the caller still sees "killed by SIGTERM".
+- A signal the program already handles or ignores is left alone. The program's own handler decides what the
+  signal means (the controller daemon detaches or stops its jobs, `vlctl run` cancels its job), and cancelling
+  the gangs before it runs would take that choice away (`--on-exit detach` found its ranks already stopped).
+  An ignored signal stays ignored: `(trap '' INT; vlctl run ...)` must not lose its ranks to a SIGINT.
 - SIGKILL of the controller cannot be caught: its gangs live on, and a restarted controller attaches to them
   from their records (that is the crash-safe path the reconcile loop relies on).
 - The controller daemon detaches gangs before a planned restart; a foreground `vlctl run` leaves nothing behind.
@@ -42,9 +46,9 @@ def register(gang: Cancellable) -> None:
         _installed = True
     atexit.register(cleanup)
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(sig)
-            signal.signal(sig, _make_handler(previous))
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                signal.signal(sig, _die_after_cleanup)
 
 
 def unregister(gang: Cancellable) -> None:
@@ -60,15 +64,7 @@ def cleanup() -> None:
         gang.cancel(EXIT_GRACE_SECONDS)
 
 
-def _make_handler(previous: Any):
-    def handle(signum: int, frame: Any) -> None:
-        cleanup()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_IGN:
-            return
-        else:  # default action: die of the signal, as the caller expects
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    return handle
+def _die_after_cleanup(signum: int, frame: Any) -> None:
+    cleanup()
+    signal.signal(signum, signal.SIG_DFL)  # the default action: die of the signal, as the sender expects
+    os.kill(os.getpid(), signum)

@@ -58,7 +58,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controller.backends.base import EXIT_LOST
-from controller.backends.torchrun_log import WorkerExit, parse_failures
+from controller.backends.torchrun_log import WorkerExit, node_exits, parse_failures, root_causes
 from controller.ingest import EndpointTelemetry, PrometheusTelemetry, TelemetryUpdate
 from controller.spec import TrainingJobSpec
 from trainer.contract.telemetry import ENDPOINT_FILE
@@ -616,28 +616,20 @@ class KubernetesGang:
         # on ours, so a failure never seems to precede its launch.
         finished = _clamp(finished, self.launched_at, now)
         exits = [replace(e, time=_clamp(e.time, self.launched_at, now)) for e in exits]
-        if not exits:
-            first_rank = index * self.procs_per_node
-            exits = [
-                WorkerExit(
-                    rank=first_rank, local_rank=0, returncode=code, pid=0, root_cause=False, time=finished
-                )
-            ]
+        exits = node_exits(
+            exits,
+            node=slot,
+            code=code,
+            first_rank=index * self.procs_per_node,
+            procs_per_node=self.procs_per_node,
+            finished=finished,
+        )
         self._exits[slot] = (finished, exits)
 
     def worker_exits(self) -> list[WorkerExit]:
         """Failed ranks, the root cause first: torchrun's own root cause in the pod that failed first (or that
         pod's first rank, when its log had no summary)."""
-        ordered = [pod_exits for _, pod_exits in sorted(self._exits.values(), key=lambda item: item[0])]
-        if ordered and not any(e.root_cause for e in ordered[0]):
-            ordered[0] = [replace(ordered[0][0], root_cause=True), *ordered[0][1:]]
-        first = {e.rank for e in ordered[0] if e.root_cause} if ordered else set()
-        exits = [
-            e if e.rank in first or not e.root_cause else replace(e, root_cause=False)
-            for pod_exits in ordered
-            for e in pod_exits
-        ]
-        return sorted(exits, key=lambda e: (not e.root_cause, e.rank))
+        return root_causes(self._exits.values())
 
     def pids(self) -> dict[str, list[int]]:
         return {name: [] for name in self.names}  # processes live in the pods, out of the operator's sight

@@ -20,15 +20,21 @@ Decisions:
   start their own sessions, so a process group does not cover the tree: cancel walks the tree from the node's
   root, and also sweeps processes tagged with this gang's `VLCTL_GANG` token in their environment, which catches
   a worker whose agent died first (re-parented away from the tree).
+- Every process runs in `workdir` (the repository, so `-m trainer.train` resolves): paths a rank gets are
+  absolute. Job specs are stored with absolute local paths (controller.spec.prepare_submission); a relative
+  run folder is taken against the controller's own directory and passed to the ranks absolute.
 - Gangs this process launched are killed when it exits unless detached (see exit_cleanup).
 - A node's exit code is torchrun's: 0 when every local rank succeeded, 1 when one failed; the rank's own code is
-  in the agent's log (`node-local-i.log`, torchrun's failure report). A node whose ranks all finished waits at
-  torchrun's exit barrier for the others (300 s by default), so the loop cancels the gang on the first failed
-  node rather than waiting for every node to end.
+  in the agent's log (`node-local-i.log`, torchrun's failure report). An agent killed outright leaves no report:
+  its node's status (137 for SIGKILL) then stands for its ranks, marked as the agent's, and the node whose exit
+  record is oldest holds the root cause (a healthy node that teardown stopped later is never blamed).
+- A node whose ranks all finished waits at torchrun's exit barrier for the others (300 s by default), so the
+  loop cancels the gang on the first failed node rather than waiting for every node to end.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -46,7 +52,7 @@ import psutil
 from controller.backends import exit_cleanup
 from controller.backends.base import EXIT_LOST
 from controller.backends.stacks import dump_stacks
-from controller.backends.torchrun_log import WorkerExit, read_failures
+from controller.backends.torchrun_log import WorkerExit, node_exits, read_failures, root_causes
 from controller.ingest import JsonlTelemetry
 from trainer.contract.telemetry import ENV_ATTEMPT, ENV_NODE, ENV_TRAINING_JOB
 
@@ -118,6 +124,13 @@ class LocalBackend:
             raise ValueError(f"names: expected {nodes} distinct node names, got {names}")
         if procs_per_node < 1:
             raise ValueError(f"procs_per_node: must be at least 1, got {procs_per_node}")
+        # A relative run folder (a relative --runs-root) is the controller's: it reads the ranks' telemetry there.
+        # The ranks run in `workdir`, so they get it, and the attempt's config, as absolute paths.
+        if not Path(run_dir).is_absolute():
+            run_dir = Path(run_dir).absolute()
+            overrides = [*overrides, f"run_dir={json.dumps(str(run_dir))}"]
+        if not Path(config_path).is_absolute() and Path(config_path).exists():
+            config_path = Path(config_path).absolute()
         logs = log_dir(run_dir, attempt)
         logs.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
@@ -133,7 +146,13 @@ class LocalBackend:
             ENV_ATTEMPT: str(attempt),
             ENV_GANG: token,
         }
-        gang = Gang(job_name=job_name, attempt=attempt, run_dir=Path(run_dir), token=token)
+        gang = Gang(
+            job_name=job_name,
+            attempt=attempt,
+            run_dir=Path(run_dir),
+            token=token,
+            procs_per_node=procs_per_node,
+        )
         try:
             for rank, name in enumerate(names):
                 torchrun = [
@@ -228,6 +247,7 @@ class Gang:
     attempt: int
     run_dir: Path
     token: str
+    procs_per_node: int = 1  # node i holds global ranks i*P .. i*P+P-1
     nodes: list[_Node] = field(default_factory=list)
     detached: bool = False
 
@@ -245,6 +265,7 @@ class Gang:
             "attempt": self.attempt,
             "run_dir": str(self.run_dir),
             "token": self.token,
+            "procs_per_node": self.procs_per_node,
             "nodes": [
                 {
                     "name": n.name,
@@ -270,6 +291,7 @@ class Gang:
                 attempt=int(record["attempt"]),
                 run_dir=Path(record["run_dir"]),
                 token=record["token"],
+                procs_per_node=int(record.get("procs_per_node", 1)),
                 nodes=nodes,
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -301,9 +323,28 @@ class Gang:
         return {n.name: self._exit_code(n) for n in self.nodes}
 
     def worker_exits(self) -> list[WorkerExit]:
-        """Failed ranks with their own exit codes, from the agents' failure summaries, root causes first."""
-        exits = [e for n in self.nodes for e in read_failures(self.log_dir / f"node-{n.name}.log")]
-        return sorted(exits, key=lambda e: (not e.root_cause, e.rank))
+        """Failed ranks with their own exit codes, from the agents' failure summaries (a node's own status for an
+        agent that left none); the root cause in the node that ended first comes first."""
+        per_node = []
+        for index, node in enumerate(self.nodes):
+            code = self._exit_code(node)
+            if code is None or code == 0 or code == EXIT_LOST:
+                continue
+            try:
+                finished = node.exit_file.stat().st_mtime
+            except OSError:
+                finished = float("inf")
+            summary = read_failures(self.log_dir / f"node-{node.name}.log")
+            exits = node_exits(
+                summary,
+                node=node.name,
+                code=code,
+                first_rank=index * self.procs_per_node,  # torchrun's --node-rank is the gang position
+                procs_per_node=self.procs_per_node,
+                finished=finished if finished != float("inf") else None,
+            )
+            per_node.append((finished, exits))
+        return root_causes(per_node)
 
     def _tree(self, node: _Node) -> list[psutil.Process]:
         root = self._root(node)

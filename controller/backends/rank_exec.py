@@ -11,13 +11,20 @@ Decisions:
   into stdout and stderr, laid out differently across torch versions): `vlctl logs JOB --rank N` opens one file.
 - Append, so a rank's log survives a re-exec within the attempt; each attempt has its own LOG_DIR.
 - Standard library only: it runs once per rank at start-up, before the trainer's own imports.
+- A memory limit (ENV_MEMORY_LIMIT, bytes) becomes the rank's RLIMIT_DATA before the exec, which keeps it: an
+  allocation past it fails in the rank (MemoryError, named OutOfMemory by the controller) rather than taking
+  the machine down. RLIMIT_DATA, not RLIMIT_AS: address space that is only reserved (CUDA maps terabytes of it)
+  does not count.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from pathlib import Path
+
+ENV_MEMORY_LIMIT = "VLCTL_RANK_MEMORY_LIMIT"
 
 
 def main(argv: list[str]) -> None:
@@ -33,6 +40,10 @@ def main(argv: list[str]) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    if limit := os.environ.get(ENV_MEMORY_LIMIT):
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        cap = int(limit) if hard == resource.RLIM_INFINITY else min(int(limit), hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
 

@@ -5,14 +5,21 @@ exit code cannot tell a SIGKILL from an injected crash or a configuration error.
 prints a summary (`ChildFailedError`) with one block per failed worker: its global rank and its exit code
 (negative: killed by that signal), the root cause first. That summary is the only place the statuses survive
 after the workers are gone; this module reads it back. A node without a summary (it succeeded, or its agent was
-killed before printing) yields no rank exits.
+killed before printing) yields no rank exits from its log; `node_exits` then speaks for its ranks with the node's
+own status, marked as the agent's.
+
+Which failure came first is decided across nodes by when each node ended (`root_causes`): every agent names its
+own first failed worker, but a rank that lost its peer fails too, and only the node that ended first holds the
+gang's root cause. Node end times are precise (an exit record's mtime, a pod's finishedAt); the agents' own
+times have a resolution of one second and cannot order two nodes.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)", re.MULTILINE)
@@ -30,6 +37,8 @@ class WorkerExit:
     pid: int
     root_cause: bool  # the agent saw this worker fail first
     time: float | None = None  # unix seconds the agent recorded (1 s resolution, the agent's local time)
+    agent: bool = False  # the node's agent ended (killed) without a report of the worker: its status
+    node: str = ""  # the node (local name or Kubernetes slot) whose agent reported it, when the backend knows
 
 
 def parse_failures(text: str) -> list[WorkerExit]:
@@ -76,3 +85,50 @@ def read_failures(agent_log: Path) -> list[WorkerExit]:
     except OSError:
         return []
     return parse_failures(text)
+
+
+def node_exits(
+    summary: Sequence[WorkerExit],
+    *,
+    node: str,
+    code: int,
+    first_rank: int,
+    procs_per_node: int,
+    finished: float | None,
+) -> list[WorkerExit]:
+    """The failed ranks of a node that ended with `code` (a shell's status: 128 + N for signal N): its agent's
+    summary, or when there is none (the agent itself was killed) one exit per rank of the node with the node's
+    status, marked `agent`."""
+    if summary:
+        return [replace(e, node=node) for e in summary]
+    returncode = -(code - 128) if 128 < code <= 128 + 64 else code
+    return [
+        WorkerExit(
+            rank=first_rank + local,
+            local_rank=local,
+            returncode=returncode,
+            pid=0,
+            root_cause=local == 0,
+            time=finished,
+            agent=True,
+            node=node,
+        )
+        for local in range(procs_per_node)
+    ]
+
+
+def root_causes(per_node: Iterable[tuple[float, Sequence[WorkerExit]]]) -> list[WorkerExit]:
+    """Every node's failed ranks, with root_cause kept only in the node that ended first (its agent's root cause,
+    or its first rank when it had none); root causes first, then by rank."""
+    ordered = [list(exits) for _, exits in sorted(per_node, key=lambda item: item[0]) if exits]
+    if not ordered:
+        return []
+    if not any(e.root_cause for e in ordered[0]):
+        ordered[0][0] = replace(ordered[0][0], root_cause=True)
+    first = {e.rank for e in ordered[0] if e.root_cause}
+    exits = [
+        e if e.rank in first or not e.root_cause else replace(e, root_cause=False)
+        for node in ordered
+        for e in node
+    ]
+    return sorted(exits, key=lambda e: (not e.root_cause, e.rank))

@@ -51,17 +51,20 @@ def record_checkpoint(
     if ckpt is None:
         ckpt = Checkpoint(job_id=job.id, step=step, created_at=now)
         session.add(ckpt)
-    was_committed = ckpt.committed
+    # A step found corrupt and saved anew (after a resume from an older one) is a new commit: it gets its event.
+    replaces_corrupt = ckpt.committed and ckpt.verified is False
+    was_committed = ckpt.committed and not replaces_corrupt
     ckpt.uri, ckpt.attempt, ckpt.committed, ckpt.verified = uri, attempt, committed, None
     ckpt.size_bytes, ckpt.save_seconds = size_bytes, save_seconds
     ckpt.committed_at = now if committed else None
     if committed and not was_committed:
+        again = " again, replacing the corrupt one" if replaces_corrupt else ""
         append_event(
             session=session,
             job=job,
             type=EventType.CHECKPOINT,
             reason=CHECKPOINT_COMMITTED,
-            message=f"checkpoint at step {step} committed to {uri}",
+            message=f"checkpoint at step {step} committed{again} to {uri}",
             data={"step": step, "uri": uri, "size_bytes": size_bytes, "save_seconds": save_seconds},
             attempt=attempt,
             now=now,
@@ -71,9 +74,17 @@ def record_checkpoint(
 
 
 def record_checkpoint_verification(
-    *, session: Session, job: Job, step: int, ok: bool, detail: str = "", now: datetime | None = None
+    *,
+    session: Session,
+    job: Job,
+    step: int,
+    ok: bool,
+    detail: str = "",
+    attempt: int | None = None,
+    now: datetime | None = None,
 ) -> None:
-    """Record whether the checkpoint at `step` matched its manifest; a corrupt one is never resumed from."""
+    """Record whether the checkpoint at `step` matched its manifest; a corrupt one is never resumed from.
+    `attempt`: the attempt the check was made for (default: the job's current one)."""
     ckpt = session.scalars(
         select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
     ).one()
@@ -85,7 +96,8 @@ def record_checkpoint_verification(
             type=EventType.CHECKPOINT,
             reason=CHECKPOINT_CORRUPT,
             message=f"checkpoint at step {step} failed verification: {detail}".rstrip(": "),
-            data={"step": step, "uri": ckpt.uri},
+            data={"step": step, "uri": ckpt.uri, "saved_by_attempt": ckpt.attempt},
+            attempt=attempt if attempt is not None else (job.current_attempt or None),
             now=now,
         )
     refresh_last_checkpoint(session=session, job=job)

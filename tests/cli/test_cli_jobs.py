@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_db import postgres_schema
+from demo_data import write_demo_data
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -42,6 +43,14 @@ def database(request, tmp_path, monkeypatch) -> Iterator[str]:
     with postgres_schema() as url:
         monkeypatch.setenv("VLCTL_DATABASE_URL", url)
         yield url
+
+
+@pytest.fixture(autouse=True)
+def demo_data(tmp_path, monkeypatch) -> None:
+    """Submit from a folder holding the example's (relative) data files: submit checks they are there."""
+    work = tmp_path / "work"
+    write_demo_data(work)
+    monkeypatch.chdir(work)
 
 
 @pytest.fixture
@@ -284,3 +293,26 @@ def test_resume_refuses_a_succeeded_job_and_needs_yes_when_not_interactive(db: S
 
     missing = run("resume", "nope", "--yes")
     assert missing.exit_code == 2 and missing.output.strip() == "error: no job named 'nope'"
+
+
+def test_cancelling_twice_says_already_cancelled_and_an_ended_job_cannot_be(db: Store):
+    """Issue 11: a second cancel answered in state-machine words ("cannot go from cancelled to cancelled")."""
+    launch_running_job(db, "twice")
+    first = run("cancel", "twice", "--yes", "-o", "json")
+    assert first.exit_code == 0 and "cancelled twice" in first.stderr
+    assert json.loads(first.stdout)["attempt_started"] is not None  # the attempt the cancel ended
+    again = run("cancel", "twice", "--yes")
+    assert again.exit_code == 0, again.output
+    assert again.stderr.strip() == "twice is already cancelled"
+    timeline = json.loads(run("events", "twice", "-o", "json").stdout)
+    assert [e["message"] for e in timeline].count("cancelled from the CLI") == 1  # cancelled once
+
+    launch_running_job(db, "ended")
+    with db.transaction() as session:
+        states.fail(get_job(session=session, name="ended"), session=session, message="crashed")
+    ended = run("cancel", "ended", "--yes")
+    assert ended.exit_code == 2
+    assert (
+        ended.stderr.strip()
+        == "error: cancel: job 'ended' already ended (failed); there is nothing to cancel"
+    )

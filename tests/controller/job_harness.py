@@ -87,7 +87,11 @@ class JobRun:
     # ------------------------------------------------------------------------------------ the controller
 
     def start_controller(
-        self, controller_id: str = "ctl-test", *, trainer_module: str = "trainer.train"
+        self,
+        controller_id: str = "ctl-test",
+        *,
+        trainer_module: str = "trainer.train",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         log = open(self.root / f"controller-{controller_id}.log", "ab")  # noqa: SIM115 - closed with the process
         self.controller = subprocess.Popen(
@@ -106,6 +110,7 @@ class JobRun:
                 str(self.root / "runs"),
                 "--trainer-module",
                 trainer_module,
+                *extra_args,
             ],
             cwd=REPO,
             env=self.env,
@@ -179,6 +184,30 @@ class JobRun:
                 return row.pid
 
         return self.wait(find, timeout=120, what=f"rank {rank}'s pid")
+
+    def agent_pid(self, node_index: int, attempt: int) -> int:
+        """The torchrun agent of a node of `attempt` (the child of the node's shell that the store recorded)."""
+        import psutil
+
+        def find() -> int | None:
+            rows = [a for a in self.attempts() if a.number == attempt and a.backend_record]
+            if not rows:
+                return None
+            shell = psutil.Process(rows[0].backend_record["nodes"][node_index]["pid"])
+            agents = [c for c in shell.children() if "torch.distributed.run" in " ".join(c.cmdline())]
+            return agents[0].pid if agents else None
+
+        return self.wait(find, timeout=120, what=f"the agent of node {node_index}, attempt {attempt}")
+
+    def wait_attempt_step(self, attempt: int, step: int, timeout: float = 240) -> None:
+        """Until attempt `attempt` has reported step `step` (a new attempt starts its count again)."""
+
+        def reached() -> bool:
+            with self.store.read() as session:
+                rows = session.scalars(select(RankStatus).where(RankStatus.attempt == attempt)).all()
+                return bool(rows) and all((r.step or 0) >= step for r in rows)
+
+        self.wait(reached, timeout=timeout, what=f"step {step} of attempt {attempt}")
 
     def run_dir(self) -> Path:
         return self.root / "runs" / self.name

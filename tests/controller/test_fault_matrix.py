@@ -1,5 +1,7 @@
 """The fault matrix: real jobs (the mini Qwen2-VL, 2 local nodes, data-parallel), real faults, a real controller
 process. Every run goes to completion and its loss at every step is bitwise equal to an uninterrupted run's.
+The faults: ranks killed (mid-step, during a save, with the newest checkpoint corrupt), a rank stopped (a hang),
+the controller killed, and the checkpoint storage unwritable for a minute.
 
 Each test prints the detection latency (from the fault to the controller's Failure event) and the time to the
 first resumed step (from the fault to the first step line the next attempt writes).
@@ -8,7 +10,9 @@ first resumed step (from the fault to the first step line the next attempt write
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import sys
 import time
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_harness  # noqa: E402
 from job_harness import JobRun, job_spec, training_section  # noqa: E402
+from unwritable import lock, mechanism, unlock  # noqa: E402
 
 from trainer.contract.checkpoint import list_checkpoints  # noqa: E402
 
@@ -182,4 +187,68 @@ def test_sigstop_hang_then_the_controller_killed_and_restarted(data, uninterrupt
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+        run.stop()
+
+
+OUTAGE_SECONDS = 60.0
+
+
+def test_checkpoint_storage_unwritable_for_a_minute_costs_no_step(
+    data, uninterrupted, tmp_path: Path
+) -> None:
+    """Issue 11: a checkpoint folder that cannot be written crashed the ranks, the job recomputed from the
+    previous checkpoint and ended `failed (CrashLoop)`. Now the folder is made unwritable from outside (chattr +i:
+    root ignores permission bits) right after step 4 commits, for 60 s: the ranks keep training, retry the save
+    with backoff, and after the last step wait for the storage, reporting the outage, which the hang check (here
+    15 s, shorter than the wait) takes for a sign of life. The job succeeds in its one attempt, every step is
+    taken once, every loss is bitwise equal to the uninterrupted run's, and nothing partial is committed."""
+    how, why = mechanism(tmp_path)
+    assert how is not None, f"cannot make a folder unwritable here: {why}"
+    spec = _spec("storage-outage", data, fault_tolerance={"hang_timeout_seconds": 15, "hang_step_factor": 1})
+    run = JobRun(tmp_path, spec)
+    root = run.run_dir() / "checkpoints"
+    locked_at = None
+    try:
+        run.start_controller()
+        run.wait(
+            lambda: root.exists() and [c.step for c in list_checkpoints(str(root))] == [4],
+            timeout=240,
+            what="step 4 committed",
+            every=0.01,
+        )
+        lock(root, how)
+        locked_at = time.monotonic()
+        trained = run.step()
+        while time.monotonic() - locked_at < OUTAGE_SECONDS:
+            assert run.phase() == "running", [e.message for e in run.events()]
+            time.sleep(0.5)
+        trained = run.step() - trained
+        unlock(root, how)
+        locked_at = None
+        _finish_and_compare(run, uninterrupted)
+        assert [a.exit_class for a in run.attempts()] == ["Succeeded"]  # no restart, no hang verdict
+        lines = run.run_dir() / "metrics-rank0.jsonl"
+        step_lines = [json.loads(x) for x in lines.read_text().splitlines() if "step_seconds" in x]
+        assert [x["step"] for x in step_lines] == list(range(STEPS)), step_lines  # each once: none recomputed
+        gauge = [x["checkpoint_storage_outage_seconds"] for x in step_lines]
+        assert gauge[0] == 0 and max(gauge) > 0  # the alert's metric grew during the outage
+        logs = run.run_dir() / "logs" / "attempt-1"
+        failed = re.compile(rf"checkpoint step (\d+) not saved, storage unavailable at {root}: ")
+        for rank in (0, 1):
+            text = (logs / f"rank-{rank}.log").read_text()
+            assert failed.search(text) and "checkpoint storage is back after" in text, text[-3000:]
+        saves = sorted({int(m) for m in failed.findall((logs / "rank-0.log").read_text())})
+        committed = [c.step for c in list_checkpoints(str(root))]
+        assert committed[-1] == STEPS and not [p for p in root.iterdir() if ".tmp" in p.name], committed
+        assert not [e for e in run.events() if e.type == "Failure"]
+        waits = [json.loads(x) for x in lines.read_text().splitlines() if "step_seconds" not in x]
+        waited = [x for x in waits if x.get("checkpoint_storage_outage_seconds", 0) > 0]
+        print(
+            f"\n[storage outage] {trained} steps trained while {root.name} was unwritable for "
+            f"{OUTAGE_SECONDS:.0f} s; failed saves of steps {saves}; {len(waited)} outage reports while waiting "
+            f"after the last step; committed {committed}; {STEPS} losses bitwise equal"
+        )
+    finally:
+        if locked_at is not None:
+            unlock(root, how)
         run.stop()

@@ -50,6 +50,21 @@ def test_hung_when_no_rank_progressed_for_the_timeout_and_the_culprit_stopped_fi
     assert "rank 2 on local-1 at step 40" in v.message and "limit 60 s" in v.message
 
 
+def test_ranks_waiting_out_a_checkpoint_storage_outage_are_alive_until_their_reports_stop():
+    """After its last step a rank waits for the checkpoint storage without stepping; its outage reports count as
+    progress (the trainer's own limit ends the wait). A rank whose reports stopped is hung like any other."""
+    waiting = [
+        RankProgress(rank=i, node="local-0", step=16, last_progress=2000.0, storage_wait_at=2000.0 + wait)
+        for i, wait in enumerate((95.0, 94.0))
+    ]
+    verdict = detect_hang(waiting, now=2100.0, launched_at=LAUNCH, median_step_seconds=1.0, config=CONFIG)
+    assert not verdict.hung and verdict.since == 2095.0
+    verdict = detect_hang(
+        waiting, now=2095.0 + 61, launched_at=LAUNCH, median_step_seconds=1.0, config=CONFIG
+    )
+    assert verdict.hung and verdict.first_stalled == (1,)  # its reports stopped first
+
+
 def test_long_steps_stretch_the_limit_to_k_median_steps():
     progress = [2000.0, 2000.0]
     assert not check(progress, now=2000 + 100, median=12.0).hung  # limit 10 x 12 = 120 s

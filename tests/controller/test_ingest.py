@@ -203,6 +203,25 @@ def test_jsonl_feeds_the_straggler_detector_and_hang_detection(tmp_path):
     assert verdict.hung and verdict.phase == "training" and verdict.since == 1019.0
 
 
+def test_jsonl_outage_reports_are_signs_of_life_until_a_step_commits_again(tmp_path):
+    """A rank waiting for its checkpoint storage after its last step writes outage lines: the hang check sees them
+    (controller/hangs.py); a step line with the gauge back at 0 ends the outage."""
+    source = JsonlTelemetry(tmp_path, 1, 1, nodes=["local-0"])
+    write_steps(tmp_path, 0, 1, range(3))
+    sink = JsonlSink(tmp_path / JSONL_FILE.format(rank=0), attempt=1)
+    sink.log({"checkpoint_storage_outage_seconds": 12.5}, 2)
+    sink.close()
+    state = source.poll(now=0.0).ranks[0]
+    assert state.storage_outage_seconds == 12.5 and state.storage_wait_at is not None
+    assert state.progress().alive_at == state.storage_wait_at > state.last_progress
+    write_steps(tmp_path, 0, 1, [3])  # a step line carries the gauge (0: saves commit again)
+    sink = JsonlSink(tmp_path / JSONL_FILE.format(rank=0), attempt=1)
+    sink.log({**step_metrics(4), "checkpoint_storage_outage_seconds": 0.0}, 4)
+    sink.close()
+    state = source.poll(now=1.0).ranks[0]
+    assert state.storage_outage_seconds == 0.0 and state.storage_wait_at is None
+
+
 def test_the_trainer_writes_the_attempt_from_the_environment(tmp_path):
     env = {"RANK": "1", "LOCAL_RANK": "1", ENV_ATTEMPT: "4", "VLCTL_NODE": "n"}
     telemetry = RankTelemetry.from_env(TelemetryConfig(log_every=0), run_dir=tmp_path, environ=env)

@@ -2,18 +2,18 @@
 a clean run, a crash loop, and two controllers on one PostgreSQL.
 
 The ranks run `step_trainer` (real torchrun, gloo collectives and the trainer's own telemetry, a busy loop for
-compute instead of the model) so a 300-step job takes seconds; see its docstring.
+compute instead of the model) so a 300-step job takes seconds; see its docstring. Every assertion holds with both
+cores kept busy by other processes (behaviour with margins, never wall-clock speed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,77 +43,27 @@ def _run(tmp_path: Path, spec: dict, **env: str) -> JobRun:
     return run
 
 
-class DutyCycle(threading.Thread):
-    """Slow a process from outside: SIGSTOP for a fraction of every `period`, SIGCONT for the rest.
-
-    A stopped process would take 1 / (1 - fraction) times longer, but on a loaded machine the scheduler gives a
-    process that was stopped a head start when it resumes, which hides part of a short stop. So the fraction is
-    steered: every second the own-work times the ranks reported (their JSONL lines) give the slowdown reached
-    so far, and the fraction moves toward `target`. The test reads back what was reached.
-    """
-
-    def __init__(self, pid: int, run_dir: Path, *, target: float = 1.3, period: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.run_dir, self.target, self.period = pid, run_dir, target, period
-        self.fraction = 1 - 1 / target
-        self.halt = threading.Event()
-        self.started_step: int | None = None
-
-    def measured(self, *, since: int) -> float | None:
-        """Median own work of rank 1 over rank 0's, over the steps from `since`."""
-        return self._ratio(since, None, min_steps=3)
-
-    def established(self, *, since: int, window: int, threshold: float) -> int | None:
-        """The first step, from `since` in whole windows, of a window whose own-work ratio (rank 1 over rank 0,
-        medians) reached `threshold`: when the steered slowdown actually took hold."""
-        start = since
-        # A window counts once it has finished (one checkpoint step in it may have no own-work sample).
-        while (ratio := self._ratio(start, start + window, min_steps=window - 1)) is not None:
-            if ratio >= threshold:
-                return start
-            start += window
+def _own_work_ratio(run_dir: Path, *, since: int) -> float | None:
+    """Median own work of rank 1 over rank 0's, over the steps from `since` that both ranks reported."""
+    own = []
+    for rank in (0, 1):
+        values = {}
+        for line in (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if record.get("own_work_seconds") is not None and record["step"] >= since:
+                values[record["step"]] = record["own_work_seconds"]
+        own.append(values)
+    steps = sorted(set(own[0]) & set(own[1]))
+    if len(steps) < 3:
         return None
+    return statistics.median(own[1][s] for s in steps) / statistics.median(own[0][s] for s in steps)
 
-    def _ratio(self, first: int, end: int | None, *, min_steps: int) -> float | None:
-        """Median own work of rank 1 over rank 0's over steps [first, end); None below `min_steps` steps."""
-        own = []
-        for rank in (0, 1):
-            values = {}
-            for line in (self.run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines():
-                record = json.loads(line)
-                step = record["step"]
-                if (
-                    record.get("own_work_seconds") is not None
-                    and step >= first
-                    and (end is None or step < end)
-                ):
-                    values[step] = record["own_work_seconds"]
-            own.append(values)
-        steps = sorted(set(own[0]) & set(own[1]))
-        if len(steps) < min_steps:
-            return None
-        return statistics.median(own[1][s] for s in steps) / statistics.median(own[0][s] for s in steps)
 
-    def run(self) -> None:
-        next_adjust = time.monotonic() + 1.0
-        with contextlib.suppress(ProcessLookupError):
-            try:
-                while not self.halt.is_set():
-                    os.kill(self.pid, signal.SIGSTOP)
-                    time.sleep(self.period * self.fraction)
-                    os.kill(self.pid, signal.SIGCONT)
-                    time.sleep(self.period * (1 - self.fraction))
-                    if time.monotonic() >= next_adjust and self.started_step is not None:
-                        next_adjust += 1.0
-                        reached = self.measured(since=max(self.started_step, self._newest_step() - 20))
-                        if reached is not None:
-                            self.fraction = min(0.8, max(0.05, self.fraction + 0.3 * (self.target - reached)))
-            finally:
-                os.kill(self.pid, signal.SIGCONT)
-
-    def _newest_step(self) -> int:
-        lines = (self.run_dir / "metrics-rank1.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
+def _slowed_from(run: JobRun, rank: int) -> int | None:
+    """The step from which the step trainer's rank `rank` does more work (it says so in its log)."""
+    log = run.run_dir() / "logs" / "attempt-1" / f"rank-{rank}.log"
+    found = re.search(r"slowed from step (\d+)", log.read_text()) if log.exists() else None
+    return int(found.group(1)) if found else None
 
 
 # Windows of 20 steps of about 0.1 s: a window's median is steady against the scheduling noise of ranks that
@@ -122,16 +72,22 @@ STRAGGLERS = {"window": 20, "warmup_steps": 5, "persistence": 3, "ratio_threshol
 
 
 def test_a_rank_slowed_1_3x_from_outside_is_flagged_within_the_configured_windows(tmp_path: Path) -> None:
-    run = _run(tmp_path, _spec("slow-rank", 300, stragglers=STRAGGLERS))
-    slow = None
+    """The test tells rank 1, from outside, to become 1.3x slower: from its next step its compute takes 1.3x as
+    long, as a host waiting for a GPU that slowed down would (see step_trainer). SIGSTOP from outside for part of
+    each period, as this test did before, gave no steady slowdown on a machine whose cores other processes keep
+    busy: a stopped process gets a head start from the scheduler when it resumes, which hid a varying share of
+    the stop (issue 11: flagged 6.75 windows late on a loaded CI machine); 1.3x the CPU work gave 1.19-1.28x,
+    since the slow rank gets a larger share of the cores while the fast one waits in its collective."""
+    order = tmp_path / "slow.json"
+    run = _run(tmp_path, _spec("slow-rank", 300, stragglers=STRAGGLERS), STEP_TRAINER_SLOW_FILE=str(order))
+    window, persistence = STRAGGLERS["window"], STRAGGLERS["persistence"]
     try:
         # Baselines: warm-up plus 3 windows of normal speed.
-        run.wait_step(5 + 3 * STRAGGLERS["window"] + 5, timeout=180)
-        pid = run.rank_pid(1)
-        slow = DutyCycle(pid, run.run_dir())
-        slow_from = run.step()
-        slow.started_step = slow_from
-        slow.start()
+        run.wait_step(5 + 3 * window + 5, timeout=180)
+        staged = tmp_path / "slow.json.tmp"
+        staged.write_text(json.dumps({"rank": 1, "factor": 1.3}))
+        staged.replace(order)  # whole or absent: the rank never reads half an order
+        slowed_from = run.wait(lambda: _slowed_from(run, 1), timeout=60, what="rank 1 slowing down")
         flagged = run.wait(
             lambda: [e for e in run.events() if e.reason == "StragglerFlagged"],
             timeout=180,
@@ -140,28 +96,19 @@ def test_a_rank_slowed_1_3x_from_outside_is_flagged_within_the_configured_window
         event = flagged[0]
         assert event.data["rank"] == 1
         assert event.data["node"] == "local-1"
-        # Flagged at the end of the `persistence`-th slow window (one more if the slowdown began mid-window),
-        # counted from the first window in which the steered slowdown reached the threshold: on a loaded machine
-        # the duty cycle can take a few windows to get there (once 7.75 windows after the first SIGSTOP).
-        took_hold = slow.established(
-            since=slow_from, window=STRAGGLERS["window"], threshold=STRAGGLERS["ratio_threshold"]
-        )
-        assert took_hold is not None and took_hold <= event.data["step"], (slow_from, event.data)
-        windows = (event.data["step"] + 1 - took_hold) / STRAGGLERS["window"]
-        assert windows <= STRAGGLERS["persistence"] + 1, (slow_from, took_hold, event.data)
+        # Flagged at the end of the `persistence`-th slow window, one more if the slowdown began mid-window.
+        assert event.data["step"] >= slowed_from, (slowed_from, event.data)
+        windows = (event.data["step"] + 1 - slowed_from) / window
+        assert windows <= persistence + 1, (slowed_from, event.data)
         assert event.data["cause"] == "compute"
-        reached = slow.measured(since=slow_from)
+        reached = _own_work_ratio(run.run_dir(), since=slowed_from)
         assert reached is not None and 1.15 <= reached <= 1.5, reached  # about 1.3x, as measured by the ranks
         print(
-            f"\n[straggler] rank 1 slowed from step {slow_from} (1.15x from step {took_hold}), flagged at step "
-            f"{event.data['step']} "
-            f"({windows:.1f} windows): slowdown {event.data['slowdown']:.2f}x, score {event.data['score']:.1f}, "
-            f"ratio {event.data['ratio']}; slowdown reached {reached:.2f}x, stop fraction {slow.fraction:.2f}"
+            f"\n[straggler] rank 1 slowed from step {slowed_from}, flagged at step {event.data['step']} "
+            f"({windows:.2f} windows): slowdown {event.data['slowdown']:.2f}x, score {event.data['score']:.1f}, "
+            f"ratio {event.data['ratio']:.2f}; own work measured by the ranks {reached:.2f}x"
         )
     finally:
-        if slow is not None:
-            slow.halt.set()
-            slow.join(timeout=5)
         run.stop()
 
 
@@ -191,34 +138,168 @@ def test_a_job_that_raises_before_its_first_step_fails_after_one_retry_as_a_user
         run.stop()
 
 
-def test_a_controller_stopped_with_sigterm_leaves_no_process_and_the_next_one_resumes(tmp_path: Path) -> None:
+def _tagged(job: str) -> list[int]:
+    """Every live process (agent or rank) of `job`'s gangs, wherever it sits in the process tree."""
     import psutil
 
     from controller.backends.local import ENV_GANG
 
-    run = _run(tmp_path, _spec("ctl-exit", 60))
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+            if env.get(ENV_GANG) and env.get("VLCTL_TRAINING_JOB") == job and proc.status() != "zombie":
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _failure(run: JobRun, attempt: int) -> str:
+    return next(e.message for e in run.events() if e.type == "Failure" and e.attempt == attempt)
+
+
+def test_agents_killed_and_controllers_stopped_from_outside(tmp_path: Path) -> None:
+    """One job through four faults from outside (issue 11):
+
+    1. SIGKILL of node local-1's torchrun agent: the Crash names local-1's agent and SIGKILL, not the healthy
+       rank 0 that teardown stopped afterwards.
+    2. SIGTERM to `vlctl controller` (default --on-exit stop): no process of the job is left, the job stays
+       running in the store, and the next controller resumes it uncounted (Preempted).
+    3. SIGTERM to `vlctl controller --on-exit detach`: the ranks keep training (the same pids, seconds later),
+       and the next controller re-attaches without a new attempt.
+    4. SIGKILL of node local-0's agent (the rendezvous host): the Crash names local-0's agent.
+    """
+    run = _run(tmp_path, _spec("ctl-exit", 100_000))
     try:
-        run.wait_step(5, timeout=120)
+        run.wait_attempt_step(1, 5, timeout=120)
+        os.kill(run.agent_pid(1, attempt=1), signal.SIGKILL)
+        run.wait_attempt_step(2, 3)
+        crash = _failure(run, 1)
+        assert "torchrun agent of local-1" in crash and "SIGKILL" in crash, crash
+        assert not crash.startswith("rank 0"), crash
+
         run.controller.send_signal(signal.SIGTERM)
-        run.controller.wait(timeout=60)
-
-        def tagged() -> list[int]:
-            found = []
-            for proc in psutil.process_iter():
-                try:
-                    env = proc.environ()
-                except psutil.Error:
-                    continue
-                if env.get(ENV_GANG) and env.get("VLCTL_TRAINING_JOB") == "ctl-exit":
-                    found.append(proc.pid)
-            return found
-
-        assert tagged() == []  # no orphan: every rank and agent of the job is gone
+        assert run.controller.wait(timeout=60) == 0
+        assert _tagged("ctl-exit") == []  # no orphan: every rank and agent of the job is gone
         assert run.phase() == "running"  # the job itself goes on with the next controller
-        run.start_controller(trainer_module="step_trainer")
-        assert run.wait_done(timeout=180) == "succeeded"
-        attempts = run.attempts()
-        assert attempts[0].exit_class == "Preempted" and len(attempts) == 2
-        assert run.job().num_restarts_counted == 0
+
+        run.start_controller("ctl-detach", trainer_module="step_trainer", extra_args=("--on-exit", "detach"))
+        run.wait_attempt_step(3, 3)
+        assert [a.exit_class for a in run.attempts()] == ["Crash", "Preempted", None]
+        before = sorted(_tagged("ctl-exit"))
+        assert len(before) >= 4  # two agents and two ranks (and the nodes' shells)
+        run.controller.send_signal(signal.SIGTERM)
+        assert run.controller.wait(timeout=60) == 0
+        time.sleep(3)
+        assert sorted(_tagged("ctl-exit")) == before  # detached: the same processes still train
+        step = run.step()
+
+        run.start_controller("ctl-next", trainer_module="step_trainer")
+        run.wait(lambda: run.step() > step, timeout=120, what="progress after the re-attach")
+        assert len(run.attempts()) == 3 and sorted(_tagged("ctl-exit")) == before
+
+        os.kill(run.agent_pid(0, attempt=3), signal.SIGKILL)
+        run.wait_attempt_step(4, 3)
+        crash = _failure(run, 3)
+        assert "torchrun agent of local-0" in crash and "SIGKILL" in crash, crash
+        assert [a.exit_class for a in run.attempts()][:3] == ["Crash", "Preempted", "Crash"]
+        job = run.job()
+        assert job.num_restarts_counted == 2 and job.phase == "running"
+        print(f"\n[faults from outside] {_failure(run, 1)} | {crash}")
     finally:
         run.stop()
+
+
+def test_vlctl_run_ignores_an_ignored_sigint_and_cancels_on_sigterm(tmp_path: Path) -> None:
+    """`(trap '' INT; exec vlctl run spec) &` then SIGINT: nothing happens (the ranks train on, no restart);
+    then SIGTERM: the job ends cancelled, as Ctrl-C would, no process is left, exit status 143, and the JSON
+    result names the attempt's start (issue 11: SIGTERM left the job `running` for the next controller to resume
+    as a Crash, and an ignored SIGINT stopped the ranks and then restarted them)."""
+    import yaml
+    from sqlalchemy import select
+
+    from controller.store import migrate
+    from controller.store.models import Attempt, Job
+    from controller.store.session import StoreConfig, open_store
+
+    spec = _spec("fg-run", 100_000)
+    samples = tmp_path / "samples.jsonl"  # submit checks that local data exists; the step trainer reads none
+    samples.write_text('{"text": "unused"}\n')
+    spec["training"]["data"]["paths"] = [str(samples)]
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    url = f"sqlite:///{tmp_path / 'vlctl.db'}"
+    store = open_store(StoreConfig(url=url))
+    migrate.upgrade(store)
+    env = {
+        **os.environ,
+        "VLCTL_DATABASE_URL": url,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(HERE),
+        "STEP_TRAINER_WORK": "1500000",
+    }
+    command = [
+        sys.executable, "-m", "cli", "run", str(spec_file), "-o", "json", "--poll-seconds", "0.3",
+        "--runs-root", str(tmp_path / "runs"), "--trainer-module", "step_trainer",
+    ]  # fmt: skip
+    import shlex
+    import subprocess
+
+    proc = subprocess.Popen(
+        ["/bin/bash", "-c", f"trap '' INT; exec {shlex.join(command)}"],
+        cwd=HERE.parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def job() -> Job | None:
+        with store.read() as session:
+            found = session.scalars(select(Job).where(Job.name == "fg-run")).first()
+            if found is not None:
+                session.expunge(found)
+            return found
+
+    def wait(check, what: str, timeout: float = 120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if value := check():
+                return value
+            assert proc.poll() is None, (what, proc.returncode, proc.stderr.read()[-2000:])
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    try:
+        wait(lambda: (j := job()) is not None and (j.current_step or 0) >= 3, "step 3")
+        ranks = sorted(_tagged("fg-run"))
+        proc.send_signal(signal.SIGINT)
+        step = job().current_step
+        wait(lambda: job().current_step >= step + 5, "5 more steps after SIGINT")
+        assert proc.poll() is None
+        assert sorted(_tagged("fg-run")) == ranks  # the same processes train on
+        assert job().phase == "running" and job().num_restarts == 0
+
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+        result = json.loads(out)
+        assert result["phase"] == "cancelled" and result["attempt_started"] is not None, result
+        assert "SIGTERM" in result["message"]
+        assert _tagged("fg-run") == []
+        final = job()
+        assert final.phase == "cancelled" and final.num_restarts == 0
+        with store.read() as session:
+            assert [a.exit_class for a in session.scalars(select(Attempt))] == ["Cancelled"]
+        print(
+            f"\n[vlctl run] SIGINT ignored for {final.current_step - step} steps; SIGTERM: {result['message']}"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        from controller.backends.local import LocalBackend
+
+        LocalBackend().reap("fg-run")
+        store.dispose()

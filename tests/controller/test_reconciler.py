@@ -492,6 +492,17 @@ def test_an_out_of_memory_error_in_the_rank_log_is_classified_as_such(world: Wor
     assert world.job(name).phase is Phase.RESTARTING
 
 
+def test_local_ranks_are_launched_with_their_memory_limit(world: World) -> None:
+    from controller.backends.rank_exec import ENV_MEMORY_LIMIT
+
+    ctl = world.controller()
+    job = spec("limited")
+    job["resources"]["memory"] = "6Gi"
+    name = world.submit(job)
+    start(world, ctl, name)
+    assert world.backend.launches_of(name)[0].env[ENV_MEMORY_LIMIT] == str(6 << 30)  # 1 rank per node
+
+
 def test_a_launch_that_raises_is_a_counted_failure_and_retried(world: World) -> None:
     ctl = world.controller()
     name = world.submit(spec("nolaunch"))

@@ -270,6 +270,40 @@ def test_last_checkpoint_is_the_newest_committed_one_not_known_corrupt(migrated_
     ]
 
 
+def test_a_corrupt_checkpoint_saved_anew_is_committed_again_and_events_carry_their_attempt(
+    migrated_store: Store,
+) -> None:
+    """Issue 11: CheckpointCorrupt had `attempt: null`, and the re-save of a step found corrupt (after a resume
+    from an older one) got no CheckpointCommitted event, so the timeline never showed the step as good again."""
+    job_id = _launched_job(migrated_store, "resaved", attempts=2)
+    with migrated_store.transaction() as session:
+        job = session.get(Job, job_id)
+        records.record_checkpoint(
+            session=session, job=job, step=10, uri="file:///c/step-10", committed=True, attempt=1
+        )
+        records.record_checkpoint_verification(session=session, job=job, step=10, ok=False, detail="crc")
+        records.record_checkpoint_verification(
+            session=session, job=job, step=10, ok=False, detail="crc", attempt=3
+        )
+        assert job.last_checkpoint_step is None
+        records.record_checkpoint(
+            session=session, job=job, step=10, uri="file:///c/step-10", committed=True, attempt=3
+        )
+        assert job.last_checkpoint_step == 10
+        events = [
+            (e.reason, e.attempt, e.message)
+            for e in session.scalars(select(Event).where(Event.job_id == job.id).order_by(Event.seq))
+            if e.reason.startswith("Checkpoint")
+        ]
+    assert [(reason, attempt) for reason, attempt, _ in events] == [
+        ("CheckpointCommitted", 1),
+        ("CheckpointCorrupt", 2),  # the job's current attempt by default
+        ("CheckpointCorrupt", 3),  # or the attempt the check chose a resume point for
+        ("CheckpointCommitted", 3),
+    ]
+    assert "again" in events[-1][2]
+
+
 def _window(rank: int, start: int, *, flagged: bool = False) -> RankWindowStats:
     return RankWindowStats(
         rank=rank,

@@ -48,6 +48,7 @@ FIRING = {
 QUIET = {
     "VlctlJobHung": "the live training makes progress every second",
     "VlctlControllerStoreDown": "the exporter reads its store",
+    "VlctlCheckpointStorageUnavailable": "the live training's saves commit",
 }
 NOT_JOB_SPECIFIC = {"VlctlControllerStoreDown"}
 # Grafana's variables, as a dashboard viewer would have them for the live run (1 s scrape interval).

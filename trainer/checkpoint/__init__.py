@@ -3,7 +3,8 @@ from the newest valid step, and export of the model weights as a Hugging Face di
 
 Modules: save (Checkpointer: the interface the training loop uses), load (resume), chunk (LocalChunk: a rank's
 piece of a global tensor), staging (CPU snapshot for async saves), storage (local and fsspec roots, commit), group (the checkpoint process group), rng (random
-generator state), export (Hugging Face directory). The layout and "latest valid" lookup, which the controller
+generator state), outage (saves that fail because the storage cannot be written: retry, give up), export
+(Hugging Face directory). The layout and "latest valid" lookup, which the controller
 uses without torch, live in trainer.contract.checkpoint.
 """
 
@@ -11,19 +12,23 @@ from trainer.contract.checkpoint import CheckpointConfig, latest_valid, list_che
 
 from .chunk import LocalChunk
 from .load import CheckpointError, Restored, read_rank_state
+from .outage import CheckpointStorageError, StorageOutage, storage_failure
 from .rng import capture_rng, restore_rng
 from .save import Checkpointer
 
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
+    "CheckpointStorageError",
     "Checkpointer",
     "LocalChunk",
     "Restored",
+    "StorageOutage",
     "capture_rng",
     "latest_valid",
     "list_checkpoints",
     "read_rank_state",
     "restore_rng",
+    "storage_failure",
     "verify",
 ]

@@ -38,6 +38,12 @@ Decisions:
   the state is copied to CPU (see staging.py); the writes, checksums, manifest and commit run in one
   background thread. A failed save raises CheckpointError from the next save(), wait() or close(): a run that
   cannot checkpoint should stop, and the controller resumes it from the last committed step.
+* Except when the storage is unavailable (see outage.py): then every rank raises CheckpointStorageError, and a
+  loop that trains through outages calls `settle()` and `attempt()` instead of wait() and save(): they record
+  such failures in `outage` rather than raise them. `outage_flags()` is each rank's view of what to do next
+  (the save in flight has finished, a retry is due, the outage limit has passed), for the loop to agree on
+  with an all-reduce at its step boundary; `settle()` after a finished save, and its outcome is the same on
+  every rank.
 * Sync saves write straight from the live tensors (no staging copy; views are re-seated so that DCP does not
   clone them either, see staging.py).
 * The commit decision is rank 0's after a gather: every rank reports its files with sizes and CRC-32s or its
@@ -53,15 +59,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.checkpoint.group import CheckpointGroup
 from trainer.checkpoint.load import CheckpointError, Restored, restore
+from trainer.checkpoint.outage import CheckpointStorageError, StorageOutage, describe, storage_failure
 from trainer.checkpoint.staging import Stager, trim_storage
 from trainer.checkpoint.storage import CheckpointStore
 from trainer.contract.checkpoint import (
@@ -95,6 +104,21 @@ def _json(field: str, value: Any) -> Any:
     return value
 
 
+def _first_failure(e: BaseException) -> BaseException:
+    """DCP's CheckpointException holds every rank's error; its text is their tracebacks. The first error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
+def _error(prefix: str, e: BaseException) -> tuple[str, bool]:
+    """(one line naming the error, whether it is a storage failure)."""
+    storage = storage_failure(e)
+    return f"{prefix}{describe(storage or _first_failure(e))}", storage is not None
+
+
 def _rank_bytes(per_rank: Mapping[str, Any]) -> bytes:
     buf = io.BytesIO()
     try:  # fail now, not at resume
@@ -126,6 +150,9 @@ class Checkpointer:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if config.async_save else None
         )
         self._pending: Future[str] | None = None
+        self._pending_step: int | None = None
+        self.outage = StorageOutage(limit_s=config.storage_outage_seconds)
+        self.committed_step: int | None = None  # the newest step committed or loaded by this Checkpointer
 
     def due(self, step: int) -> bool:
         return self.config.interval_steps > 0 and step > 0 and step % self.config.interval_steps == 0
@@ -168,12 +195,52 @@ class Checkpointer:
             return done
         staged = self._stager.stage(state)
         self._pending = self._pool.submit(self._write, step, staged, rank_bytes, meta_bytes)
+        self._pending_step = step
         return self._pending
 
     def wait(self) -> str | None:
         """Block until the save in flight is committed; its URI, None when there was none. Raises its error."""
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
+
+    def settle(self) -> str | None:
+        """Collective: wait() for the save in flight; a storage failure is recorded in `outage` (its step, path
+        and error logged) instead of raised, a commit ends the outage. Its URI; None when there was no save in
+        flight or it failed so. Any other failure raises as from wait()."""
+        step = self._pending_step
+        self._pending_step = None
+        try:
+            uri = self.wait()
+        except CheckpointStorageError as e:
+            self.outage.failed(e, time.monotonic())
+            return None
+        if uri is not None and step is not None:
+            self._committed(step)
+        return uri
+
+    def attempt(self, step: int, **state: Any) -> None:
+        """save() in a loop that trains through storage outages: settles the save in flight first, and records a
+        synchronous save's storage failure instead of raising it. Collective, like save()."""
+        self.settle()
+        try:
+            self.save(step, **state)
+        except CheckpointStorageError as e:
+            self.outage.failed(e, time.monotonic())
+            return
+        if self._pending is None:  # a synchronous save: committed by now
+            self._committed(step)
+
+    def outage_flags(self, now: float) -> tuple[bool, bool, bool]:
+        """This rank's view, no collective: (the save in flight has finished, a retry of a failed save is due,
+        the outage limit has passed). Agree on them (any rank) before acting: the ranks see them at different
+        moments."""
+        finished = self._pending is not None and self._pending.done()
+        retry = self._pending is None and self.outage.retry_due(now)
+        return finished, retry, self.outage.expired(now)
+
+    def _committed(self, step: int) -> None:
+        self.committed_step = step if self.committed_step is None else max(step, self.committed_step)
+        self.outage.committed(step, time.monotonic())
 
     def close(self) -> None:
         try:
@@ -191,9 +258,12 @@ class Checkpointer:
     ) -> Restored | None:
         """Load `step` or the newest valid step into the given tensors (see load.py)."""
         self.wait()
-        return restore(
+        restored = restore(
             self.group, self.store, model=model, optimizer=optimizer, mode=self.config.verify, step=step
         )
+        if restored is not None:
+            self.committed_step = restored.step
+        return restored
 
     def _write(self, step: int, state: Any, rank_bytes: bytes, meta_bytes: bytes) -> str:
         try:
@@ -203,17 +273,23 @@ class Checkpointer:
         except Exception as e:  # a collective failed: a rank died or timed out
             raise CheckpointError(f"checkpoint step {step} was not saved: {type(e).__name__}: {e}") from e
 
+    def _failed(self, step: int, detail: str, storage: bool) -> CheckpointError:
+        message = f"checkpoint step {step} was not saved: {detail}"
+        if storage:
+            return CheckpointStorageError(message, step=step, uri=self.config.uri, error=detail)
+        return CheckpointError(message)
+
     def _write_step(self, step: int, state: Any, rank_bytes: bytes, meta_bytes: bytes) -> str:
         group, store, rank = self.group, self.store, self.group.rank
-        start: tuple[str | None, str] = (None, "")
+        start: tuple[str | None, str, bool] = (None, "", False)
         if rank == 0:
             try:
-                start = (store.begin(step), "")
+                start = (store.begin(step), "", False)
             except Exception as e:
-                start = (None, f"rank 0: could not create the step folder: {type(e).__name__}: {e}")
-        folder, error = group.broadcast(start)
+                start = (None, *_error("rank 0: could not create the step folder: ", e))
+        folder, error, storage = group.broadcast(start)
         if folder is None:
-            raise CheckpointError(f"checkpoint step {step} was not saved: {error}")
+            raise self._failed(step, error, storage)
         files: list[ManifestFile] = []
         try:
             writer, records = store.dcp_writer(folder, thread_count=self.config.write_threads)
@@ -225,23 +301,25 @@ class Checkpointer:
             files.append(store.write_file(folder, rank_filename(rank), rank_bytes, rank=rank))
             if rank == 0:
                 files.append(store.write_file(folder, META, meta_bytes, rank=0))
-        except Exception as e:  # reported through the gather, so rank 0 does not commit
-            error = f"rank {rank}: {type(e).__name__}: {e}"
-        reports = group.gather((files, error))
-        outcome: tuple[bool, str] = (False, "")
+        # DCP raises CheckpointException (a BaseException) on every rank when any rank's writes failed.
+        except (Exception, CheckpointException) as e:  # reported through the gather: rank 0 does not commit
+            error, storage = _error(f"rank {rank}: ", e)
+        reports = group.gather((files, error, storage))
+        outcome: tuple[bool, str, bool] = (False, "", False)
         if reports is not None:
-            if errors := [err for _, err in reports if err]:
-                outcome = (False, "; ".join(errors))
+            if failed := [(err, st) for _, err, st in reports if err]:
+                # A storage failure only when every failing rank says so: one rank's bug must not be retried.
+                outcome = (False, "; ".join(err for err, _ in failed), all(st for _, st in failed))
             else:
-                everything = sorted((f for fs, _ in reports for f in fs), key=lambda f: f["path"])
+                everything = sorted((f for fs, _, _ in reports for f in fs), key=lambda f: f["path"])
                 manifest = Manifest(format=FORMAT, step=step, world_size=group.world_size, files=everything)
                 try:
-                    outcome = (True, store.commit(folder, step, manifest))
+                    outcome = (True, store.commit(folder, step, manifest), False)
                 except Exception as e:
-                    outcome = (False, f"rank 0: commit failed: {type(e).__name__}: {e}")
-        committed, detail = group.broadcast(outcome)
+                    outcome = (False, *_error("rank 0: commit failed: ", e))
+        committed, detail, storage = group.broadcast(outcome)
         if not committed:
-            raise CheckpointError(f"checkpoint step {step} was not saved: {detail}")
+            raise self._failed(step, detail, storage)
         if rank == 0:
             log.info("checkpoint step %d committed: %s", step, detail)
             try:

@@ -7,6 +7,7 @@ Nothing in this package imports torch: the controller, the operator and the CLI 
 - model_tool: the `python -m trainer.model_tool` protocol behind `vlctl model ...`.
 - training: the training configuration schema (pydantic) shared by the trainer, controller and CLI.
 - telemetry: the per-rank metrics every training process exports, and their parser.
+- memory: the per-rank memory estimate the control plane checks a job against at submit.
 """
 
 from .model_tool import (

@@ -64,6 +64,9 @@ class CheckpointConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. endpoint_url
     timeout_s: float = 1800.0  # collectives of the checkpoint process group (a dead rank fails the save)
     write_threads: int = 1  # writer threads per rank (one shard file each)
+    # A save that fails because the storage cannot be written (see trainer.checkpoint.outage) is retried with
+    # backoff while training goes on, for this long after the first failure; then the run gives up.
+    storage_outage_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.uri, str) or not self.uri.strip():
@@ -86,6 +89,9 @@ class CheckpointConfig:
             or self.timeout_s <= 0
         ):
             raise ValueError(f"timeout_s must be a number > 0, got {self.timeout_s!r}")
+        value = self.storage_outage_seconds
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise ValueError(f"storage_outage_seconds must be a finite number >= 0, got {value!r}")
 
 
 class ManifestFile(TypedDict):

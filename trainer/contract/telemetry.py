@@ -19,6 +19,8 @@ Decisions:
   endpoint keeps answering while the training thread is stuck, so "scrapable but stale" means hung.
 - Counters (`..._total`) are running totals in Prometheus. In a sink's metrics dict and in the JSONL line the
   same metric appears under its `key` (the name without prefix and `_total`) as this step's increment.
+- `checkpoint_storage_outage_seconds` is set with every step (0 while saves commit), so an alert on it has
+  data before any outage: it grows while the checkpoint storage cannot be written and training goes on.
 - The parser returns unset metrics as None (the exporter omits them rather than inventing zeros).
 """
 
@@ -72,6 +74,10 @@ ENV_FAULT_ONCE_DIR = "VLCTL_FAULT_ONCE_DIR"  # a fault fires once per job: marke
 # Exit codes of a training process (besides 0, 1 for an unhandled error and 128+N when killed by signal N).
 EXIT_PREEMPTED = 75  # stopped on SIGTERM after finishing its step (and saving, if configured); resume it
 EXIT_FAULT_CRASH = 97  # the injected crash (crash mode "exit"): os._exit, no cleanup, like a hard failure
+# The checkpoint storage stayed unwritable for checkpoint.storage_outage_seconds while training went on (74 is
+# sysexits' EX_IOERR). Every rank's last log line then starts with STORAGE_UNAVAILABLE and names the path.
+EXIT_STORAGE_UNAVAILABLE = 74
+STORAGE_UNAVAILABLE = "checkpoint storage unavailable"
 
 MetricKind = Literal["gauge", "counter"]
 
@@ -136,6 +142,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "Duration of the last checkpoint operation.",
         CHECKPOINT_LABEL,
         CHECKPOINT_OPERATIONS,
+    ),
+    _m(
+        "checkpoint_storage_outage_seconds",
+        "gauge",
+        "seconds",
+        "Time since the first failed save of the current checkpoint storage outage; 0 while saves commit.",
     ),
     _m(
         "last_progress_timestamp_seconds",
@@ -208,6 +220,7 @@ class RankSample:
     vision_tokens_total: float | None = None
     micro_steps_total: float | None = None
     checkpoint_seconds: dict[str, float] = field(default_factory=dict)
+    checkpoint_storage_outage_seconds: float | None = None
     last_progress_timestamp_seconds: float | None = None
     process_start_time_seconds: float | None = None
     pid: int | None = None

@@ -133,6 +133,14 @@ class CheckpointSection(_Section):
     resume_step: int | None = Field(
         None, ge=0, description="resume from this step's checkpoint instead of the newest (it must be valid)"
     )
+    storage_outage_seconds: float = Field(
+        600.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="how long training goes on while saves fail because the checkpoint storage cannot be "
+        "written (permissions, read-only, full, I/O errors), retrying with backoff; then the run exits with "
+        "code 74 naming the path. 0: exit at the first such failure",
+    )
 
 
 class TelemetrySection(_Section):

@@ -34,6 +34,7 @@ from trainer.data.formats import (
     jsonl_folder,
     media_items,
     parse_line,
+    sample_file_not_found,
 )
 from trainer.data.image import ImageProcessorConfig
 from trainer.data.source import SampleCost
@@ -87,7 +88,7 @@ def _read_lines(path: str, storage_options: dict[str, Any]) -> list[bytes]:
         with fsspec.open(path, "rb", compression="infer", **storage_options) as stream:
             return stream.read().splitlines()
     except FileNotFoundError:
-        raise FileNotFoundError(f"sample file not found: {path}") from None
+        raise sample_file_not_found(path) from None
 
 
 class JsonlDataset:

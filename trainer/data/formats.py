@@ -171,6 +171,13 @@ def jsonl_folder(path: str | os.PathLike[str]) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
+def sample_file_not_found(path: str | os.PathLike[str]) -> FileNotFoundError:
+    """The error for a missing JSONL file; a relative path also names where it was looked for."""
+    name = os.fspath(path)
+    where = "" if is_url(name) or os.path.isabs(name) else f" (looked for {os.path.abspath(name)})"
+    return FileNotFoundError(f"sample file not found: {name}{where}")
+
+
 class _Parser:
     """Validation with error messages prefixed by the record's source."""
 
@@ -391,7 +398,7 @@ def iter_jsonl(
                 if line.strip():
                     yield parse_line(line, f"{name}:{lineno}", base=base)
     except FileNotFoundError:
-        raise FileNotFoundError(f"sample file not found: {name}") from None
+        raise sample_file_not_found(name) from None
 
 
 def media_items(sample: Sample) -> list[tuple[str, MediaItem]]:

@@ -15,7 +15,7 @@ from .mfu import PEAK_FLOPS, BatchShape, FlopsModel, MfuConfig, MfuMeter, mfu, p
 from .prometheus import PrometheusExporter, PrometheusSink
 from .rank import RankTelemetry, TelemetryConfig, process_start_time
 from .sinks import JsonlSink, LoggingSink, MetricSink, read_jsonl
-from .timers import StepTimer, StepTimes, sync_point, timed_collective
+from .timers import StepTimer, StepTimes, sync_flags, sync_point, timed_collective
 
 __all__ = [
     "PEAK_FLOPS",
@@ -36,6 +36,7 @@ __all__ = [
     "parameter_counts",
     "process_start_time",
     "read_jsonl",
+    "sync_flags",
     "sync_point",
     "timed_collective",
 ]

@@ -27,8 +27,8 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -186,14 +186,20 @@ def sync_point(timer: StepTimer, group: Any = None, *, flag: bool = False) -> bo
     flag: the result is True when any rank passed `flag=True`, so a stop request seen by one rank (SIGTERM) becomes a
     decision every rank takes at the same step. Without an initialised process group it returns `flag`.
     """
+    return sync_flags(timer, (flag,), group)[0]
+
+
+def sync_flags(timer: StepTimer | None, flags: Sequence[bool], group: Any = None) -> tuple[bool, ...]:
+    """`sync_point` carrying several flags in its one all_reduce: each result is True when any rank passed True
+    for it. Without a timer it is not timed (a meeting outside a step)."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return flag
+        return tuple(bool(f) for f in flags)
     on_gpu = "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    with timer.collective(sync=True):
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    with timer.collective(sync=True) if timer is not None else nullcontext():
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item() > 0)
+    return tuple(bool(v > 0) for v in value.tolist())

@@ -103,9 +103,26 @@ def config_from_hf(raw: dict, *, source: str = "config.json") -> Qwen2VLConfig:
         raise CheckpointError(f"{source}: {err}") from None
 
 
+def _in_vocab(token_id: int | None, vocab_size: int) -> int | None:
+    """`token_id` when it names a row of the embedding table, else None."""
+    return token_id if token_id is not None and 0 <= token_id < vocab_size else None
+
+
 def config_to_hf(cfg: Qwen2VLConfig) -> dict:
-    """The released flat layout."""
+    """The released flat layout, which the pinned transformers 4.57 and transformers 5.x both load.
+
+    Two values are written with care:
+    - `pad_token_id` only when it is a token of this model's vocabulary. transformers passes it to
+      `nn.Embedding` as `padding_idx`, which refuses an index past the table ("Padding_idx must be within
+      num_embeddings"). Our config defaults it to the real tokenizer's `<|endoftext|>` (151643), which a small
+      vocabulary does not have; such a model has no pad token, and the released checkpoints carry none either.
+    - `mlp_ratio` as an int when it is whole: transformers 5 validates the vision config strictly and rejects
+      4.0 where it declares an int.
+    """
     t, v = cfg.text, cfg.vision
+    tokens = {f: getattr(cfg, f) for f in _TOKEN_FIELDS}
+    pad = _in_vocab(tokens.pop("pad_token_id"), t.vocab_size)
+    mlp_ratio = int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio
     return {
         "architectures": ["Qwen2VLForConditionalGeneration"],
         "model_type": "qwen2_vl",
@@ -119,11 +136,14 @@ def config_to_hf(cfg: Qwen2VLConfig) -> dict:
         "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
         "vision_config": {
             **{f: getattr(v, f) for f in _VISION_FIELDS},
-            "in_chans": v.in_channels,
+            "mlp_ratio": mlp_ratio,
+            "in_chans": v.in_channels,  # the released key
+            "in_channels": v.in_channels,  # the key transformers reads
             "hidden_act": "quick_gelu",
             "model_type": "qwen2_vl",
         },
-        **{f: getattr(cfg, f) for f in _TOKEN_FIELDS},
+        **tokens,
+        **({"pad_token_id": pad} if pad is not None else {}),
         "torch_dtype": cfg.torch_dtype,
     }
 

@@ -1,0 +1,41 @@
+"""Suite-wide markers.
+
+`timing`: a test whose outcome depends on how fast processes run (real processes and clocks, deadlines, rates,
+detection within N windows). Each must hold on a machine whose cores other processes keep busy: it asserts
+behaviour with margins, never wall-clock speed. `make test-load` runs exactly these next to two CPU hogs, several
+times in a row. Every test marked slow or multiproc is one; the modules below hold the others.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+TIMING_MODULES = frozenset(
+    {
+        "tests/cli/test_cli_cluster.py",  # the operator's stand-in API server and watches
+        "tests/cli/test_cli_run_elsewhere.py",
+        "tests/controller/test_claims.py",  # leases and competing controller processes
+        "tests/controller/test_ingest.py",  # tails and scrapes of live ranks, Prometheus
+        "tests/controller/test_local_backend.py",  # process trees, signals, exit records
+        "tests/controller/test_rank_memory.py",
+        "tests/k8s/test_monitoring.py",  # a real Prometheus scraping
+        "tests/k8s/test_operator.py",
+        "tests/trainer/data/test_storage.py",  # S3 retries, rate caps and stalls
+        "tests/trainer/data/test_video_cache.py",  # a writer killed mid-write
+        "tests/trainer/test_checkpoint_outage.py",
+        "tests/trainer/test_faults.py",
+        "tests/trainer/test_telemetry.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath
+    for item in items:
+        module = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        if (
+            module in TIMING_MODULES
+            or item.get_closest_marker("slow")
+            or item.get_closest_marker("multiproc")
+        ):
+            item.add_marker(pytest.mark.timing)

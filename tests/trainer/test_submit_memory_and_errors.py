@@ -1,0 +1,117 @@
+"""Issue 11 on the trainer's side: the submit-time memory estimate agrees with the models and passes the
+examples; a missing sample file names where it was looked for; running out of host memory reads as an OOM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.failures import OOM_LOG_PATTERN
+from controller.spec import load_spec, parse_spec
+from trainer.contract.training import load_training_config
+
+REPO = Path(__file__).resolve().parents[2]
+GiB = 1024**3
+
+
+@pytest.mark.parametrize("name", ["2b", "7b", "72b", "demo", "tiny", "mini"])
+def test_preset_shapes_match_the_models(name: str):
+    from trainer.contract.memory import PRESET_SHAPES
+    from trainer.models.qwen2_vl import preset
+    from trainer.models.qwen2_vl.info import count_parameters
+    from trainer.models.qwen2_vl.weights import build_on_meta
+
+    cfg = preset(name)
+    parts = count_parameters(build_on_meta(cfg)).parts
+    shape = PRESET_SHAPES[name]
+    assert shape.merger == parts["vision.merger"]
+    assert shape.vision == sum(n for k, n in parts.items() if k.startswith("vision.")) - shape.merger
+    assert shape.text == sum(n for k, n in parts.items() if k.startswith("text."))
+    t = cfg.text
+    assert (shape.hidden, shape.layers, shape.intermediate, shape.vocab) == (
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.intermediate_size,
+        t.vocab_size,
+    )
+
+
+def test_the_examples_pass_and_the_issue_value_does_not():
+    from controller.memory import check_memory
+    from trainer.contract.memory import estimate_rank_memory
+
+    for path in sorted((REPO / "examples" / "jobs").glob("*.yaml")):
+        check_memory(load_spec(path))  # on this machine, whatever its size
+        assert estimate_rank_memory(load_spec(path).training).total < 2 * GiB
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        config = load_training_config(str(path))
+        assert estimate_rank_memory(config).total < 2 * GiB, path
+    config = load_training_config(
+        str(REPO / "examples" / "train.yaml"), ["data.rows_per_step=10000000", "parallel.dp=2"]
+    )
+    need = estimate_rank_memory(config)
+    assert need.total > 24 * GiB and need.field == "training.data.rows_per_step"
+
+
+def test_gpu_ranks_count_only_the_host_side():
+    from controller.memory import check_memory
+
+    spec = yaml.safe_load((REPO / "examples" / "jobs" / "local-demo.yaml").read_text())
+    spec["resources"].update(gpus_per_node=1, memory="512Mi")
+    check_memory(parse_spec(spec))  # model state and activations are on the device
+    spec["resources"]["gpus_per_node"] = 0
+    with pytest.raises(
+        ValueError, match=r"^training\.model\.name: .*resources\.memory = 512Mi.*more model-parallel"
+    ):
+        check_memory(parse_spec(spec))
+
+
+def test_parse_quantity():
+    from controller.memory import parse_quantity
+
+    assert parse_quantity("512Gi") == 512 * GiB
+    assert parse_quantity("1.5Gi") == int(1.5 * GiB)
+    assert parse_quantity("64G") == 64 * 10**9
+    assert parse_quantity("1000") == 1000
+    with pytest.raises(ValueError, match="not a memory quantity"):
+        parse_quantity("lots")
+
+
+def test_a_missing_sample_file_names_where_it_was_looked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from trainer.data.formats import iter_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        list(iter_jsonl("data/synth/train/grounding.jsonl"))
+    assert str(tmp_path / "data" / "synth" / "train" / "grounding.jsonl") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+    ids=["MemoryError", "torch-cpu"],
+)
+def test_running_out_of_host_memory_prints_an_oom_line(tmp_path, monkeypatch, capfd, error):
+    import trainer.runtime
+    from trainer import train
+
+    class Exhausted:
+        def __init__(self, config):
+            raise error
+
+    monkeypatch.setattr(trainer.runtime, "Run", Exhausted)
+    for key, value in {"RANK": "3", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"data": {"paths": ["x.jsonl"]}, "run_dir": str(tmp_path / "run")}))
+    with pytest.raises(type(error)):
+        train.main([str(config)])
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert OOM_LOG_PATTERN.search(line) and "rank 3" in line, line
+    assert os.environ["RANK"] == "3"
