@@ -6,12 +6,14 @@ Decisions:
   before what the processes show, because its own teardown leaves SIGTERM/SIGKILL exits on every rank:
   Cancelled, StragglerExcluded, then Succeeded, NodeLost (the survivors of a lost node hang or crash in their
   collectives), Hang (we killed the stuck gang), ConfigError (the trainer's exit code 2: deterministic, never
-  retried), Preempted, OutOfMemory, CrashBeforeFirstStep, Crash, and Unknown when nothing matched.
+  retried), StorageUnavailable (exit code 74: the checkpoint storage stayed unwritable past the trainer's
+  limit), Preempted, OutOfMemory, CrashBeforeFirstStep, Crash, and Unknown when nothing matched.
 - Preempted needs the backend's word, or every failing rank stopping the way a graceful stop does (exit code
   EXIT_PREEMPTED, or SIGTERM): ranks the controller stopped after another rank crashed show the same codes,
   and the crash must win.
 - OutOfMemory: the backend's OOM-kill flag (Kubernetes' OOMKilled, exit 137), or an out-of-memory error in the
-  rank's log tail. The local kernel OOM killer is indistinguishable from `kill -9` and stays a Crash.
+  rank's log tail (a device OOM, or a host MemoryError, which a local rank meets at its RLIMIT_DATA). The local
+  kernel OOM killer is indistinguishable from `kill -9` and stays a Crash; the rank limit keeps it away.
 - CrashBeforeFirstStep is retryable and counts: one retry covers a flaky start (a rendezvous timeout), and
   policy's crash-loop guard turns a repeat into a UserError.
 - Culprits: failing ranks other than the ones stopped the graceful way; the backend's root cause first (the

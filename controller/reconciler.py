@@ -54,6 +54,7 @@ from controller.failures import AttemptEnd, Classification, ExitClass, RankExit,
 from controller.history import checkpoint_interval, failure_history, restart_cost, update_goodput
 from controller.memory import rank_memory_limit
 from controller.policy import (
+    ExcludeNodeDecision,
     decide_exclude_node,
     decide_restart,
 )
@@ -626,23 +627,35 @@ class Controller:
             cost = restart_cost(
                 session=session, job=job, teardown_seconds=self.config.cancel_grace_seconds / 2
             )
-            decision = decide_exclude_node(
-                node=node,
-                slowdown_fraction=max(0.0, slowdown),
-                remaining_steps=max(0, spec.training.training.steps - p.step),
-                step_seconds=p.median_step_seconds / (1 + max(0.0, slowdown)),
-                steps_since_checkpoint=0,  # the graceful stop saves at the current step
-                cost=cost,
-                throughput_after=1.0
-                if spare
-                else (spec.training.parallel.dp - 1) / spec.training.parallel.dp,
-            )
-            if not spare and spec.training.parallel.dp < 2:
-                decision = type(decision)(
-                    False, node, decision.saved_seconds, decision.cost_seconds, decision.numbers,
-                    f"keeping node {node}: no spare node and data parallelism cannot shrink (dp=1)",
-                )  # fmt: skip
-            elif decision.exclude and not placeable:
+            dp = spec.training.parallel.dp
+            remaining = max(0, spec.training.training.steps - p.step)
+            if not spare and dp < 2:
+                # Without a spare the gang would lose a data-parallel replica, and at dp=1 that is all of its
+                # throughput: nothing to weigh, the node stays.
+                decision = ExcludeNodeDecision(
+                    exclude=False,
+                    node=node,
+                    saved_seconds=0.0,
+                    cost_seconds=cost.fixed_seconds,
+                    numbers={
+                        "slowdown_fraction": max(0.0, slowdown),
+                        "remaining_steps": float(remaining),
+                        "throughput_after": 0.0,
+                        "cost_seconds": cost.fixed_seconds,
+                    },
+                    message=f"keeping node {node}: no spare node and data parallelism cannot shrink (dp=1)",
+                )
+            else:
+                decision = decide_exclude_node(
+                    node=node,
+                    slowdown_fraction=max(0.0, slowdown),
+                    remaining_steps=remaining,
+                    step_seconds=p.median_step_seconds / (1 + max(0.0, slowdown)),
+                    steps_since_checkpoint=0,  # the graceful stop saves at the current step
+                    cost=cost,
+                    throughput_after=1.0 if spare else (dp - 1) / dp,
+                )
+            if decision.exclude and not placeable:
                 decision = type(decision)(
                     False, node, decision.saved_seconds, decision.cost_seconds, decision.numbers,
                     f"keeping node {node}: without it the next attempt would have too few nodes (no spare left)",

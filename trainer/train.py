@@ -10,7 +10,9 @@ One step on each rank:
 
 Resume: the newest valid checkpoint (manifest verified) is loaded before the first step: weights, optimizer
 partitions, the loader's position (global, so it survives a change of data-parallel size), RNG states when the
-world is the same. Exit codes: 0 done, 2 invalid configuration, EXIT_PREEMPTED after SIGTERM, anything else a crash.
+world is the same. Exit codes: 0 done, 2 invalid configuration, EXIT_PREEMPTED after SIGTERM,
+EXIT_STORAGE_UNAVAILABLE (74) when no checkpoint could be written for checkpoint.storage_outage_seconds,
+anything else a crash.
 Running out of host memory (Python's MemoryError, torch's "can't allocate memory") also prints an
 `OutOfMemoryError:` line, which the controller classifies as OutOfMemory, as it does torch's own device OOM.
 """

@@ -711,6 +711,23 @@ def test_exclude_node_keeps_the_node_when_no_spare_could_replace_it(world: World
     assert world.job(name).phase is Phase.RUNNING
 
 
+def test_exclude_node_with_dp1_and_no_spare_keeps_the_node_in_one_decision(world: World) -> None:
+    """Issue 12: with dp=1 and no spare the throughput after an exclusion would be 0, and the decision raised
+    ValueError on every pass instead of keeping the node."""
+    ctl = world.controller()
+    job = spec("dp1", nodes=2, procs=2, steps=1000, stragglers={"action": "exclude-node"})
+    job["training"]["parallel"] = {"dp": 1, "tp": 2, "pp": 2}
+    name = world.submit(job)
+    gang = straggler_job(world, ctl, name)
+    steps(world, ctl, gang, 10, step_seconds=2.0, own_work={0: 0.8, 1: 0.8, SLOW_RANK: 2.0, 3: 0.8})
+    decisions = [e for e in world.events(name) if e.reason == "ExcludeNodeDecision"]
+    assert len(decisions) == 1 and decisions[0].data is not None and decisions[0].data["exclude"] is False
+    assert decisions[0].message == (
+        "keeping node node-1: no spare node and data parallelism cannot shrink (dp=1)"
+    )
+    assert gang.cancels == [] and world.job(name).phase is Phase.RUNNING
+
+
 # ------------------------------------------------------------------------------------------ checkpoint interval
 
 
