@@ -391,8 +391,19 @@ class Gang:
 
     def cancel(self, grace_seconds: float) -> None:
         roots = {n.pid for n in self.nodes}
-        # The node's shell is left out of SIGTERM: it writes the exit record once torchrun has gone.
-        procs = [p for p in self.processes() if p.pid not in roots]
+
+        def stoppable(proc: psutil.Process) -> bool:
+            # The node's shell is left alone: it writes the exit record once torchrun has gone, and so is what
+            # it runs for that (`mv`, which carries the gang's token too): killed on a loaded machine at the end
+            # of the grace period, it left a half-written record and the node read as lost.
+            if proc.pid in roots:
+                return False
+            try:
+                return proc.ppid() not in roots or "torch.distributed.run" in proc.cmdline()  # the agent
+            except psutil.Error:
+                return True
+
+        procs = [p for p in self.processes() if stoppable(p)]
         for proc in procs:
             try:
                 proc.send_signal(signal.SIGTERM)
@@ -402,7 +413,7 @@ class Gang:
             except psutil.Error:
                 continue
         _, alive = psutil.wait_procs(procs, timeout=max(grace_seconds, 0))
-        alive += [p for p in self._tagged() if p.pid not in roots]
+        alive += [p for p in self._tagged() if stoppable(p)]
         _kill(alive)
         psutil.wait_procs(alive, timeout=5)
         # The node's shell writes its exit record once torchrun is gone; on a loaded machine that can take
