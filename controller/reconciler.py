@@ -180,6 +180,17 @@ class Controller:
                 live.gang.detach()
         self._live.clear()
 
+    def _renew_claims(self, session: Any) -> None:
+        """Before writing what slow I/O found (a launch against a slow API server, a teardown's grace period), renew
+        the claims: a lease that lapsed meanwhile is still this controller's unless another one took the job, and
+        then the state change's claim check refuses the write, as it must."""
+        renew_leases(
+            session=session,
+            controller_id=self.id,
+            lease_seconds=self.config.lease_seconds,
+            now=_dt(self.clock()),
+        )
+
     def _mark_stopped(self, session: Any, live: LiveAttempt) -> None:
         job = session.get(Job, live.job_id)
         attempt = get_current_attempt(session=session, job=job) if job is not None else None
@@ -314,6 +325,7 @@ class Controller:
         except Exception as err:
             log.exception("job %s: launch of attempt %d failed", spec.name, number)
             with self.store.transaction() as session:
+                self._renew_claims(session)
                 job = session.get(Job, job_id)
                 assert job is not None
                 self._end_attempt(
@@ -332,6 +344,7 @@ class Controller:
                 )
             return
         with self.store.transaction() as session:
+            self._renew_claims(session)
             job = session.get(Job, job_id)
             assert job is not None
             row = get_current_attempt(session=session, job=job)
@@ -777,6 +790,7 @@ class Controller:
     ) -> None:
         self._live.pop(job_id, None)
         with self.store.transaction() as session:
+            self._renew_claims(session)
             job = session.get(Job, job_id)
             assert job is not None
             if job.phase not in SUPERVISED_PHASES or job.current_attempt != live.attempt:

@@ -515,6 +515,34 @@ def test_a_launch_that_raises_is_a_counted_failure_and_retried(world: World) -> 
     assert world.job(name).phase is Phase.LAUNCHING and len(world.backend.gangs) == 1
 
 
+def test_a_launch_slower_than_the_lease_still_records_its_outcome(world: World) -> None:
+    """A pass that spends longer than the claim's lease in a launch (a slow or failing API server; seen under load
+    in the operator's tests) renews the lapsed claim before it writes, as nobody took the job meanwhile."""
+    ctl = world.controller()
+    name = world.submit(spec("slowlaunch"))
+    launch = world.backend.launch
+
+    def slow_failing_launch(**kwargs):
+        world.clock.advance(ctl.config.lease_seconds + 5)
+        world.backend.launch = launch
+        raise OSError("API server unavailable")
+
+    world.backend.launch = slow_failing_launch  # type: ignore[method-assign]
+    ctl.reconcile_once()
+    job = world.job(name)
+    assert (job.phase, job.num_restarts_counted) == (Phase.RESTARTING, 1)
+    assert world.event(name, "Unknown").message == "launch failed: OSError: API server unavailable"
+
+    def slow_launch(**kwargs):
+        world.clock.advance(ctl.config.lease_seconds + 5)
+        return launch(**kwargs)
+
+    world.backend.launch = slow_launch  # type: ignore[method-assign]
+    wait_backoff(world, ctl, name)
+    assert world.job(name).phase is Phase.LAUNCHING
+    assert world.attempts(name)[-1].backend_record is not None
+
+
 def test_a_job_resumed_at_its_last_step_succeeds_without_taking_a_step(world: World) -> None:
     """The trainer saves at the last step; a crash after that save resumes there and exits 0 at once."""
     ctl = world.controller()
