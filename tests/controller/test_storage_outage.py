@@ -89,7 +89,7 @@ def test_a_job_whose_checkpoint_folder_stays_unwritable_fails_storage_unavailabl
 
     how, why = mechanism(tmp_path)
     if how is None:
-        pytest.skip(f"cannot make a folder unwritable here: {why}")
+        pytest.fail(f"cannot make a folder unwritable here: {why}")
     training = training_section(
         train_harness.make_data(tmp_path / "data"), tmp_path / "cache", steps=60, interval=2
     )

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def how(tmp_path: Path) -> str:
     found, why = mechanism(tmp_path)
     if found is None:
-        pytest.skip(f"cannot make a folder unwritable here: {why}")
+        pytest.fail(f"cannot make a folder unwritable here: {why}")
     return found
 
 
