@@ -48,7 +48,7 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-# The timing-dependent tests (marker `timing`) REPEAT times in a row next to two CPU hogs: CI machines are loaded.
+# The timing-dependent tests (marker `timing`) REPEAT times in a row next to one CPU hog per core: CI machines are loaded.
 test-load: $(STAMP)
 	$(BIN)/python tests/run_under_load.py --repeat $(or $(REPEAT),5)
 

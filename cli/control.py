@@ -18,7 +18,7 @@ Decisions:
 
 from __future__ import annotations
 
-import signal
+import contextlib
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -213,7 +213,8 @@ def supervise(
             stop.set()
 
     def cancel(why: str) -> None:
-        stderr.print(f"{why}: cancelling {name}", highlight=False)
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal is gone; the cancel must still happen
+            stderr.print(f"{why}: cancelling {name}", highlight=False)
         with db.transaction() as session:
             job = get_job(session=session, name=name)
             if job.phase not in TERMINAL_PHASES:
@@ -226,10 +227,7 @@ def supervise(
         try:
             if view is not None:
                 view.start()
-            try:
-                ctl.run(stop, on_pass=after_pass)
-            except KeyboardInterrupt:  # a SIGINT handler other than ours (not on the main thread)
-                request.signum = request.signum or signal.SIGINT
+            ctl.run(stop, on_pass=after_pass)
             if request.signum is not None and phase[0] not in TERMINAL_PHASES:
                 cancel(f"stopped by {request.name}")
             else:

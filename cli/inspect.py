@@ -30,12 +30,13 @@ from controller.domain.phases import TERMINAL_PHASES, EventType, Phase
 from controller.store.models import Event, Job, RankStatus
 from controller.store.records import NODE_EXCLUDED, excluded_nodes, list_checkpoints
 from controller.store.session import Store
+from trainer.contract.memory import human_bytes
 
 from . import cluster
 from .cluster import BackendOption, ContextOption, NamespaceLongOption
 from .errors import EXIT_USER_ERROR, CliError
 from .jobs import JobArgument, OutputOption, event_dict, human_seconds, iso, load_job, store
-from .output import OutputFormat, emit, human_bytes, stderr
+from .output import OutputFormat, emit, stderr
 
 FOLLOW_POLL_SECONDS = 1.0  # how often `logs --follow` looks for new lines and re-reads the job's phase
 _TAIL_BLOCK = 64 * 1024

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from trainer.contract import MODEL_PRESETS
+from trainer.contract.memory import human_bytes
 
-from .output import OutputFormat, emit, human_bytes, human_count
+from .output import OutputFormat, emit, human_count
 from .tool import run_model_tool
 
 app = typer.Typer(help="Inspect Qwen2-VL presets and checkpoints; generate answers.", no_args_is_help=True)

@@ -52,7 +52,9 @@ def stop_on_signals(stop: threading.Event) -> Iterator[StopRequest]:
     def handle(signum: int, _frame: FrameType | None) -> None:
         if request.signum is None:
             request.signum = signum
-        stop.set()
+        # Not `stop.set()` here: the handler runs on the main thread between two bytecodes, possibly while that
+        # thread holds the event's (non-reentrant) lock inside `stop.wait`, and setting it would deadlock.
+        threading.Thread(target=stop.set, name="stop-signal", daemon=True).start()
 
     previous = {}
     for sig in STOP_SIGNALS:

@@ -137,8 +137,14 @@ def choose_resume_point(
                 f"from_step: no committed checkpoint at step {from_step} (committed: {steps})"
             )
         result = verify(row.uri, mode="checksum")
+        # A corrupt requested step fails the launch: no attempt follows for the event to belong to.
         record_checkpoint_verification(
-            session=session, job=job, step=row.step, ok=result.ok, detail=result.problem, attempt=next_attempt
+            session=session,
+            job=job,
+            step=row.step,
+            ok=result.ok,
+            detail=result.problem,
+            attempt=next_attempt if result.ok else None,
         )
         if not result.ok:
             raise NoSuchCheckpoint(

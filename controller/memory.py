@@ -19,28 +19,11 @@ OutOfMemory, instead of swapping the machine or meeting the kernel's OOM killer,
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from controller.quantity import quantity_bytes
 from trainer.contract.memory import estimate_rank_memory, human_bytes
 
-_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?|k)?\s*$")
-_UNITS = {
-    None: 1,
-    "k": 10**3,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-    "Ei": 2**60,
-}
 _ADVICE = {
     "training.data.rows_per_step": "lower it (a rank holds all its rows of a step at once) or raise parallel.dp",
     "training.data.micro_batch_rows": "lower it or data.row_len, or recompute activations "
@@ -53,14 +36,6 @@ CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/
 
 class MemoryCheckError(ValueError):
     """The job does not fit; the message is one line naming the field to change."""
-
-
-def parse_quantity(text: str) -> int:
-    """A Kubernetes memory quantity ('512Gi', '64G', '1.5Gi', '1000000') in bytes."""
-    match = _QUANTITY.match(str(text))
-    if match is None:
-        raise ValueError(f"{text!r} is not a memory quantity (e.g. 64Gi, 500M or a number of bytes)")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def host_memory_bytes() -> int:
@@ -82,7 +57,7 @@ def check_memory(spec) -> None:
     need = estimate_rank_memory(spec.training, on_gpu=r.gpus_per_node > 0)
     if r.memory is not None:
         try:
-            have = parse_quantity(r.memory)
+            have = quantity_bytes(r.memory)
         except ValueError as err:
             raise MemoryCheckError(f"resources.memory: {err}") from None
         ranks, where = r.procs_per_node, f"a node (resources.memory = {r.memory})"
@@ -104,13 +79,15 @@ RANK_LIMIT_HEADROOM = 0.9  # of a local machine's memory: the controller, the ag
 def rank_memory_limit(spec) -> int | None:
     """Bytes of private writable memory (RLIMIT_DATA) each rank of a local job may map: its share of the
     declared node memory, else an equal share of 90% of this machine's. None for other backends (their pods
-    have a memory limit of their own) and for a declared quantity that does not parse (refused at submit)."""
-    if spec.backend != "local":
-        return None
+    have a memory limit of their own), for a declared quantity that does not parse (refused at submit), and for
+    jobs on GPUs: the CUDA runtime and pinned host buffers map writable memory of their own, and no GPU run has
+    yet shown what a rank needs under the limit."""
     r = spec.resources
+    if spec.backend != "local" or r.gpus_per_node > 0:
+        return None
     if r.memory is not None:
         try:
-            return parse_quantity(r.memory) // r.procs_per_node
+            return quantity_bytes(r.memory) // r.procs_per_node
         except ValueError:
             return None
     return int(host_memory_bytes() * RANK_LIMIT_HEADROOM) // r.world_size

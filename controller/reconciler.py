@@ -180,16 +180,21 @@ class Controller:
                 live.gang.detach()
         self._live.clear()
 
-    def _renew_claims(self, session: Any) -> None:
+    def _still_ours(self, session: Any, job_id: int) -> bool:
         """Before writing what slow I/O found (a launch against a slow API server, a teardown's grace period), renew
-        the claims: a lease that lapsed meanwhile is still this controller's unless another one took the job, and
-        then the state change's claim check refuses the write, as it must."""
-        renew_leases(
+        the claims and say whether `job_id` is still this controller's: a lease that lapsed meanwhile is, unless
+        another controller took the job; then nothing of ours may be written on it."""
+        held = renew_leases(
             session=session,
             controller_id=self.id,
             lease_seconds=self.config.lease_seconds,
             now=_dt(self.clock()),
         )
+        if job_id not in held:
+            log.warning(
+                "job %d: another controller took it over while this one waited on the backend", job_id
+            )
+        return job_id in held
 
     def _mark_stopped(self, session: Any, live: LiveAttempt) -> None:
         job = session.get(Job, live.job_id)
@@ -325,7 +330,8 @@ class Controller:
         except Exception as err:
             log.exception("job %s: launch of attempt %d failed", spec.name, number)
             with self.store.transaction() as session:
-                self._renew_claims(session)
+                if not self._still_ours(session, job_id):
+                    return
                 job = session.get(Job, job_id)
                 assert job is not None
                 self._end_attempt(
@@ -344,12 +350,17 @@ class Controller:
                 )
             return
         with self.store.transaction() as session:
-            self._renew_claims(session)
-            job = session.get(Job, job_id)
-            assert job is not None
-            row = get_current_attempt(session=session, job=job)
-            assert row is not None and row.number == number
-            row.backend_record = gang.record()
+            taken = not self._still_ours(session, job_id)
+            if not taken:
+                job = session.get(Job, job_id)
+                assert job is not None
+                row = get_current_attempt(session=session, job=job)
+                assert row is not None and row.number == number
+                row.backend_record = gang.record()
+        if taken:
+            # The new owner launches its own gang for this job: ours must not run beside it.
+            gang.cancel(self.config.cancel_grace_seconds)
+            return
         self._live[job_id] = self._watch(job_id, spec, gang, number, run_dir, launched_at=now, nodes=nodes)
 
     def _rank_env(self, spec: TrainingJobSpec) -> dict[str, str]:
@@ -790,7 +801,8 @@ class Controller:
     ) -> None:
         self._live.pop(job_id, None)
         with self.store.transaction() as session:
-            self._renew_claims(session)
+            if not self._still_ours(session, job_id):
+                return
             job = session.get(Job, job_id)
             assert job is not None
             if job.phase not in SUPERVISED_PHASES or job.current_attempt != live.attempt:

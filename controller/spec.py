@@ -29,6 +29,7 @@ from controller.failures import FailureAction, FailureRule
 from controller.hangs import HangConfig
 from controller.memory import MemoryCheckError, check_memory
 from controller.policy import CheckpointIntervalPolicy, RestartPolicy
+from controller.quantity import parse_quantity
 from controller.stragglers import StragglerConfig
 from trainer.contract.training import TrainingConfig
 
@@ -47,6 +48,13 @@ class Resources(_Section):
     spare_nodes: int = Field(0, ge=0, description="nodes kept to replace an excluded straggler")
     cpu: str | None = Field(None, description="CPU request per node pod, e.g. '32'")
     memory: str | None = Field(None, description="memory request per node pod, e.g. '512Gi'")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_quantity(value)  # the API server's grammar, checked here for every backend
+        return value
 
     @property
     def world_size(self) -> int:

@@ -86,7 +86,6 @@ KUEUE_GROUP_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 _OWNER_KEYS = ("apiVersion", "kind", "name", "uid")
 
 
@@ -294,13 +293,8 @@ def _resources(spec: TrainingJobSpec) -> dict[str, Any]:
     limits: dict[str, str] = {}
     for field in ("cpu", "memory"):
         value = getattr(r, field)
-        if value is None:
-            continue
-        if not _QUANTITY.match(value):
-            raise ValueError(
-                f"resources.{field}: {value!r} is not a Kubernetes quantity (e.g. '32', '512Gi')"
-            )
-        requests[field] = value
+        if value is not None:  # checked against the API's grammar when the spec was parsed
+            requests[field] = value
     if "memory" in requests:
         limits["memory"] = requests["memory"]  # over it the pod is OOM-killed, not its neighbours
     if r.gpus_per_node:

@@ -19,8 +19,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 def model_info(spec: str, *, zero_shards: int = 1) -> ModelInfo:
+    from trainer.contract.memory import training_memory
     from trainer.models.qwen2_vl import load_config, preset
-    from trainer.models.qwen2_vl.info import count_parameters, training_memory
+    from trainer.models.qwen2_vl.info import count_parameters
     from trainer.models.qwen2_vl.weights import build_on_meta
 
     cfg = load_config(spec) if Path(spec).is_dir() else preset(spec)
@@ -70,7 +71,7 @@ def generate_answer(
         pixel_values=pixel_values,
         image_grid_thw=grid,
         max_new_tokens=max_new_tokens,
-        eos_token_ids=[model.cfg.eos_token_id, model.cfg.pad_token_id],
+        eos_token_ids=[model.cfg.eos_token_id, model.cfg.fill_token_id],
     )
     new = out[0, prompt_ids.shape[1] :].tolist()
     return GenerateResult(

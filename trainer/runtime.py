@@ -178,7 +178,7 @@ class Run:
         packing = PackingConfig(
             row_len=data.row_len,
             max_vision_tokens_per_row=data.max_vision_tokens_per_row,
-            pad_token_id=model_cfg.pad_token_id,
+            pad_token_id=model_cfg.fill_token_id,
             image_token_id=model_cfg.image_token_id,
             video_token_id=model_cfg.video_token_id,
         )

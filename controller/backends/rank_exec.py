@@ -13,8 +13,8 @@ Decisions:
 - Standard library only: it runs once per rank at start-up, before the trainer's own imports.
 - A memory limit (ENV_MEMORY_LIMIT, bytes) becomes the rank's RLIMIT_DATA before the exec, which keeps it: an
   allocation past it fails in the rank (MemoryError, named OutOfMemory by the controller) rather than taking
-  the machine down. RLIMIT_DATA, not RLIMIT_AS: address space that is only reserved (CUDA maps terabytes of it)
-  does not count.
+  the machine down. RLIMIT_DATA, not RLIMIT_AS: address space that is only reserved does not count. Jobs on
+  GPUs get no limit (`controller.memory.rank_memory_limit`) until a GPU run shows what CUDA needs under it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ own status, marked as the agent's.
 Which failure came first is decided across nodes by when each node ended (`root_causes`): every agent names its
 own first failed worker, but a rank that lost its peer fails too, and only the node that ended first holds the
 gang's root cause. Node end times are precise (an exit record's mtime, a pod's finishedAt); the agents' own
-times have a resolution of one second and cannot order two nodes.
+times have a resolution of one second and order two nodes only when they are further apart than that (a node
+whose agent spent seconds stopping its healthy local ranks ends after the peer it brought down).
 """
 
 from __future__ import annotations
@@ -118,11 +119,21 @@ def node_exits(
 
 
 def root_causes(per_node: Iterable[tuple[float, Sequence[WorkerExit]]]) -> list[WorkerExit]:
-    """Every node's failed ranks, with root_cause kept only in the node that ended first (its agent's root cause,
-    or its first rank when it had none); root causes first, then by rank."""
+    """Every node's failed ranks, with root_cause kept only in the node whose failure came first (its agent's root
+    cause, or its first rank when it had none); root causes first, then by rank.
+
+    The node that ended first is taken, except where another node's agent saw its first worker fail clearly (more
+    than the agents' one-second resolution) before the first node's agent did: an agent with several local ranks
+    stops the healthy ones (each finishing its step) before it ends, and a peer whose ranks failed only because
+    of it can end sooner. Agents' times are compared only with each other (they are the agents' local clocks)."""
     ordered = [list(exits) for _, exits in sorted(per_node, key=lambda item: item[0]) if exits]
     if not ordered:
         return []
+    reported = [(_first_seen(exits), i) for i, exits in enumerate(ordered) if _first_seen(exits) is not None]
+    if reported and _first_seen(ordered[0]) is not None:
+        seen, i = min(reported)
+        if seen < _first_seen(ordered[0]) - _AGENT_TIME_RESOLUTION:  # type: ignore[operator]
+            ordered.insert(0, ordered.pop(i))
     if not any(e.root_cause for e in ordered[0]):
         ordered[0][0] = replace(ordered[0][0], root_cause=True)
     first = {e.rank for e in ordered[0] if e.root_cause}
@@ -132,3 +143,12 @@ def root_causes(per_node: Iterable[tuple[float, Sequence[WorkerExit]]]) -> list[
         for e in node
     ]
     return sorted(exits, key=lambda e: (not e.root_cause, e.rank))
+
+
+_AGENT_TIME_RESOLUTION = 1.0
+
+
+def _first_seen(exits: Sequence[WorkerExit]) -> float | None:
+    """When the node's agent saw its first worker fail, by its own summary (None: no summary times)."""
+    times = [e.time for e in exits if e.time is not None and not e.agent]
+    return min(times) if times else None

@@ -211,7 +211,7 @@ def test_checkpoint_storage_unwritable_for_a_minute_costs_no_step(
     try:
         run.start_controller()
         run.wait(
-            lambda: root.exists() and [c.step for c in list_checkpoints(str(root))] == [4],
+            lambda: root.exists() and 4 in [c.step for c in list_checkpoints(str(root))],
             timeout=240,
             what="step 4 committed",
             every=0.01,

@@ -35,6 +35,7 @@ def test_each_local_rank_gets_its_share_of_the_node_or_of_this_machine() -> None
     expected = int(host_memory_bytes() * RANK_LIMIT_HEADROOM) // 4  # 4 ranks, all on this machine
     assert rank_memory_limit(parse_spec(_spec())) == expected
     assert rank_memory_limit(parse_spec({**_spec(memory="8Gi"), "backend": "kubernetes"})) is None
+    assert rank_memory_limit(parse_spec(_spec(memory="8Gi", gpus_per_node=2))) is None
 
 
 def test_a_rank_past_its_limit_fails_as_out_of_memory(tmp_path: Path) -> None:

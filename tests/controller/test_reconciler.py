@@ -543,6 +543,33 @@ def test_a_launch_slower_than_the_lease_still_records_its_outcome(world: World) 
     assert world.attempts(name)[-1].backend_record is not None
 
 
+def test_a_job_taken_over_during_a_slow_launch_gets_nothing_written_and_its_gang_is_stopped(
+    world: World,
+) -> None:
+    """If another controller takes the job while this one's launch outlives the lease, the launched gang must not
+    run beside the new owner's, and nothing of it is written on the job."""
+    ctl = world.controller()
+    name = world.submit(spec("stolen"))
+    launch = world.backend.launch
+    other = world.controller("ctl-b")
+
+    def slow_launch_while_taken(**kwargs):
+        world.clock.advance(ctl.config.lease_seconds + 5)
+        gang = launch(**kwargs)
+        other.reconcile_once()  # its pass takes the lapsed claim over
+        return gang
+
+    world.backend.launch = slow_launch_while_taken  # type: ignore[method-assign]
+    ctl.reconcile_once()
+    world.backend.launch = launch  # type: ignore[method-assign]
+    job = world.job(name)
+    assert job.claimed_by == "ctl-b"
+    assert world.backend.gang(name, 1).cancels == [ctl.config.cancel_grace_seconds]
+    first = world.attempts(name)[0]
+    assert (first.number, first.backend_record) == (1, None)
+    assert world.reasons(name)[-2:] == ["LeaseTakenOver", "LaunchInterrupted"]
+
+
 def test_a_job_resumed_at_its_last_step_succeeds_without_taking_a_step(world: World) -> None:
     """The trainer saves at the last step; a crash after that save resumes there and exits 0 at once."""
     ctl = world.controller()

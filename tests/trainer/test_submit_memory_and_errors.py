@@ -69,17 +69,6 @@ def test_gpu_ranks_count_only_the_host_side():
         check_memory(parse_spec(spec))
 
 
-def test_parse_quantity():
-    from controller.memory import parse_quantity
-
-    assert parse_quantity("512Gi") == 512 * GiB
-    assert parse_quantity("1.5Gi") == int(1.5 * GiB)
-    assert parse_quantity("64G") == 64 * 10**9
-    assert parse_quantity("1000") == 1000
-    with pytest.raises(ValueError, match="not a memory quantity"):
-        parse_quantity("lots")
-
-
 def test_a_missing_sample_file_names_where_it_was_looked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from trainer.data.formats import iter_jsonl
 

@@ -175,14 +175,20 @@ def test_scraped_telemetry_and_a_slowed_rank(data, tmp_path):
 
     steps = range(6, 16)
     per_rank = [step_metrics(tmp_path / "run", rank) for rank in (0, 1)]
-    own = [statistics.median(per_rank[r][s]["own_work_seconds"] for s in steps) for r in (0, 1)]
-    wall = [statistics.median(per_rank[r][s]["step_seconds"] for s in steps) for r in (0, 1)]
-    print(
-        f"own work {own[0]:.3f} s vs {own[1]:.3f} s (ratio {own[1] / own[0]:.2f}); "
-        f"wall {wall[0]:.3f} s vs {wall[1]:.3f} s"
+    # The ranks' own work is compared step by step (both ranks compute a step's forward and backward at the same
+    # time, so they share whatever else the machine is doing then), and the median of those ratios is taken.
+    # The injected sleep is (F - 1) x the slowed rank's own measured work, so on a loaded machine it inherits the
+    # scheduler's noise on that measurement: next to two busy loops the median ratio for F = 1.5 was seen as high
+    # as 1.72; the bounds below still tell a 1.5x rank from an unslowed one (1.0) and from a double-slowed (2.0).
+    own_ratio = statistics.median(
+        per_rank[1][s]["own_work_seconds"] / per_rank[0][s]["own_work_seconds"] for s in steps
     )
-    assert 1.3 < own[1] / own[0] < 1.7
-    assert 0.9 < wall[1] / wall[0] < 1.1
+    wall_ratio = statistics.median(
+        per_rank[1][s]["step_seconds"] / per_rank[0][s]["step_seconds"] for s in steps
+    )
+    print(f"own work ratio {own_ratio:.2f}; wall ratio {wall_ratio:.2f}")
+    assert 1.25 < own_ratio < 1.85
+    assert 0.9 < wall_ratio < 1.1
     fast_wait = statistics.median(per_rank[0][s]["sync_wait_seconds"] for s in steps)
     slow_wait = statistics.median(per_rank[1][s]["sync_wait_seconds"] for s in steps)
     assert fast_wait > slow_wait

@@ -2,7 +2,8 @@
 
 `estimate_rank_memory(config)` is what the control plane checks a job against at submit: a rank that cannot fit
 is refused there, instead of growing until the machine swaps or the start-up timeout ends it. It counts what
-the trainer certainly allocates, so it errs low, never high; a refusal means the job could not have fit:
+the trainer certainly allocates and leaves out what depends on the data, so it is meant to err low (a refusal
+should mean the job could not have fit); no test yet compares it with a rank's measured peak memory:
 
 - model state (CPU ranks only; on GPU ranks it lives on the device): weights, gradients of the trainable
   parameters of the stage, Adam's two moments (plus an fp32 master copy for bfloat16 weights), divided over the
@@ -31,11 +32,11 @@ if TYPE_CHECKING:
 
 GiB = 1024**3
 MiB = 1024**2
-RUNTIME_BYTES = 256 * MiB  # a Python process with torch and numpy imported, before any tensor
+RUNTIME_BYTES = 256 * MiB  # below a rank with its imports done: `import trainer.train` peaked at 307 MiB RSS here
 LOADER_PREFETCH = 2  # trainer.data.loader.LoaderConfig.prefetch (the trainer keeps the default)
 TOKEN_ARRAYS = 3  # input_ids, labels, segment_ids: int64 each (trainer.data.rows.pack_row)
 POSITION_BYTES = 64  # one Position(epoch, row) NamedTuple in the step's row list, at the least
-_WIDTH = {"float32": 4, "bfloat16": 2}
+_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +101,27 @@ class RankMemory:
 
 
 def human_bytes(n: float) -> str:
-    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", MiB)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n / 1024:.1f} KiB"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def training_memory(
+    num_params: int, *, param_dtype: str = "bfloat16", trainable: int | None = None, zero_shards: int = 1
+) -> dict[str, int]:
+    """Bytes for weights, gradients and Adam state (fp32 master copy plus two moments when weights are half
+    precision; two moments only in fp32). Optimizer state is divided over `zero_shards` ranks (ZeRO-1).
+    Activations depend on batch shape and checkpointing and are not included."""
+    trainable = num_params if trainable is None else trainable
+    width = _WIDTH[param_dtype]
+    optimizer_per_param = 8 + (4 if width < 4 else 0)
+    return {
+        "weights": num_params * width,
+        "gradients": trainable * width,
+        "optimizer": trainable * optimizer_per_param // zero_shards,
+    }
 
 
 def estimate_rank_memory(config: TrainingConfig, *, on_gpu: bool = False) -> RankMemory:
@@ -117,20 +135,18 @@ def estimate_rank_memory(config: TrainingConfig, *, on_gpu: bool = False) -> Ran
     if on_gpu or shape is None:
         return RankMemory(model_state=0, activations=0, step_batches=step_batches, row_index=row_index)
 
-    width = _WIDTH[config.model.dtype]
-    split = p.tp * p.pp
     trainable = {
         1: shape.vision + shape.merger,
         2: shape.total,
         3: shape.text + shape.merger,
     }[config.training.stage]
-    optimizer_per_param = 8 + (4 if width < 4 else 0)
-    optimizer_shards = p.dp if p.zero_stage == 1 else 1
-    model_state = (
-        shape.total * width // split
-        + trainable * width // split
-        + trainable * optimizer_per_param // split // optimizer_shards
+    state = training_memory(
+        shape.total,
+        param_dtype=config.model.dtype,
+        trainable=trainable,
+        zero_shards=p.dp if p.zero_stage == 1 else 1,
     )
+    model_state = sum(state.values()) // (p.tp * p.pp)
 
     tokens = data.micro_batch_rows * data.row_len
     layers = -(-shape.layers // p.pp)  # on the fullest stage
@@ -142,7 +158,7 @@ def estimate_rank_memory(config: TrainingConfig, *, on_gpu: bool = False) -> Ran
     ) // p.tp + recomputed * shape.hidden
     in_flight = min(p.pp, rows_per_rank // data.micro_batch_rows)
     logits = tokens * shape.vocab * 4 // p.tp  # the last stage's logits, in fp32 for the loss
-    activations = tokens * per_token * width * in_flight + logits
+    activations = tokens * per_token * _WIDTH[config.model.dtype] * in_flight + logits
     return RankMemory(
         model_state=model_state, activations=activations, step_batches=step_batches, row_index=row_index
     )

@@ -5,9 +5,10 @@ transformers 5 lives in its own folder, `.cache/transformers5` (the Makefile's v
 PYTHONPATH. VLCTL_TRANSFORMERS5 points the test at another folder. A missing folder fails the test rather than
 skipping it: a skip would hide exactly the regression this file guards.
 
-The model under test has a 2,048-token vocabulary and no pad id of its own, so our config's default pad id
-(the real tokenizer's `<|endoftext|>`, 151643) is outside its vocabulary. transformers uses the saved
-`pad_token_id` as the embedding's `padding_idx` and refuses one past the table (issue 11).
+The model under test has a 2,048-token vocabulary and no pad id. Our config's default pad id (the real
+tokenizer's `<|endoftext|>`, 151643) is outside such a vocabulary, and transformers uses a saved `pad_token_id`
+as the embedding's `padding_idx` and refuses one past the table (issue 11): the config refuses that pad id, a
+save writes none, and a load without one gives a small vocabulary none.
 
 The batch holds images and a video whose temporal patches do not outnumber its merged rows and columns
 (t = h' = w' = 2): transformers 5 advances text positions after a video by max(h', w') instead of the
@@ -27,7 +28,8 @@ import torch
 from hf_fixtures import IMAGE_GRIDS, random_model, text, vision_block
 
 from trainer.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, save_pretrained
-from trainer.models.qwen2_vl.config import tiny_config
+from trainer.models.qwen2_vl.config import ENDOFTEXT_ID, tiny_config
+from trainer.models.qwen2_vl.weights import load_config
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[3]
@@ -37,19 +39,8 @@ VIDEO_GRID = (2, 4, 4)  # t = h' = w': both transformers position rules agree
 
 
 def no_pad_config(vocab_size: int = 2048) -> Qwen2VLConfig:
-    """The tiny layout with a small vocabulary, built without a pad id (so it gets the dataclass default)."""
-    small = tiny_config(vocab_size=vocab_size)
-    return Qwen2VLConfig(
-        vision=small.vision,
-        text=small.text,
-        image_token_id=small.image_token_id,
-        video_token_id=small.video_token_id,
-        vision_start_token_id=small.vision_start_token_id,
-        vision_end_token_id=small.vision_end_token_id,
-        bos_token_id=small.bos_token_id,
-        eos_token_id=small.eos_token_id,
-        torch_dtype="float32",
-    )
+    """The tiny layout with a small vocabulary and no pad token."""
+    return tiny_config(vocab_size=vocab_size).replace(pad_token_id=None)
 
 
 def batch_inputs(cfg: Qwen2VLConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -98,18 +89,24 @@ def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[Path, Qwen2VL]:
     cfg = no_pad_config()
-    assert (
-        cfg.pad_token_id >= cfg.text.vocab_size
-    )  # the case under test: the default pad id is not a token here
     model = random_model(cfg, seed=11)
     path = tmp_path_factory.mktemp("no-pad")
     save_pretrained(model, path)
     return path, model
 
 
-def test_pad_id_written_only_when_in_vocabulary(saved, tmp_path):
-    path, _ = saved
+def test_a_pad_id_outside_the_vocabulary_is_refused_by_name():
+    small = tiny_config(vocab_size=2048)
+    with pytest.raises(ValueError, match="pad_token_id: must be a token id below text.vocab_size"):
+        small.replace(pad_token_id=ENDOFTEXT_ID)  # the default: the real tokenizer's <|endoftext|>
+
+
+def test_pad_id_written_only_when_the_model_has_one(saved, tmp_path):
+    path, ours = saved
     assert "pad_token_id" not in json.loads((path / "config.json").read_text())
+    back = load_config(path)
+    assert back.pad_token_id is None and back == ours.cfg
+    assert ours.cfg.fill_token_id == ours.cfg.eos_token_id
     cfg = tiny_config(vocab_size=2048)  # a pad id of its own, inside the vocabulary: kept
     save_pretrained(Qwen2VL(cfg), tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["pad_token_id"] == cfg.pad_token_id == 2043
@@ -152,7 +149,7 @@ def test_transformers_5_loads_save_without_pad_id(saved, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, f"transformers 5 could not load the save:\n{done.stderr[-4000:]}"
-    out = torch.load(tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["version"].startswith("5.")
     assert out["pad_token_id"] is None and out["padding_idx"] is None
     assert max_diff(our_logits(ours, inputs), out["logits"], inputs["attention_mask"]) < TOL

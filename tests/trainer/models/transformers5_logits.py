@@ -21,7 +21,7 @@ def main(checkpoint: str, batch_file: str, out_file: str) -> None:
         raise SystemExit(
             f"expected transformers 5.x, imported {transformers.__version__} from {transformers.__file__}"
         )
-    batch = torch.load(batch_file)
+    batch = torch.load(batch_file, weights_only=True)
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
         checkpoint, attn_implementation="sdpa"
     )

@@ -129,7 +129,9 @@ class Qwen2VLConfig:
     vision_end_token_id: int = VISION_END_ID
     bos_token_id: int = ENDOFTEXT_ID
     eos_token_id: int = IM_END_ID
-    pad_token_id: int = ENDOFTEXT_ID
+    # The id that fills padded positions; None: the model has no pad token (then `fill_token_id` is eos). The
+    # default is the real tokenizer's <|endoftext|>, so a small vocabulary must name its own or None.
+    pad_token_id: int | None = ENDOFTEXT_ID
     torch_dtype: str = "bfloat16"  # dtype the weights are stored in; the model may run in another
 
     def __post_init__(self) -> None:
@@ -145,9 +147,19 @@ class Qwen2VLConfig:
                 f"must be a token id below text.vocab_size ({self.text.vocab_size})",
             )
         _require(
+            self.pad_token_id is None or 0 <= self.pad_token_id < self.text.vocab_size,
+            "pad_token_id",
+            f"must be a token id below text.vocab_size ({self.text.vocab_size}) or None (no pad token)",
+        )
+        _require(
             self.image_token_id != self.video_token_id, "video_token_id", "must differ from image_token_id"
         )
         _require(self.torch_dtype in _DTYPES, "torch_dtype", f"must be one of {sorted(_DTYPES)}")
+
+    @property
+    def fill_token_id(self) -> int:
+        """What fills padded positions (they are masked out of attention and loss): the pad token, else eos."""
+        return self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
 
     @property
     def dtype(self) -> torch.dtype:

@@ -37,7 +37,7 @@ def generate(
         sorted(set(eos_token_ids if eos_token_ids is not None else [cfg.eos_token_id])),
         device=input_ids.device,
     )
-    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    pad = cfg.fill_token_id if pad_token_id is None else pad_token_id
     batch, prompt_len = input_ids.shape
     key_valid = (
         torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
 
 @dataclass(frozen=True, slots=True)
 class ParameterCounts:
@@ -39,19 +37,3 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
         key = f"{part}.{'lm_head' if top == 'lm_head' else child}"
         parts[key] = parts.get(key, 0) + p.numel()
     return ParameterCounts(parts)
-
-
-def training_memory(
-    num_params: int, *, param_dtype: str = "bfloat16", trainable: int | None = None, zero_shards: int = 1
-) -> dict[str, int]:
-    """Bytes for weights, gradients and Adam state (fp32 master copy plus two moments when weights are half
-    precision; two moments only in fp32). Optimizer state is divided over `zero_shards` ranks (ZeRO-1).
-    Activations depend on batch shape and checkpointing and are not included."""
-    trainable = num_params if trainable is None else trainable
-    width = _BYTES[param_dtype]
-    optimizer_per_param = 8 + (4 if width < 4 else 0)
-    return {
-        "weights": num_params * width,
-        "gradients": trainable * width,
-        "optimizer": trainable * optimizer_per_param // zero_shards,
-    }

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import _DTYPES, Qwen2VLConfig, TextConfig, VisionConfig
+from .config import _DTYPES, ENDOFTEXT_ID, Qwen2VLConfig, TextConfig, VisionConfig
 from .model import Qwen2VL
 from .rope import inverse_frequencies
 
@@ -90,6 +90,11 @@ def config_from_hf(raw: dict, *, source: str = "config.json") -> Qwen2VLConfig:
     tokens = {f: raw.get(f, text.get(f)) for f in _TOKEN_FIELDS}
     if isinstance(tokens["eos_token_id"], list):
         tokens["eos_token_id"] = tokens["eos_token_id"][0]
+    given = {k: v for k, v in tokens.items() if v is not None}
+    if tokens["pad_token_id"] is None and text.get("vocab_size", TextConfig().vocab_size) <= ENDOFTEXT_ID:
+        # No pad id in the file (the released ones carry none: their tokenizer pads with <|endoftext|>, our
+        # default), and a vocabulary without <|endoftext|>: the model has no pad token.
+        given["pad_token_id"] = None
     try:
         return Qwen2VLConfig(
             vision=VisionConfig(**vision_kwargs),
@@ -97,31 +102,24 @@ def config_from_hf(raw: dict, *, source: str = "config.json") -> Qwen2VLConfig:
                 **text_kwargs, mrope_section=tuple(rope["mrope_section"]), tie_word_embeddings=tie
             ),
             torch_dtype=dtype if dtype in _DTYPES else "bfloat16",
-            **{k: v for k, v in tokens.items() if v is not None},
+            **given,
         )
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: {err}") from None
-
-
-def _in_vocab(token_id: int | None, vocab_size: int) -> int | None:
-    """`token_id` when it names a row of the embedding table, else None."""
-    return token_id if token_id is not None and 0 <= token_id < vocab_size else None
 
 
 def config_to_hf(cfg: Qwen2VLConfig) -> dict:
     """The released flat layout, which the pinned transformers 4.57 and transformers 5.x both load.
 
     Two values are written with care:
-    - `pad_token_id` only when it is a token of this model's vocabulary. transformers passes it to
-      `nn.Embedding` as `padding_idx`, which refuses an index past the table ("Padding_idx must be within
-      num_embeddings"). Our config defaults it to the real tokenizer's `<|endoftext|>` (151643), which a small
-      vocabulary does not have; such a model has no pad token, and the released checkpoints carry none either.
+    - `pad_token_id` only when the model has one (the config checks it is inside the vocabulary):
+      transformers passes it to `nn.Embedding` as `padding_idx`, which refuses an index past the table.
     - `mlp_ratio` as an int when it is whole: transformers 5 validates the vision config strictly and rejects
       4.0 where it declares an int.
     """
     t, v = cfg.text, cfg.vision
     tokens = {f: getattr(cfg, f) for f in _TOKEN_FIELDS}
-    pad = _in_vocab(tokens.pop("pad_token_id"), t.vocab_size)
+    pad = tokens.pop("pad_token_id")
     mlp_ratio = int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio
     return {
         "architectures": ["Qwen2VLForConditionalGeneration"],
