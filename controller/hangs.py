@@ -17,6 +17,11 @@ Decisions:
   of the gang started (the gang cannot take a step before its last member is up; a rank that has not reported
   counts from the attempt's launch) and the limit is startup_timeout_seconds, which covers imports, rendezvous,
   checkpoint load and the first step's compilation.
+- So is the end: once every rank has taken the job's last step, no step will come, and what is left (the final
+  checkpoint's save and commit, the exit barrier, tearing down process groups and loader workers) is measured
+  against startup_timeout_seconds too, from the last step. A short hang timeout (seconds, for a small model)
+  must not call a gang that is saving and exiting hung (seen under load: 6 s of teardown after the last step
+  against an 8 s timeout); a gang stuck in its exit barrier is still stopped.
 - The ranks that stopped first are the likely culprits (the others stopped when they blocked on them): those
   whose last progress is within half a median step of the oldest. A rank that never progressed while others did
   sorts first, with its process start as its time.
@@ -34,7 +39,8 @@ from trainer.contract.telemetry import RankSample
 
 PHASE_STARTUP = "startup"
 PHASE_TRAINING = "training"
-HangPhase = Literal["startup", "training"]
+PHASE_FINISHING = "finishing"
+HangPhase = Literal["startup", "training", "finishing"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -99,6 +105,8 @@ class HangVerdict:
     def message(self) -> str:
         if self.phase == PHASE_STARTUP:
             head = f"no rank finished a step within {self.idle_seconds:.0f} s of start-up"
+        elif self.phase == PHASE_FINISHING:
+            head = f"the gang has not exited {self.idle_seconds:.0f} s after the last step"
         else:
             head = f"no rank made progress for {self.idle_seconds:.0f} s"
         text = f"{head} (limit {self.threshold_seconds:.0f} s)"
@@ -124,9 +132,11 @@ def detect_hang(
     launched_at: float,
     median_step_seconds: float | None,
     config: HangConfig,
+    last_step: int | None = None,
 ) -> HangVerdict:
     """`ranks`: the live ranks of the current attempt; `median_step_seconds`: the job's so far (None: no step
-    yet); `launched_at`: when the attempt was launched."""
+    yet); `launched_at`: when the attempt was launched; `last_step`: the index of the job's final step (None:
+    unknown), past which the gang is finishing, not training."""
     if median_step_seconds is not None and not median_step_seconds >= 0:
         raise ValueError(f"median_step_seconds: must be >= 0, got {median_step_seconds}")
     progress = [r.alive_at for r in ranks if r.alive_at is not None]
@@ -137,8 +147,17 @@ def detect_hang(
             return alive
         return r.process_start if r.process_start is not None else launched_at
 
-    if progress:
-        phase: HangPhase = PHASE_TRAINING
+    finishing = (
+        last_step is not None
+        and bool(ranks)
+        and all(r.step is not None and r.step >= last_step for r in ranks)
+    )
+    if progress and finishing:
+        phase: HangPhase = PHASE_FINISHING
+        since = max(progress)
+        threshold = config.startup_timeout_seconds
+    elif progress:
+        phase = PHASE_TRAINING
         since = max(progress)
         threshold = max(config.hang_timeout_seconds, config.step_time_factor * (median_step_seconds or 0.0))
     else:

@@ -399,6 +399,7 @@ class Controller:
             launched_at=launched_at,
             stragglers=spec.straggler_config(),
             hang=spec.hang_config(),
+            total_steps=spec.training.training.steps,
         )
 
     def _pick_nodes(

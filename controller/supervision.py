@@ -56,6 +56,7 @@ class LiveAttempt:
     launched_at: float  # unix seconds
     stragglers: StragglerConfig
     hang: HangConfig
+    total_steps: int | None = None  # the job's `training.steps`: past its last, the gang is finishing
     progress: Progress = field(default_factory=Progress)
     flagged: dict[int, StragglerReport] = field(default_factory=dict)  # rank -> its newest report
     checkpoint_stall_seconds: float = 0.0
@@ -145,6 +146,7 @@ class LiveAttempt:
             launched_at=self.launched_at,
             median_step_seconds=self.progress.median_step_seconds,
             config=self.hang,
+            last_step=self.total_steps - 1 if self.total_steps else None,
         )
 
     def rank_rows(self, pids: dict[int, int]) -> Iterable[dict[str, Any]]:

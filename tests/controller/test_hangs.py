@@ -65,6 +65,39 @@ def test_ranks_waiting_out_a_checkpoint_storage_outage_are_alive_until_their_rep
     assert verdict.hung and verdict.first_stalled == (1,)  # its reports stopped first
 
 
+def test_a_gang_past_its_last_step_is_finishing_and_gets_the_startup_limit():
+    """After the job's last step the ranks save, commit and tear down without stepping (6 s under load, seen
+    against an 8 s timeout): measured against the start-up limit, from the last step; while any rank still has
+    steps to take, the training limit applies."""
+    progress = [2000.0, 2000.3]
+    done = detect_hang(
+        ranks(progress, step=15),
+        now=2000.3 + 61,
+        launched_at=LAUNCH,
+        median_step_seconds=1.0,
+        config=CONFIG,
+        last_step=15,
+    )
+    assert not done.hung and done.phase == "finishing" and done.threshold_seconds == 300
+    stuck = detect_hang(
+        ranks(progress, step=15),
+        now=2000.3 + 301,
+        launched_at=LAUNCH,
+        median_step_seconds=1.0,
+        config=CONFIG,
+        last_step=15,
+    )
+    assert stuck.hung and stuck.message.startswith("the gang has not exited 301 s after the last step")
+    one_behind = ranks(progress, step=15)
+    one_behind[0] = RankProgress(
+        rank=0, node="local-0", step=14, last_progress=2000.0, process_start=LAUNCH + 5
+    )
+    training = detect_hang(
+        one_behind, now=2000.3 + 61, launched_at=LAUNCH, median_step_seconds=1.0, config=CONFIG, last_step=15
+    )
+    assert training.hung and training.phase == "training"
+
+
 def test_long_steps_stretch_the_limit_to_k_median_steps():
     progress = [2000.0, 2000.0]
     assert not check(progress, now=2000 + 100, median=12.0).hung  # limit 10 x 12 = 120 s

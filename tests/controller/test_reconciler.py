@@ -593,6 +593,22 @@ def test_a_job_resumed_at_its_last_step_succeeds_without_taking_a_step(world: Wo
 # ------------------------------------------------------------------------------------------ hangs
 
 
+def test_a_gang_saving_and_exiting_after_its_last_step_is_not_hung(world: World) -> None:
+    """Seen under load with an 8 s hang timeout: 6 s after the last step the ranks were still committing the final
+    checkpoint and tearing down, and the controller called them hung and relaunched them. Past the last step the
+    start-up limit applies (here 120 s; the hang timeout is 60 s), from the last step."""
+    ctl = world.controller()
+    name = world.submit(spec("finishing", steps=8))
+    gang = start(world, ctl, name)
+    steps(world, ctl, gang, 7)  # steps 0..7: the job's last step is done
+    world.clock.advance(100)  # past the hang timeout, saving and exiting
+    ctl.reconcile_once()
+    assert world.job(name).phase is Phase.RUNNING and gang.cancels == []
+    world.clock.advance(21)
+    ctl.reconcile_once()
+    assert world.event(name, "Hang").message.startswith("the gang has not exited 121 s after the last step")
+
+
 def test_no_progress_for_the_hang_timeout_dumps_stacks_and_restarts(world: World) -> None:
     ctl = world.controller()
     name = world.submit(spec("hang"))
