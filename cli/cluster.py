@@ -27,10 +27,9 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +45,15 @@ from rich.text import Text
 
 from controller.spec import SpecError
 from k8s import render as manifests
+from k8s.api import (
+    KubeApi,
+    KubeConfigError,
+    NoSuchContext,
+    api_message,
+    load_configuration,
+    one_line,
+    status_body,
+)
 from k8s.crd import (
     API_VERSION,
     GROUP,
@@ -66,7 +74,6 @@ DEFAULT_NAMESPACE = "default"
 CONNECT_TIMEOUT_SECONDS = 10.0
 READ_TIMEOUT_SECONDS = 60.0
 FOLLOW_POLL_SECONDS = 1.0  # how often `logs --follow` looks for pods that started, and for a new attempt
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TERMINAL = ("succeeded", "failed", "cancelled")
 RESOURCE = f"{PLURAL}.{GROUP}"
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -127,65 +134,34 @@ def target(backend: BackendChoice | None, context: str | None, namespace: str | 
 
 @dataclass(frozen=True, slots=True)
 class Cluster:
-    core: Any  # kubernetes.client.CoreV1Api
-    custom: Any  # kubernetes.client.CustomObjectsApi
+    """A connection to the cluster (k8s.api's `KubeApi`), its server's URL, and the namespace commands use."""
+
+    kube: KubeApi
     server: str
     namespace: str
-
-    def call(self, fn: Callable[..., Any], *args: Any, stream: bool = False, **kwargs: Any) -> Any:
-        """A generated client method on dicts: the parsed JSON body, the text of a log, or (`stream`) the open
-        response. Timeouts bound every call; a stream has no read timeout (a quiet rank is no failure)."""
-        timeout = (CONNECT_TIMEOUT_SECONDS, None if stream else READ_TIMEOUT_SECONDS)
-        response = fn(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
-        if stream:
-            return response
-        data = response.data
-        if "json" not in (response.headers.get("Content-Type") or "json"):
-            return data.decode("utf-8", errors="replace")
-        return json.loads(data) if data else None
 
 
 def connect(where: Target, *, file_namespace: str | None = None) -> Cluster:
     """Load the kubeconfig context (or the pod's service account) and choose the namespace."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    configuration = client.Configuration()
-    kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
-    in_cluster = (
-        where.context is None
-        and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        and "KUBECONFIG" not in os.environ
-    )
     try:
-        if in_cluster:
-            config.load_incluster_config(client_configuration=configuration)
-            own = (
-                SERVICE_ACCOUNT_NAMESPACE.read_text().strip() if SERVICE_ACCOUNT_NAMESPACE.is_file() else None
-            )
-        else:
-            # The file is named here: the client reads KUBECONFIG once, when it is first imported.
-            contexts, current = config.list_kube_config_contexts(config_file=kubeconfig)
-            chosen = current if where.context is None else next(
-                (c for c in contexts if c.get("name") == where.context), None
-            )  # fmt: skip
-            if chosen is None:
-                names = ", ".join(sorted(c.get("name", "?") for c in contexts)) or "none"
-                raise CliError(
-                    f"--context: no context named {where.context!r} in {kubeconfig} (contexts: {names})"
-                )
-            config.load_kube_config(
-                config_file=kubeconfig, context=chosen["name"], client_configuration=configuration,
-                persist_config=False,
-            )  # fmt: skip
-            own = (chosen.get("context") or {}).get("namespace")
-    except (config.ConfigException, OSError, KeyError, TypeError) as err:
-        source = "the pod's service account (in-cluster)" if in_cluster else f"kubeconfig {kubeconfig}"
-        raise CliError(f"{source}: cannot load the Kubernetes configuration ({one_line(str(err))})") from None
+        configuration, own = load_configuration(os.environ.get("KUBECONFIG"), context=where.context)
+    except NoSuchContext as err:
+        names = ", ".join(err.contexts) or "none"
+        raise CliError(
+            f"--context: no context named {err.context!r} in {err.kubeconfig} (contexts: {names})"
+        ) from None
+    except KubeConfigError as err:
+        raise CliError(
+            f"{err.source}: cannot load the Kubernetes configuration ({one_line(err.reason)})"
+        ) from None
     api_client = client.ApiClient(configuration)
     api_client.user_agent = "vlctl"
     return Cluster(
-        core=client.CoreV1Api(api_client),
-        custom=client.CustomObjectsApi(api_client),
+        kube=KubeApi(
+            api_client, timeout_seconds=READ_TIMEOUT_SECONDS, connect_timeout_seconds=CONNECT_TIMEOUT_SECONDS
+        ),
         server=configuration.host,
         namespace=where.namespace or file_namespace or own or DEFAULT_NAMESPACE,
     )
@@ -213,22 +189,8 @@ def _unreachable(cl: Cluster, err: BaseException) -> CliError:
     )
 
 
-def _status_body(err: Any) -> dict[str, Any]:
-    """The Status object an API error carries ({} when its body is something else)."""
-    try:
-        body = json.loads(err.body or b"{}")
-    except (TypeError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def api_message(err: Any) -> str:
-    """The API server's message for a failed call, on one line."""
-    return one_line(str(_status_body(err).get("message") or err.reason or ""))
-
-
 def _api_failure(err: Any, cl: Cluster, verb: str, resource: str, name: str | None) -> CliError:
-    body = _status_body(err)
+    body = status_body(err)
     details = body.get("details") or {}
     message = api_message(err)
     what = f"{verb} {resource}" + (f" {name}" if name else "") + f" in namespace {cl.namespace}"
@@ -262,14 +224,11 @@ def _api_failure(err: Any, cl: Cluster, verb: str, resource: str, name: str | No
     return CliError(f"{what}: {code} {body.get('reason') or err.reason}: {message}", EXIT_FAILURE)
 
 
-def one_line(text: str) -> str:
-    """`text` with each run of whitespace (newlines too) made one space: every error stays one line."""
-    return " ".join(text.split())
-
-
 def get_job(cl: Cluster, name: str) -> dict[str, Any]:
     with api_call(cl, "get", RESOURCE, name):
-        return cl.call(cl.custom.get_namespaced_custom_object, GROUP, VERSION, cl.namespace, PLURAL, name)
+        return cl.kube.call(
+            cl.kube.custom.get_namespaced_custom_object, GROUP, VERSION, cl.namespace, PLURAL, name
+        )
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -466,8 +425,8 @@ def submit(where: Target, file: Path, output: OutputFormat) -> None:
     except ValueError as err:
         raise CliError(f"{file}: {err}") from None
     with api_call(cl, "create", RESOURCE, spec.name):
-        created = cl.call(
-            cl.custom.create_namespaced_custom_object, GROUP, VERSION, cl.namespace, PLURAL, obj
+        created = cl.kube.call(
+            cl.kube.custom.create_namespaced_custom_object, GROUP, VERSION, cl.namespace, PLURAL, obj
         )
     emit(
         status_dict(created),
@@ -479,7 +438,9 @@ def submit(where: Target, file: Path, output: OutputFormat) -> None:
 def list_jobs(where: Target, output: OutputFormat) -> None:
     cl = connect(where)
     with api_call(cl, "list", RESOURCE):
-        answer = cl.call(cl.custom.list_namespaced_custom_object, GROUP, VERSION, cl.namespace, PLURAL)
+        answer = cl.kube.call(
+            cl.kube.custom.list_namespaced_custom_object, GROUP, VERSION, cl.namespace, PLURAL
+        )
     rows = sorted((job_dict(o) for o in answer.get("items") or []), key=lambda r: r["name"])
     emit(rows, output, _list_table)
 
@@ -517,7 +478,7 @@ def events(where: Target, name: str, output: OutputFormat) -> None:
     uid = None if row is None else row["uid"]
     selector = f"involvedObject.kind={KIND},involvedObject.name={name}"
     with api_call(cl, "list", "events"):
-        answer = cl.call(cl.core.list_namespaced_event, cl.namespace, field_selector=selector)
+        answer = cl.kube.call(cl.kube.core.list_namespaced_event, cl.namespace, field_selector=selector)
     rows = [_event_dict(e) for e in answer.get("items") or []]
     if uid is not None:  # not those of an earlier TrainingJob of the same name
         rows = [r for r in rows if r["uid"] in (None, uid)]
@@ -558,8 +519,8 @@ def cancel(where: Target, name: str, yes: bool, output: OutputFormat) -> None:
     confirm("cancel", f"cancel job {name} (delete TrainingJob {cl.namespace}/{name})?", yes)
     options = {"propagationPolicy": "Background", "preconditions": {"uid": row["uid"]}}
     with api_call(cl, "delete", RESOURCE, name):
-        answer = cl.call(
-            cl.custom.delete_namespaced_custom_object,
+        answer = cl.kube.call(
+            cl.kube.custom.delete_namespaced_custom_object,
             GROUP,
             VERSION,
             cl.namespace,

@@ -8,7 +8,8 @@ Decisions:
   `[3]:`, or `--tee`'s `[default1]:` by local rank), or the whole pod when its log carries no such prefix.
 - `--follow` streams every started pod, picks up pods that start later and, unless `--attempt` pins one, the
   next attempt's pods after a restart; it returns once the job has ended and its streams are done.
-- Connection, errors and exit codes are cli/cluster.py's, whose `logs` calls this module's.
+- Connection, errors and exit codes are cli/cluster.py's, whose `logs` calls this module's; the calls go
+  through k8s/api.py's `KubeApi`, as the operator's do.
 """
 
 from __future__ import annotations
@@ -24,19 +25,9 @@ from typing import Any
 import typer
 
 from k8s import render as manifests
+from k8s.api import api_message, one_line
 
-from .cluster import (
-    TERMINAL,
-    Cluster,
-    Target,
-    api_call,
-    api_message,
-    connect,
-    get_job,
-    job_or_none,
-    one_line,
-    status_dict,
-)
+from .cluster import TERMINAL, Cluster, Target, api_call, connect, get_job, job_or_none, status_dict
 from .errors import CliError
 from .output import OutputFormat, emit, stderr
 
@@ -88,12 +79,8 @@ def _started(pod: Mapping[str, Any]) -> bool:
 def _attempt_pods(cl: Cluster, name: str, attempt: int) -> list[dict[str, Any]]:
     selector = manifests.attempt_selector(name, attempt)
     with api_call(cl, "list", "pods"):
-        answer = cl.call(cl.core.list_namespaced_pod, cl.namespace, label_selector=selector)
-    pods = [
-        p
-        for p in answer.get("items") or []
-        if manifests.LABEL_NODE_INDEX in (p["metadata"].get("labels") or {})
-    ]
+        listed = cl.kube.list("Pod", cl.namespace, selector)
+    pods = [p for p in listed if manifests.LABEL_NODE_INDEX in (p["metadata"].get("labels") or {})]
     return sorted(pods, key=lambda p: int(p["metadata"]["labels"][manifests.LABEL_NODE_INDEX]))
 
 
@@ -116,17 +103,16 @@ def _read(cl: Cluster, log: PodLog, tail: int | None) -> list[str] | None:
     """The pod's log (its last `tail` lines), or None with a note when the kubelet has none to give yet."""
     with api_call(cl, "get", "pods/log", log.name):
         try:
-            text = cl.call(
-                cl.core.read_namespaced_pod_log, log.name, cl.namespace, container=manifests.CONTAINER_NAME,
-                **({} if tail is None else {"tail_lines": tail}),
-            )  # fmt: skip
+            text = cl.kube.pod_log(
+                cl.namespace, log.name, manifests.CONTAINER_NAME, tail_lines=tail, limit_bytes=None
+            )
         except Exception as err:  # 400: the container waits to start; 404: the pod just went
             if getattr(err, "status", None) not in (400, 404):
                 raise
             why = api_message(err)
             stderr.print(f"pod {log.name}: no log to show ({why})", markup=False, highlight=False)
             return None
-    return text.splitlines() if isinstance(text, str) else []
+    return text.splitlines()
 
 
 def _write(lines: list[str], prefix: str) -> None:
@@ -218,10 +204,7 @@ def _stream(cl: Cluster, log: PodLog, tail: int | None, out: queue.Queue) -> Non
     """Put (uid, lines) on `out` as they come, (uid, a note) if the stream breaks, then (uid, None) at its end."""
     uid = log.pod["metadata"]["uid"]
     try:
-        response = cl.call(
-            cl.core.read_namespaced_pod_log, log.name, cl.namespace, container=manifests.CONTAINER_NAME,
-            follow=True, tail_lines=tail, stream=True,
-        )  # fmt: skip
+        response = cl.kube.follow_pod_log(cl.namespace, log.name, manifests.CONTAINER_NAME, tail_lines=tail)
         pending = b""
         for chunk in response.stream(4096, decode_content=True):
             pending += chunk

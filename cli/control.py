@@ -25,8 +25,8 @@ from typing import Annotated
 
 import typer
 
+from controller import states
 from controller.backends.local import LocalBackend, LocalBackendConfig
-from controller.domain import states
 from controller.domain.phases import TERMINAL_PHASES, Phase
 from controller.reconciler import Controller, ControllerConfig, default_controller_id
 from controller.store.repo import JobExists, create_job, get_current_attempt, get_job

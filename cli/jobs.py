@@ -24,7 +24,7 @@ from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.domain import states
+from controller import states
 from controller.domain.phases import ACTIVE_PHASES, EventType, Phase
 from controller.spec import SpecError, TrainingJobSpec, load_spec, prepare_submission
 from controller.store import migrate

@@ -9,7 +9,6 @@ the Lease are handed over, so the standby replica takes over at once.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys
@@ -24,19 +23,13 @@ from .output import stderr
 
 
 def _kube_configuration(kubeconfig: Path | None):
-    from kubernetes import client, config
+    from k8s.api import KubeConfigError, load_configuration
 
-    configuration = client.Configuration()
     try:
-        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(
-                config_file=str(kubeconfig) if kubeconfig else None, client_configuration=configuration
-            )
-    except (config.ConfigException, OSError) as err:
+        configuration, _ = load_configuration(str(kubeconfig) if kubeconfig else None, persist=True)
+    except KubeConfigError as err:
         raise CliError(
-            f"kubeconfig: cannot load the Kubernetes configuration ({err})", EXIT_USER_ERROR
+            f"kubeconfig: cannot load the Kubernetes configuration ({err.reason})", EXIT_USER_ERROR
         ) from None
     return configuration
 
@@ -118,8 +111,8 @@ def operator(
     ] = None,
 ) -> None:
     """Run the TrainingJob operator: leader election, then reconcile TrainingJobs through the controller."""
-    from controller.backends.kubernetes import GANG_MODES, METRICS_SOURCES
     from controller.reconciler import ControllerConfig
+    from k8s.backend import GANG_MODES, METRICS_SOURCES
     from k8s.operator import Operator, OperatorConfig, serve_health
 
     from .jobs import store

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.domain import states
+from controller import states
 from controller.domain.phases import EventType
 from controller.failures import Classification, ExitClass
 from controller.goodput import compute_goodput, recorded_timeline

@@ -45,10 +45,10 @@ from typing import Any
 
 from sqlalchemy import select
 
+from controller import states
 from controller.backends.base import EXIT_LOST, Backend
 from controller.backends.rank_exec import ENV_MEMORY_LIMIT
 from controller.checkpoints import NoSuchCheckpoint, checkpoint_root, choose_resume_point, sync_checkpoints
-from controller.domain import states
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
 from controller.history import checkpoint_interval, failure_history, restart_cost, update_goodput

@@ -11,9 +11,10 @@ Decisions:
 - The straggler detector is fed every step sample the source reports; a rank is reported once when it is
   flagged (an event), then carried in `flagged` until a window clears it, so the timeline is not flooded.
 - Step progress for status (step, loss, tokens/s) is the slowest rank's step and the mean loss over ranks at
-  that step; tokens/s is the rate of rank 0's token counters over the last steps times the data-parallel size
-  (rank 0 sees every token of its replica whatever the tensor and pipeline split; other ranks of the replica
-  see the same tokens and must not be added).
+  that step (`step_progress`: the one definition of a job's step and loss from its ranks); tokens/s is the rate
+  of rank 0's token counters over the last steps times the data-parallel size (rank 0 sees every token of its
+  replica whatever the tensor and pipeline split; other ranks of the replica see the same tokens and must not
+  be added).
 - Time blocked by checkpoints is the `stage` operation (the synchronous part of an async save, the whole save
   when synchronous) on rank 0: ranks stage together, and counting one rank keeps the sum honest.
 """
@@ -24,14 +25,32 @@ import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from controller.backends.base import GangHandle
-from controller.hangs import HangConfig, HangVerdict, RankProgress, detect_hang
-from controller.ingest import TelemetrySource, TelemetryUpdate
+from controller.hangs import HangConfig, HangVerdict, detect_hang
+from controller.ingest import RankState, TelemetrySource, TelemetryUpdate
 from controller.stragglers import StragglerConfig, StragglerDetector, StragglerReport, WindowResult
 
 RECENT_STEPS = 50  # step times kept for the median (hang threshold, ETA)
+
+
+class StepProgress(NamedTuple):
+    step: int | None  # steps done: the slowest rank's step index + 1; None before any rank finished a step
+    loss: float | None  # mean over the ranks at that step that reported a finite loss
+
+
+def step_progress(ranks: Iterable[RankState]) -> StepProgress:
+    """A job's step and loss from its ranks' newest states (the module's "Step progress")."""
+    states = list(ranks)
+    steps = [s.step for s in states if s.step is not None]
+    if not steps:
+        return StepProgress(None, None)
+    # Telemetry numbers a step by its index (0 for the first); progress counts steps done, like the trainer's
+    # checkpoint steps and `training.steps`.
+    slowest = min(steps)
+    losses = [s.loss for s in states if s.step == slowest and s.loss is not None]
+    return StepProgress(slowest + 1, statistics.fmean(losses) if losses else None)
 
 
 @dataclass(kw_only=True)
@@ -63,7 +82,7 @@ class LiveAttempt:
     straggler_seconds: float = 0.0
     stage_seconds_by_step: dict[int, float] = field(default_factory=dict)
     stopped_by_controller: bool = False  # a controller stopped the ranks on its way out: a preemption
-    ranks: dict[int, Any] = field(default_factory=dict)  # rank -> the source's newest RankState
+    ranks: dict[int, RankState] = field(default_factory=dict)  # rank -> the source's newest state
     _detector: StragglerDetector | None = None
     _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     _tokens: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
@@ -102,13 +121,10 @@ class LiveAttempt:
 
     def _update_progress(self, update: TelemetryUpdate) -> None:
         p = self.progress
-        steps = [s.step for s in self.ranks.values() if s.step is not None]
-        if steps:
-            # Telemetry numbers a step by its index (0 for the first); progress counts steps done, like the
-            # trainer's checkpoint steps and `training.steps`.
-            p.step = min(steps) + 1
-            losses = [s.loss for s in self.ranks.values() if s.step == min(steps) and s.loss is not None]
-            p.loss = statistics.fmean(losses) if losses else p.loss
+        step, loss = step_progress(self.ranks.values())
+        if step is not None:
+            p.step = step
+            p.loss = loss if loss is not None else p.loss
         progress = [s.last_progress for s in self.ranks.values() if s.last_progress is not None]
         if progress:
             p.last_progress_at = max(progress)
@@ -129,19 +145,8 @@ class LiveAttempt:
                     p.tokens_per_second = (n1 - n0) / (t1 - t0) * self.dp
 
     def check_hang(self, now: float) -> HangVerdict:
-        ranks = [
-            RankProgress(
-                rank=r,
-                node=s.node,
-                step=s.step,
-                last_progress=s.last_progress,
-                process_start=s.process_start,
-                storage_wait_at=s.storage_wait_at,
-            )
-            for r, s in sorted(self.ranks.items())
-        ]
         return detect_hang(
-            ranks,
+            [s.progress() for _, s in sorted(self.ranks.items())],
             now=now,
             launched_at=self.launched_at,
             median_step_seconds=self.progress.median_step_seconds,

@@ -33,17 +33,17 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 
-from controller.backends.kubernetes import JobBinding, KubernetesBackend, api_error, call_json
-from controller.domain import states
+from controller import states
 from controller.domain.phases import ACTIVE_PHASES, EventType
 from controller.spec import SpecError, TrainingJobSpec
 from controller.store.models import Event, Job
 from controller.store.repo import JobExists, append_event, create_job
 from controller.store.session import Store
 from k8s import render
-from k8s.attempts import owner_of
+from k8s.api import api_error, call_json
+from k8s.backend import JobBinding, KubernetesBackend
 from k8s.config import OperatorConfig
-from k8s.crd import GROUP, PLURAL, VERSION, env_secrets, spec_from_object
+from k8s.crd import GROUP, PLURAL, VERSION, env_secrets, owner_of, spec_from_object
 from k8s.events import EventMirror
 from k8s.status import StatusWriter
 from k8s.watch import TrainingJobCache, object_key

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controller.backends.kubernetes import GangMode, MetricsSource
 from controller.reconciler import ControllerConfig
+from k8s.backend import GangMode, MetricsSource
 
 LEASE_NAME = "vlctl-operator"
 COMPONENT = "vlctl-operator"  # the operator's user agent and its Events' source

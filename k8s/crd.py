@@ -359,5 +359,11 @@ def env_secrets(obj: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
+def owner_of(obj: Mapping[str, Any]) -> dict[str, str]:
+    """The owner reference to a TrainingJob that every object of its attempts carries."""
+    meta = obj["metadata"]
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"]}
+
+
 if __name__ == "__main__":
     sys.stdout.write(crd_yaml())

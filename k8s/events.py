@@ -18,10 +18,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 
-from controller.backends.kubernetes import call_json
 from controller.domain.phases import EventType
 from controller.store.models import Event
 from controller.store.session import Store
+from k8s.api import call_json
 from k8s.config import COMPONENT
 from k8s.crd import API_VERSION, KIND
 from k8s.status import iso, utc_now

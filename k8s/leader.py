@@ -25,7 +25,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controller.backends.kubernetes import api_error, call_json
+from k8s.api import api_error, call_json
 from k8s.config import LEASE_NAME
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ This module wires the parts and runs the loop. The others, each with its own dec
     k8s.admission  finalizers, admission and binding into the store, deletion
     k8s.status     the status and conditions from the store; writes with resourceVersion and 409 handling
     k8s.events     the job's timeline as core/v1 Events
-    k8s.attempts   `k8s.render` as the backend's `AttemptManifests`
+    k8s.backend    the Kubernetes backend the controller launches and supervises gangs through
+    k8s.api        the API client wrapper (dicts, timeouts, one-line errors)
 
 Decisions:
 
@@ -45,7 +46,6 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controller.backends.kubernetes import JobBinding, KubernetesBackend, api_error, call_json
 from controller.reconciler import Controller
 from controller.store.records import excluded_nodes
 from controller.store.session import Store
@@ -58,8 +58,10 @@ from k8s.admission import (
     Bound,
     bound_jobs,
 )
-from k8s.attempts import RenderedAttempts, owner_of, pod_config, resume_point
+from k8s.api import api_error, call_json
+from k8s.backend import JobBinding, KubernetesBackend, pod_config, resume_point
 from k8s.config import COMPONENT, LEASE_NAME, OperatorConfig
+from k8s.crd import owner_of
 from k8s.events import MIRRORED_EVENTS_ON_START, WARNING_EVENT_TYPES, EventMirror
 from k8s.leader import LeaderElector, LeaderGuardedApiClient, NotLeader
 from k8s.status import (
@@ -92,7 +94,6 @@ __all__ = [
     "NotLeader",
     "Operator",
     "OperatorConfig",
-    "RenderedAttempts",
     "TrainingJobCache",
     "job_conditions",
     "job_status",
@@ -137,7 +138,6 @@ class Operator:
         self.backend = KubernetesBackend(
             self.api_client,
             config.image,
-            manifests=RenderedAttempts(),
             resolve=self._binding,
             gang=config.gang,
             queue=config.queue,

@@ -494,6 +494,16 @@ def render_job(
     return objects
 
 
+def check_gang(gang: str, queue: str | None) -> None:
+    """ValueError unless `gang` is one of GANG_SCHEDULERS and `queue` fits it (Kueue needs one, none takes none)."""
+    if gang not in GANG_SCHEDULERS:
+        raise ValueError(f"gang: must be one of {', '.join(GANG_SCHEDULERS)}, got {gang!r}")
+    if gang == "kueue" and not queue:
+        raise ValueError("queue: gang 'kueue' needs the name of a Kueue LocalQueue")
+    if gang == "none" and queue:
+        raise ValueError(f"queue: {queue!r} is only used with gang 'volcano' or 'kueue'")
+
+
 def _check_arguments(
     spec: TrainingJobSpec,
     *,
@@ -510,12 +520,7 @@ def _check_arguments(
         raise ValueError(f"namespace: {namespace!r} is not a DNS-1123 label")
     if not image or not image.strip():
         raise ValueError("image: must name the trainer image")
-    if gang not in GANG_SCHEDULERS:
-        raise ValueError(f"gang: must be one of {', '.join(GANG_SCHEDULERS)}, got {gang!r}")
-    if gang == "kueue" and not queue:
-        raise ValueError("queue: gang 'kueue' needs the name of a Kueue LocalQueue")
-    if gang == "none" and queue:
-        raise ValueError(f"queue: {queue!r} is only used with gang 'volcano' or 'kueue'")
+    check_gang(gang, queue)
     if owner is not None and (missing := [k for k in _OWNER_KEYS if not owner.get(k)]):
         raise ValueError(f"owner: missing {', '.join(missing)}")
     service = service_name(spec.name, attempt)

@@ -24,11 +24,11 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 
-from controller.backends.kubernetes import call_json
 from controller.domain.phases import Phase
 from controller.store.models import Checkpoint, Job, RankStatus
 from controller.store.records import excluded_nodes
 from controller.store.session import Store
+from k8s.api import call_json
 from k8s.crd import (
     CONDITION_CREATED,
     CONDITION_FAILED,

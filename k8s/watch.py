@@ -19,7 +19,7 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from controller.backends.kubernetes import api_error, call_json
+from k8s.api import api_error, call_json
 from k8s.crd import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)

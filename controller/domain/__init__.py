@@ -1,9 +1,8 @@
-"""The controller's domain: a job's phases and the one state machine that changes them.
+"""The controller's domain vocabulary: a job's phases, event types and reasons (`phases`). Pure: it imports
+nothing else of the controller, and the store's models are built on it.
 
-- phases: the vocabulary (`Phase`, `EventType`, `Reason`); pure, imported by the store's models.
-- states: the state machine, the only code that writes a job's phase; import it as
-  `controller.domain.states`. It is not re-exported here because it depends on the store, whose models depend
-  on `phases`: importing it from this `__init__` would make the two packages import each other.
+The state machine that changes a job's phase, the only code that writes it, is `controller.states`: it sits
+above the store (it locks rows, records attempts and appends events), so it is not part of this package.
 """
 
 from .phases import ACTIVE_PHASES, SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase, Reason, is_camel_case

@@ -1,7 +1,7 @@
 """The vocabulary of a job's life: phases, event types and reasons.
 
 Pure constants with no imports from the rest of the controller, so the store's models (which type the `phase`
-column with `Phase`) and the state machine (`controller.domain.states`, which decides which changes are allowed)
+column with `Phase`) and the state machine (`controller.states`, which decides which changes are allowed)
 can both depend on it without a cycle.
 
 Reasons and event types are CamelCase strings in the Kubernetes style (`RanksStarted`), declared here

@@ -6,7 +6,7 @@
 - repo: jobs, attempts, the event timeline.   claims: which controller manages which job (leases).
 - records: checkpoints, per-rank step windows, node health, goodput.
 
-A job's phase changes only through `controller.domain.states`.
+A job's phase changes only through `controller.states`.
 """
 
 from .claims import ClaimNotHeld, claim_jobs, claim_pending_jobs, release_claims, renew_leases

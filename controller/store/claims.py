@@ -3,7 +3,7 @@
 A controller claims a job by writing its id in `jobs.claimed_by` with a lease (`lease_expires_at`), renews the
 leases it holds on every reconcile pass, and may take over a job whose lease ran out (its controller died or hung).
 Launching requires holding the claim, checked under the job's row lock in the same transaction as the
-pending -> launching transition (`controller.domain.states.launch`), so a controller whose lease was taken over
+pending -> launching transition (`controller.states.launch`), so a controller whose lease was taken over
 cannot launch, and a job that another controller already launched is no longer pending.
 
 Concurrency:

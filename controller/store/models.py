@@ -8,7 +8,7 @@ Decisions:
 - Phases are stored as their lowercase value in a VARCHAR with a CHECK constraint, not a PostgreSQL enum type:
   adding a phase later is a constraint change, not an `ALTER TYPE` dance.
 - `Job.phase` (and `phase_reason`, `phase_message`, `finished_at`) is written only by the state machine in
-  `controller.domain.states`; a test walks the source tree to keep it so.
+  `controller.states`; a test walks the source tree to keep it so.
 - No ORM relationships: the repository queries in sets with explicit joins, so no attribute access can issue a
   hidden query per row (N+1). Child rows go with their job through `ON DELETE CASCADE`.
 - Per-rank step statistics are one row per rank per window of steps, never per step, so the table grows with

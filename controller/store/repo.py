@@ -2,7 +2,7 @@
 
 Rules (after Airflow's): every function takes the session keyword-only and never commits, the caller's
 `Store.transaction()` does; queries work in sets (one statement for a listing, however many jobs); a job's phase is
-never written here (only `controller.domain.states` does), though creating a job starts it in `pending`.
+never written here (only `controller.states` does), though creating a job starts it in `pending`.
 
 Events are numbered per job by an atomic `UPDATE jobs SET event_seq = event_seq + 1 ... RETURNING`: the row lock
 that update takes orders concurrent writers on PostgreSQL, so a job's timeline has no gaps and no ties, and the

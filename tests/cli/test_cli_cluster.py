@@ -589,6 +589,7 @@ def test_inside_a_pod_the_service_account_is_used(tmp_path: Path, monkeypatch):
     from kubernetes.config import incluster_config
 
     from cli import cluster
+    from k8s import api
 
     for name, text in (
         ("token", "a-token"),
@@ -598,7 +599,7 @@ def test_inside_a_pod_the_service_account_is_used(tmp_path: Path, monkeypatch):
         (tmp_path / name).write_text(text)
     monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
     monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(tmp_path / "ca.crt"))
-    monkeypatch.setattr(cluster, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "namespace")
+    monkeypatch.setattr(api, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "namespace")
     port = closed_port()
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))

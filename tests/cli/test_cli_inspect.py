@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from cli import inspect as inspect_cli
 from cli.main import app
+from controller import states
 from controller.backends.local import log_dir
-from controller.domain import states
 from controller.domain.phases import EventType
 from controller.reconciler import REASON_EXCLUDE_DECISION, REASON_NODE_SLOW, REASON_STRAGGLER_FLAGGED
 from controller.store import migrate

@@ -15,7 +15,7 @@ from demo_data import write_demo_data
 from typer.testing import CliRunner
 
 from cli.main import app
-from controller.domain import states
+from controller import states
 from controller.store import migrate
 from controller.store.claims import claim_jobs
 from controller.store.models import RankStatus, utcnow

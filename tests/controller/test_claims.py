@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from controller.domain import states
+from controller import states
 from controller.domain.phases import Phase
 from controller.store import (
     Attempt,
@@ -46,7 +46,7 @@ import json, sys, time
 from datetime import timedelta
 from pathlib import Path
 from sqlalchemy import func, select
-from controller.domain import states
+from controller import states
 from controller.domain.phases import Phase
 from controller.store import ClaimNotHeld, Job, StoreConfig, claim_pending_jobs, open_store
 from controller.store.models import utcnow

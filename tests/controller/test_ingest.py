@@ -9,7 +9,9 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,13 +29,14 @@ from controller.ingest import (
     PrometheusTelemetry,
     RankState,
     TelemetrySource,
-    job_progress,
-    median_step_seconds,
-    rank_progress,
 )
 from controller.stragglers import StragglerConfig, StragglerDetector
+from controller.supervision import step_progress
 from trainer.contract.telemetry import ENDPOINT_FILE, ENV_ATTEMPT, JSONL_FILE, RankLabels
 from trainer.telemetry import JsonlSink, RankTelemetry, TelemetryConfig, read_jsonl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from state_size import jsonl_state_nbytes  # noqa: E402
 
 PROMETHEUS = "/usr/bin/prometheus"
 
@@ -116,9 +119,9 @@ def test_jsonl_tail_reads_new_lines_of_the_attempt_only(tmp_path):
     assert [(s.rank, s.step) for s in second.steps] == [(0, 6), (0, 7)] + [(1, s) for s in range(3, 8)]
     assert [(s.rank, s.step) for s in second.steps if s.is_checkpoint_step] == [(1, 6)]
     assert second.ranks[1].checkpoint_seconds == {"save": 2.5} and second.ranks[1].node == "local-1"
-    assert job_progress(second) == (7, 2.0, pytest.approx(2 * 125 / 0.5))
-    assert job_progress(second.ranks, ranks_per_replica=2).tokens_per_second == pytest.approx(125 / 0.5)
-    assert median_step_seconds(second) == pytest.approx(0.5)
+    assert step_progress(second.ranks.values()) == (8, 2.0)  # steps done: both ranks finished step index 7
+    assert [s.tokens_per_second for s in second.ranks.values()] == pytest.approx([125 / 0.5] * 2)
+    assert [s.step_seconds for s in second.ranks.values()] == pytest.approx([0.5] * 2)
 
     third = source.poll(now=70.0)
     assert third.steps == [] and third.checkpoint_ops == [] and third.ranks == second.ranks
@@ -145,7 +148,7 @@ def test_a_line_over_the_limit_is_dropped_and_reads_catch_up_over_polls(tmp_path
     source = JsonlTelemetry(tmp_path, 1, 0, max_line_bytes=1000, max_poll_bytes=1000)
     steps = [s.step for _ in range(8) for s in source.poll(now=1.0).steps]
     assert steps == [0, 1, 2] and source.bad_lines == 1
-    assert source.state_nbytes < 4096  # the long line was never held whole
+    assert jsonl_state_nbytes(source) < 4096  # the long line was never held whole
 
 
 def test_jsonl_start_attempt_keeps_offsets_and_a_recreated_file_is_read_from_its_start(tmp_path):
@@ -188,16 +191,16 @@ def test_jsonl_feeds_the_straggler_detector_and_hang_detection(tmp_path):
         steps = range(5 * chunk, 5 * chunk + 5)
         for rank in range(4):
             write_steps(tmp_path, rank, 1, steps, own=0.6 if rank == 3 else 0.4)
-        results += detector.observe(source.poll(now=float(chunk)).batch())
+        results += detector.observe_samples(source.poll(now=float(chunk)).steps)
     flagged = {r.rank for result in results for r in result.stragglers}
     assert flagged == {3}
 
     update = source.poll(now=0.0)
     verdict = detect_hang(
-        rank_progress(update),
+        [update.ranks[r].progress() for r in sorted(update.ranks)],
         now=1019.0 + 700,
         launched_at=900.0,
-        median_step_seconds=median_step_seconds(update),
+        median_step_seconds=statistics.median(s.step_seconds for s in update.ranks.values()),
         config=HangConfig(),
     )
     assert verdict.hung and verdict.phase == "training" and verdict.since == 1019.0
@@ -288,7 +291,7 @@ def test_endpoints_are_scraped_and_a_dead_one_is_a_counted_failure(tmp_path):
         for t in ranks:
             assert_state_matches(first.ranks[t.labels.rank], t)
         assert first.ranks[0].updated_at == 10.0 and first.ranks[0].failures == 0
-        assert job_progress(first).step == 2 and job_progress(first).loss == pytest.approx(2.0)
+        assert step_progress(first.ranks.values()) == (3, pytest.approx(2.0))  # step index 2 done
         second = source.poll(now=11.0)
         assert second.steps == []  # no step since
 
@@ -492,6 +495,6 @@ def check_bounded_state(tmp_path: Path, num_ranks: int) -> None:
                 f.write("".join(json.dumps(line) + "\n" for line in lines))
         update = source.poll(now=float(chunk))
         assert len(update.steps) == 2 * num_ranks and len(update.ranks) == num_ranks
-        sizes.append(source.state_nbytes)
+        sizes.append(jsonl_state_nbytes(source))
     per_rank = sizes[-1] / num_ranks
     assert sizes[-1] == sizes[1] and per_rank < 4096  # constant as steps accumulate

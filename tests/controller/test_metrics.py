@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import event
 
-from controller.domain import states
+from controller import states
 from controller.domain.phases import EventType, Phase
 from controller.metrics import DETECTION_BUCKETS, METRICS_BY_NAME, PREFIX, serve_metrics
 from controller.store import Job, Store, StoreConfig, create_job, open_store, records

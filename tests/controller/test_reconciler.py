@@ -31,8 +31,8 @@ from fake_backend import (  # noqa: E402
     corrupt_checkpoint,
 )
 
+from controller import states  # noqa: E402
 from controller.backends.base import EXIT_LOST  # noqa: E402
-from controller.domain import states  # noqa: E402
 from controller.domain.phases import EventType, Phase  # noqa: E402
 from controller.policy import CheckpointIntervalPolicy, auto_checkpoint_interval  # noqa: E402
 from controller.reconciler import Controller, ControllerConfig  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import delete, event, func, inspect, select, text
 from sqlalchemy.exc import OperationalError
 
-from controller.domain import states
+from controller import states
 from controller.domain.phases import Phase
 from controller.store import (
     Attempt,

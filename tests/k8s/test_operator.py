@@ -35,14 +35,14 @@ from apiserver import FakeApiServer
 from kubernetes import client, watch
 from sqlalchemy import select
 
-from controller.backends.kubernetes import JobBinding, KubernetesBackend
 from controller.ingest import PrometheusTelemetry
 from controller.reconciler import ControllerConfig
 from controller.store.migrate import upgrade
 from controller.store.models import Event, Job
 from controller.store.session import Store, StoreConfig, open_store
+from k8s.backend import JobBinding, KubernetesBackend
 from k8s.crd import spec_from_object
-from k8s.operator import FINALIZER, Operator, OperatorConfig, RenderedAttempts, serve_health
+from k8s.operator import FINALIZER, Operator, OperatorConfig, serve_health
 from trainer.contract.checkpoint import FORMAT, MANIFEST, crc_hex, step_dirname
 from trainer.contract.telemetry import RankLabels
 from trainer.telemetry.prometheus import PrometheusExporter
@@ -980,7 +980,6 @@ def test_prometheus_telemetry_skips_processes_older_than_the_attempts_pods(
     backend = KubernetesBackend(
         kube(api.url),
         "registry.example/vlctl/trainer:test",
-        manifests=RenderedAttempts(),
         resolve=lambda name: JobBinding(namespace=NAMESPACE, spec=spec),
         metrics="prometheus",
         prometheus_url="http://prometheus.monitoring:9090",

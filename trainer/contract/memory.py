@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 GiB = 1024**3
 MiB = 1024**2
-RUNTIME_BYTES = 256 * MiB  # below a rank with its imports done: `import trainer.train` peaked at 307 MiB RSS here
+# Below a rank with its imports done: `import trainer.train` peaked at 307 MiB RSS here.
+RUNTIME_BYTES = 256 * MiB
 LOADER_PREFETCH = 2  # trainer.data.loader.LoaderConfig.prefetch (the trainer keeps the default)
 TOKEN_ARRAYS = 3  # input_ids, labels, segment_ids: int64 each (trainer.data.rows.pack_row)
 POSITION_BYTES = 64  # one Position(epoch, row) NamedTuple in the step's row list, at the least

@@ -173,7 +173,8 @@ class ParallelEngine:
     def _place(self, device: torch.device) -> None:
         """Move to the device in the training dtype; a meta-device model is materialised with fresh init."""
         if any(p.is_meta for p in self.stage.parameters()):
-            self.stage.materialize(device)
+            self.stage.to_empty(device=device)
+            self.stage.init_weights()
         self.stage.to(device)
         for p in self.stage.parameters():  # parameters only: the rotary inv_freq buffer stays fp32
             p.data = p.data.to(self.dtype)

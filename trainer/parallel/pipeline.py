@@ -5,8 +5,11 @@ Decisions:
 - Stage 0 holds the vision encoder, the merger, the token embedding and the first k decoder layers; the other
   layers are split evenly over the remaining stages (a remainder goes to the middle stages, since the last one also
   carries the final norm, lm_head and loss). k defaults to the value that balances the estimated cost (below).
-- A stage keeps the full model's parameter names (`model.layers.17.mlp...`), so checkpoints and the trainable
-  selection never depend on the split.
+- A stage is the model cut in place to its own modules (torchtitan's pattern, `cut_to_stage`) and run by its
+  own forward, which skips the modules that are not there; its init is `Qwen2VL.init_weights`. `PipelineStage`
+  adds only the call with the training objective. The layers kept sit under their global keys, so a stage keeps
+  the full model's parameter names (`model.layers.17.mlp...`) and checkpoints and the trainable selection never
+  depend on the split.
 - Only hidden states cross stages: (rows, row_len, hidden), a fixed shape per micro-batch because rows are packed
   to a fixed length. Every stage reads the micro-batch's token tensors (input_ids, segment_ids, labels, grids)
   itself and computes M-RoPE positions and the attention mask locally; pixels are only read on stage 0.
@@ -26,16 +29,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from trainer.models.qwen2_vl.attention import text_attention_mask
 from trainer.models.qwen2_vl.config import Qwen2VLConfig
-from trainer.models.qwen2_vl.model import IGNORE_INDEX, Qwen2VL, RMSNorm, shifted_targets
-from trainer.models.qwen2_vl.rope import inverse_frequencies, mrope_cos_sin
+from trainer.models.qwen2_vl.model import Qwen2VL
 
-from .tensor import RowParallelLinear
 from .vision_bag import vision_bag_loss
 
 Batch = Mapping[str, torch.Tensor]
@@ -86,85 +84,71 @@ def split_layers(num_layers: int, pp: int, first_stage_layers: int) -> list[rang
 # ------------------------------------------------------------------------------------------ the stage
 
 
+def cut_to_stage(model: Qwen2VL, layers: range, *, first: bool, last: bool) -> None:
+    """Drop, in place, the modules of `model` that another stage holds: the vision encoder and the token
+    embedding unless `first`, the final norm and lm_head unless `last`, and every decoder layer not in `layers`
+    (the others keep their global keys, hence their parameter names). The model's forward skips what is gone."""
+    text = model.model
+    if not first:
+        model.visual = None
+        text.embed_tokens = None
+    if not last:
+        text.norm = None
+        model.lm_head = None
+    for key in [k for k in text.layers if int(k) not in layers]:
+        del text.layers[key]
+
+
 class PipelineStage(nn.Module):
-    """One stage cut from a full Qwen2VL in place (the rest is dropped), keeping the full parameter names.
+    """One stage for training: a Qwen2VL cut to this stage's modules (`cut_to_stage`), run by its own forward,
+    with the training objective on the last stage. This is the module DeepSpeed wraps.
 
     forward(batch, hidden) returns the hidden states (B, L, C) to send on, or on the last stage the summed
     cross-entropy over the micro-batch's supervised tokens (fp32 scalar). While `vision_bag` is set (only
     possible with pp = 1) the last stage returns (that sum, the summed vision bag loss: `vision_bag.py`).
+    Outputs are plain tensors because DeepSpeed hooks its backward bookkeeping onto the module's output tensors.
     """
 
     def __init__(self, model: Qwen2VL, *, stage: int, num_stages: int, layers: range):
         super().__init__()
         self.stage, self.num_stages, self.layer_ids = stage, num_stages, layers
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
-        text = model.model
-        if not self.is_first:
-            model.visual = None
-            text.embed_tokens = None
-        if not self.is_last:
-            text.norm = None
-            model.lm_head = None
-        text.layers = nn.ModuleDict({str(i): text.layers[i] for i in layers})
-        self.visual = model.visual
-        self.model = text
-        self.lm_head = model.lm_head
-        object.__setattr__(self, "full", model)  # for embed() and positions(); not a submodule
+        cut_to_stage(model, layers, first=self.is_first, last=self.is_last)
+        # The model's children are registered here under their own names, and the model itself is not a
+        # submodule: every parameter keeps the full model's name (`model.layers.17.mlp...`).
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "net", model)
         self.cfg = model.cfg
         self.vision_bag = False  # the engine turns it on for the steps that add the vision bag loss
 
-    @torch.no_grad()
-    def materialize(self, device: torch.device, std: float = 0.02) -> None:
-        """Allocate a meta-device stage on `device` with Qwen2VL's from-scratch init (row-parallel linears
-        included) and its rotary buffer; load real weights afterwards."""
-        self.to_empty(device=device)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding, RowParallelLinear)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        text = self.cfg.text
-        self.model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta).to(device)
+    def init_weights(self) -> None:
+        """The model's own from-scratch init over the modules held here (after `to_empty` from the meta device;
+        tensor-parallel shards included)."""
+        self.net.init_weights()
 
-    def forward(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        input_ids, segment_ids = batch["input_ids"], batch["segment_ids"]
-        positions, _ = self.full.positions(
-            input_ids, segment_ids, batch.get("image_grid_thw"), batch.get("video_grid_thw")
-        )
+    def forward(
+        self, batch: Batch, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         vision: list | None = [] if self.vision_bag else None
-        if self.is_first:
-            x = self.full.embed(
-                input_ids,
-                pixel_values=batch.get("pixel_values"),
-                image_grid_thw=batch.get("image_grid_thw"),
-                pixel_values_videos=batch.get("pixel_values_videos"),
-                video_grid_thw=batch.get("video_grid_thw"),
-                vision_out=vision,
-            )
-        else:
-            x = hidden
-        mask = None if bool((segment_ids == 0).all()) else text_attention_mask(segment_ids, x)
-        rotary = mrope_cos_sin(positions, self.model.inv_freq, self.cfg.text.mrope_section, x.dtype)
-        for layer in self.model.layers.values():
-            if layer.checkpoint and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary, mask, use_reentrant=False)
-            else:
-                x = layer(x, rotary, mask)
+        out = self.net(
+            batch["input_ids"],
+            segment_ids=batch["segment_ids"],
+            labels=batch["labels"],
+            pixel_values=batch.get("pixel_values"),
+            image_grid_thw=batch.get("image_grid_thw"),
+            pixel_values_videos=batch.get("pixel_values_videos"),
+            video_grid_thw=batch.get("video_grid_thw"),
+            hidden=hidden,
+            return_logits=False,
+            loss_reduction="sum",
+            vision_out=vision,
+        )
         if not self.is_last:
-            return x
-        x = self.model.norm(x)
-        targets = shifted_targets(batch["labels"], segment_ids)
-        keep = targets != IGNORE_INDEX
-        logits = self.lm_head(x[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            return out.hidden
         if vision is None:
-            return loss
-        bag = vision_bag_loss(vision, batch, merge=self.cfg.vision.spatial_merge_size)
-        return loss, bag
+            return out.loss
+        return out.loss, vision_bag_loss(vision, batch, merge=self.cfg.vision.spatial_merge_size)
 
 
 # ---------------------------------------------------------------------------------------- p2p and 1F1B

@@ -145,6 +145,20 @@ def test_loss_only_path_matches_full_logits():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_summed_loss_is_the_mean_times_the_supervised_tokens():
+    cfg = tiny()
+    model = random_model(cfg, seed=3)
+    ids = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(1))
+    labels = torch.where(torch.arange(20) < 8, -100, ids)
+    for full in (True, False):
+        mean = model(ids, labels=labels, return_logits=full)
+        total = model(ids, labels=labels, return_logits=full, loss_reduction="sum")
+        assert total.num_loss_tokens == mean.num_loss_tokens == 2 * 12
+        assert torch.allclose(total.loss, mean.loss * mean.num_loss_tokens, rtol=1e-6)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(ids, labels=labels, loss_reduction="max")
+
+
 def test_contract_lists_every_preset():
     from trainer.contract import MODEL_PRESETS
     from trainer.models.qwen2_vl.config import PRESETS

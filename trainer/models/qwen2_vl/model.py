@@ -6,6 +6,10 @@
 - Rows may pack several samples (`segment_ids`): each attends only within itself and its positions start at 0,
   so packing changes nothing numerically. Padding is segment -1.
 - Loss: next-token cross-entropy in fp32 over labels != -100, never across a sample boundary.
+- A model may hold only some of its modules (a pipeline stage, cut from outside by `trainer.parallel.pipeline`):
+  without the embedding (and vision encoder) its forward starts from `hidden`, the previous stage's output;
+  `model.layers` holds the decoder layers under their global indices; without the final norm and lm_head it
+  returns the hidden states. Nothing else in this file knows about pipelines.
 
 Module and parameter names equal the checkpoints' on-disk names (`visual.*`, `model.*`, `lm_head`).
 Legend: B rows, L tokens, C hidden, H heads, KV key-value heads, D head dim.
@@ -14,6 +18,7 @@ Legend: B rows, L tokens, C hidden, H heads, KV key-value heads, D head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -92,64 +97,78 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """The Qwen2 decoder stack without the output head (`model.*` in the checkpoints)."""
+    """The Qwen2 decoder stack without the output head (`model.*` in the checkpoints). `layers` is keyed by the
+    global layer index ("0", "1", ...), so a pipeline stage that keeps some of them keeps their names."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_hidden_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.init_rotary()
+
+    def init_rotary(self, device: torch.device | None = None) -> None:
+        """(Re)compute the rotary frequencies (a buffer, in no checkpoint) on `device`, by default the buffer's."""
+        device = self.inv_freq.device if device is None else device
+        self.inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta).to(device)
 
     def forward(
         self,
-        embeds: torch.Tensor,
+        x: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        rotary = mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section, embeds.dtype)
-        x = embeds
-        for i, layer in enumerate(self.layers):
+        """x (B, L, C): the token embeddings, or the previous pipeline stage's output. Runs the layers held here,
+        then the final norm if held."""
+        rotary = mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section, x.dtype)
+        for key, layer in self.layers.items():
             if layer.checkpoint and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(layer, x, rotary, mask, use_reentrant=False)
             else:
-                x = layer(x, rotary, mask, cache, i)
-        return self.norm(x)
+                x = layer(x, rotary, mask, cache, int(key))
+        return x if self.norm is None else self.norm(x)
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, L, V); None when only the loss was asked for
-    loss: torch.Tensor | None = None  # mean over supervised tokens
+    loss: torch.Tensor | None = None  # mean (or sum, see `loss_reduction`) over supervised tokens
     num_loss_tokens: int = 0
     rope_deltas: torch.Tensor | None = None  # (B, 1), for cached decoding
+    hidden: torch.Tensor | None = None  # (B, L, C) from a model without lm_head (a stage before the last)
 
 
 class Qwen2VL(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision)
+        self.visual: VisionTransformer | None = VisionTransformer(cfg.vision)
         self.model = TextModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
 
+    @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Initialisation for training from scratch: normal(0, std) matrices and embeddings, zero biases, unit norms
-        (the checkpoints' `initializer_range` is 0.02). A no-op on the meta device."""
+        """Initialisation for training from scratch: unit norm weights, zero biases, normal(0, std) for every other
+        weight (matrices, the patch convolution, embeddings; the checkpoints' `initializer_range` is 0.02), and the
+        rotary frequencies. The rules go by a parameter's role, not its module's class, so the same pass
+        initialises whatever modules are here: a pipeline stage, or tensor-parallel shards (a linear layer
+        replaced by a row-parallel one). A no-op on the meta device; after `to_empty`, it fills every tensor."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+            norm = isinstance(module, (nn.LayerNorm, RMSNorm))
+            for name, p in module.named_parameters(recurse=False):
+                if name == "bias":
+                    nn.init.zeros_(p)
+                elif norm:
+                    nn.init.ones_(p)
+                else:
+                    nn.init.normal_(p, std=std)
+        self.model.init_rotary()
 
     # ------------------------------------------------------------------------------------------- pieces
 
@@ -203,8 +222,10 @@ class Qwen2VL(nn.Module):
 
     def set_activation_checkpointing(self, *, vision: bool | set[int] = False, text: bool | set[int] = False):
         """Choose the ViT blocks and decoder layers (all, none, or a set of indices) to recompute in backward."""
-        for blocks, choice in ((self.visual.blocks, vision), (self.model.layers, text)):
-            for i, block in enumerate(blocks):
+        vision_blocks = {} if self.visual is None else dict(enumerate(self.visual.blocks))
+        text_layers = {int(key): layer for key, layer in self.model.layers.items()}
+        for choice, blocks in ((vision, vision_blocks), (text, text_layers)):
+            for i, block in blocks.items():
                 block.checkpoint = choice if isinstance(choice, bool) else i in choice
 
     # ------------------------------------------------------------------------------------------- forward
@@ -222,10 +243,22 @@ class Qwen2VL(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        hidden: torch.Tensor | None = None,
+        vision_out: list | None = None,
     ) -> ModelOutput:
         """input_ids (B, L). Give `attention_mask` (1 keep, 0 pad) for padded batches or `segment_ids` (sample
         index per token, -1 pad) for packed rows; with neither, every row is one sample. With `labels` and
-        `return_logits=False` (training) only the loss is computed, projecting just the supervised positions."""
+        `return_logits=False` (training) only the loss is computed, projecting just the supervised positions.
+
+        On a model that holds no token embedding (a later pipeline stage), `hidden` (B, L, C) is the previous
+        stage's output and the pixels are not read; the token tensors still give positions and the mask. A model
+        without lm_head returns the hidden states of its last layer (`ModelOutput.hidden`). `vision_out` is
+        passed to `embed`."""
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction: must be 'mean' or 'sum', got {loss_reduction!r}")
+        if (hidden is None) != (self.model.embed_tokens is not None):
+            raise ValueError("hidden: give it exactly when the model has no token embedding")
         if segment_ids is None:
             segment_ids = (
                 torch.zeros_like(input_ids)
@@ -236,26 +269,37 @@ class Qwen2VL(nn.Module):
         deltas = None
         if position_ids is None:
             position_ids, deltas = self.positions(input_ids, segment_ids, image_grid_thw, video_grid_thw)
-        embeds = self.embed(
-            input_ids,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-        )
-        mask = None if single else text_attention_mask(segment_ids, embeds)
-        hidden = self.model(embeds, position_ids, mask)
+        if hidden is None:
+            x = self.embed(
+                input_ids,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                pixel_values_videos=pixel_values_videos,
+                video_grid_thw=video_grid_thw,
+                vision_out=vision_out,
+            )
+        else:
+            x = hidden
+        mask = None if single else text_attention_mask(segment_ids, x)
+        hidden = self.model(x, position_ids, mask)
+        if self.lm_head is None:
+            return ModelOutput(logits=None, rope_deltas=deltas, hidden=hidden)
         if labels is not None and not return_logits:
             # Training: project only the positions that have a target; the full (B, L, V) logits are never built.
             targets = shifted_targets(labels, segment_ids)
             keep = targets != IGNORE_INDEX
             logits = self.lm_head(hidden[:, :-1][keep])
-            loss = F.cross_entropy(logits.float(), targets[keep]) if logits.shape[0] else logits.sum() * 0.0
+            if logits.shape[0] or loss_reduction == "sum":
+                loss = F.cross_entropy(logits.float(), targets[keep], reduction=loss_reduction)
+            else:  # the mean over no token: zero, still connected to the graph
+                loss = logits.sum() * 0.0
             return ModelOutput(logits=None, loss=loss, num_loss_tokens=int(keep.sum()), rope_deltas=deltas)
         logits = self.lm_head(hidden)
         out = ModelOutput(logits=logits, rope_deltas=deltas)
         if labels is not None:
-            out.loss, out.num_loss_tokens = next_token_loss(logits, labels, segment_ids)
+            out.loss, out.num_loss_tokens = next_token_loss(
+                logits, labels, segment_ids, reduction=loss_reduction
+            )
         return out
 
 
@@ -268,10 +312,16 @@ def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> t
 
 
 def next_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy (fp32) of predicting labels[t+1] from position t; targets in another sample are ignored."""
+    """Cross-entropy (fp32) of predicting labels[t+1] from position t, averaged or summed over the supervised
+    tokens; targets in another sample are ignored."""
     targets = shifted_targets(labels, segment_ids)
     count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    flat = logits[:, :-1].flatten(0, 1).float()
+    loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
     return loss, count

@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 
 from .config import _DTYPES, ENDOFTEXT_ID, Qwen2VLConfig, TextConfig, VisionConfig
 from .model import Qwen2VL
-from .rope import inverse_frequencies
 
 
 class CheckpointError(ValueError):
@@ -184,11 +183,6 @@ def build_on_meta(cfg: Qwen2VLConfig) -> Qwen2VL:
         return Qwen2VL(cfg)
 
 
-def _materialize_buffers(model: Qwen2VL, device: torch.device) -> None:
-    text = model.cfg.text
-    model.model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta).to(device)
-
-
 def from_pretrained(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> Qwen2VL:
@@ -229,7 +223,7 @@ def from_pretrained(
     model.load_state_dict(state, strict=not cfg.text.tie_word_embeddings, assign=True)
     if cfg.text.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _materialize_buffers(model, torch.device(device))
+    model.model.init_rotary(torch.device(device))  # the one buffer, in no checkpoint
     return model
 
 

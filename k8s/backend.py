@@ -7,16 +7,13 @@ and the scheduler places each slot's pod on a machine, kept off excluded machine
 
 Decisions:
 
-- The manifests come from outside (`AttemptManifests`: the operator passes `k8s.attempts.RenderedAttempts`),
-  because the layers go cli -> k8s -> controller and the controller never imports `k8s`. So do the job's
-  namespace, spec (the one the controller runs), owner reference and Secrets (`resolve` -> `JobBinding`): one
-  operator serves TrainingJobs in every namespace.
-- Dicts, not the client's generated models: manifests are dicts and the backend reads them back as dicts, so
-  every call goes through `KubeApi` with `_preload_content=False` and parses the JSON itself (which also skips
-  the models' slow deserialisation of large pod lists).
+- The objects of an attempt are `k8s.render`'s. The job's namespace, spec (the one the controller runs), owner
+  reference and Secrets come from `resolve` (-> `JobBinding`, the operator's TrainingJob binding): one operator
+  serves TrainingJobs in every namespace. Every call goes through `k8s.api.KubeApi`, on dicts.
 - The attempt's configuration is the one the controller wrote (`config_path`: the checkpoint interval in effect
-  and `checkpoint.resume_step`, chosen and verified by the controller); the manifests put it in the ConfigMap and
-  the resume point on the pods' command line. `overrides` and `env` are added to every pod.
+  and `checkpoint.resume_step`, chosen and verified by the controller); it goes into the ConfigMap with the
+  pod-side fields in place of the controller's own (`pod_config`), and the resume point onto the pods' command
+  line. `overrides` and `env` are added to every pod.
 - Idempotent launch: an object that already exists is accepted when it carries this job's and attempt's labels,
   the same owner and no deletion in progress (a create whose answer was lost and retried); anything else under
   that name fails the launch. A launch that fails half-way deletes what it created.
@@ -51,9 +48,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import urllib3
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -61,20 +59,18 @@ from controller.backends.base import EXIT_LOST
 from controller.backends.torchrun_log import WorkerExit, node_exits, parse_failures, root_causes
 from controller.ingest import EndpointTelemetry, PrometheusTelemetry, TelemetryUpdate
 from controller.spec import TrainingJobSpec
+from k8s import render
+from k8s.api import KubeApi, api_error
 from trainer.contract.telemetry import ENDPOINT_FILE
 
 log = logging.getLogger(__name__)
 
-GangMode = Literal["none", "volcano", "kueue"]
+GangMode = render.GangScheduler
 MetricsSource = Literal["endpoints", "prometheus"]
-GANG_MODES = ("none", "volcano", "kueue")
+GANG_MODES = ("none", "volcano", "kueue")  # render.GANG_SCHEDULERS in the order `vlctl operator --gang` lists
 METRICS_SOURCES = ("endpoints", "prometheus")
 SLOT_PREFIX = "n"
-PODGROUP_API = ("scheduling.volcano.sh", "v1beta1", "podgroups")
 STOPPED_BY_US = -int(signal.SIGTERM)  # a node `cancel` stopped while it ran (Popen style: killed by SIGTERM)
-# torchrun prints its failure summary last, about 10 lines per failed worker
-LOG_TAIL_LINES = 2000
-LOG_TAIL_BYTES = 256 << 10
 # Container states that will not resolve by waiting: fail the node once the scheduling timeout is over.
 _CANNOT_START = frozenset(
     {
@@ -90,112 +86,6 @@ RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 _LOST_REASONS = frozenset({"Evicted", "NodeLost", "Preempting", "Terminated", "UnexpectedAdmissionError"})
 
 
-# ------------------------------------------------------------------------------------------------ API access
-
-
-def call_json(fn: Callable[..., Any], *args: Any, timeout: float | None = 30.0, **kwargs: Any) -> Any:
-    """Call a generated client method and return the parsed JSON body (None when empty)."""
-    response = fn(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
-    data = response.data
-    return json.loads(data) if data else None
-
-
-def api_error(err: ApiException) -> str:
-    """One line from an ApiException: the code, the Status reason and its message."""
-    try:
-        status = json.loads(err.body or b"{}")
-        return f"{err.status} {status.get('reason') or err.reason}: {status.get('message', '')}".strip()
-    except (TypeError, ValueError):
-        return f"{err.status} {err.reason}"
-
-
-def is_status(err: BaseException, *codes: int) -> bool:
-    return isinstance(err, ApiException) and err.status in codes
-
-
-class KubeApi:
-    """The calls the backend makes, on dicts. Each kind's methods are named out, so the RBAC test can read them."""
-
-    def __init__(self, api_client: client.ApiClient, *, timeout_seconds: float = 30.0):
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.timeout = timeout_seconds
-
-    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        kind, namespace = obj["kind"], obj["metadata"]["namespace"]
-        if kind == "PodGroup":
-            return call_json(
-                self.custom.create_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2], obj,
-                timeout=self.timeout,
-            )  # fmt: skip
-        create = {
-            "Pod": self.core.create_namespaced_pod,
-            "Service": self.core.create_namespaced_service,
-            "ConfigMap": self.core.create_namespaced_config_map,
-        }[kind]
-        return call_json(create, namespace, obj, timeout=self.timeout)
-
-    def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        if kind == "PodGroup":
-            answer = call_json(
-                self.custom.list_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2],
-                label_selector=selector, timeout=self.timeout,
-            )  # fmt: skip
-        else:
-            list_ = {
-                "Pod": self.core.list_namespaced_pod,
-                "Service": self.core.list_namespaced_service,
-                "ConfigMap": self.core.list_namespaced_config_map,
-            }[kind]
-            answer = call_json(list_, namespace, label_selector=selector, timeout=self.timeout)
-        return list(answer.get("items") or [])
-
-    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        if kind == "PodGroup":
-            return call_json(
-                self.custom.get_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2], name,
-                timeout=self.timeout,
-            )  # fmt: skip
-        read = {
-            "Pod": self.core.read_namespaced_pod,
-            "Service": self.core.read_namespaced_service,
-            "ConfigMap": self.core.read_namespaced_config_map,
-        }[kind]
-        return call_json(read, name, namespace, timeout=self.timeout)
-
-    def delete(self, kind: str, namespace: str, name: str, *, grace_seconds: int | None = None) -> bool:
-        """False when it was already gone."""
-        try:
-            if kind == "PodGroup":
-                call_json(
-                    self.custom.delete_namespaced_custom_object, *PODGROUP_API[:2], namespace, PODGROUP_API[2],
-                    name, timeout=self.timeout,
-                )  # fmt: skip
-            elif kind == "Pod":
-                call_json(
-                    self.core.delete_namespaced_pod, name, namespace, grace_period_seconds=grace_seconds,
-                    timeout=self.timeout,
-                )  # fmt: skip
-            else:
-                delete = {
-                    "Service": self.core.delete_namespaced_service,
-                    "ConfigMap": self.core.delete_namespaced_config_map,
-                }[kind]
-                call_json(delete, name, namespace, timeout=self.timeout)
-        except ApiException as err:
-            if err.status == 404:
-                return False
-            raise
-        return True
-
-    def pod_log(self, namespace: str, name: str, container: str) -> str:
-        response = self.core.read_namespaced_pod_log(
-            name, namespace, container=container, tail_lines=LOG_TAIL_LINES, limit_bytes=LOG_TAIL_BYTES,
-            _preload_content=False, _request_timeout=self.timeout,
-        )  # fmt: skip
-        return response.data.decode("utf-8", errors="replace")
-
-
 # ------------------------------------------------------------------------------------------------ jobs
 
 
@@ -209,40 +99,27 @@ class JobBinding:
     env_secrets: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptRequest:
-    """Everything one attempt's objects are made from: the job's binding and what the backend chose for it. One
-    value rather than a keyword list, so the renderer in the k8s layer implements `AttemptManifests.render`
-    without restating its parameters."""
-
-    binding: JobBinding
-    attempt: int
-    config: Mapping[str, Any]  # the controller's configuration of the attempt (with its resume step)
-    excluded_nodes: Sequence[str]  # kept off by node affinity
-    image: str
-    gang: GangMode
-    queue: str | None
-
-
-class AttemptManifests(Protocol):
-    """The objects of an attempt and their labels (`k8s.render` behind it, supplied by the k8s layer, which the
-    controller does not import). Every object carries `label_job` and `label_attempt`; pods `label_node_index`."""
-
-    label_job: str
-    label_attempt: str
-    label_node_index: str
-
-    def render(self, request: AttemptRequest) -> list[dict[str, Any]]:
-        """The attempt's objects, in creation order."""
-        ...
-
-    def metrics_base_port(self, spec: TrainingJobSpec) -> int:
-        """Rank `local_rank` of a pod serves its telemetry on this port + local_rank."""
-        ...
-
-
 def slot_names(nodes: int) -> list[str]:
     return [f"{SLOT_PREFIX}{i}" for i in range(nodes)]
+
+
+def pod_config(controller_config: Mapping[str, Any], spec: TrainingJobSpec) -> dict[str, Any]:
+    """The controller's attempt configuration (checkpoint interval, resume step) with the fields the pods need in
+    place of the controller's own: its run folder is on the operator's disk, its telemetry on loopback."""
+    pod_side = render.trainer_config(spec)
+    config = dict(controller_config)
+    for key in ("run_dir", "job_name", "telemetry"):
+        config[key] = pod_side[key]
+    return config
+
+
+def resume_point(config: Mapping[str, Any]) -> tuple[int, str] | None:
+    """(step, checkpoint root) an attempt resumes from, from the controller's configuration of it."""
+    checkpoint = config.get("checkpoint") or {}
+    step = checkpoint.get("resume_step")
+    if checkpoint.get("resume") == "none" or step is None:
+        return None
+    return int(step), str(checkpoint["dir"])
 
 
 class KubernetesBackend:
@@ -251,7 +128,6 @@ class KubernetesBackend:
         api_client: client.ApiClient,
         image: str,
         *,
-        manifests: AttemptManifests,
         resolve: Callable[[str], JobBinding],
         gang: GangMode = "none",
         queue: str | None = None,
@@ -265,12 +141,7 @@ class KubernetesBackend:
         """`resolve(job name)`: the job's namespace, spec, owner and Secrets (the operator's TrainingJob binding);
         LookupError when the job has none. `scheduling_timeout_seconds` None: wait for the scheduler forever (a
         queue such as Kueue or Volcano admits the gang when it fits)."""
-        if gang not in GANG_MODES:
-            raise ValueError(f"gang: must be one of {', '.join(GANG_MODES)}, got {gang!r}")
-        if gang == "kueue" and not queue:
-            raise ValueError("queue: gang 'kueue' needs the name of a Kueue LocalQueue")
-        if gang == "none" and queue:
-            raise ValueError(f"queue: {queue!r} is only used with gang 'volcano' or 'kueue'")
+        render.check_gang(gang, queue)
         if metrics not in METRICS_SOURCES:
             raise ValueError(f"metrics: must be one of {', '.join(METRICS_SOURCES)}, got {metrics!r}")
         if metrics == "prometheus" and not prometheus_url:
@@ -281,7 +152,6 @@ class KubernetesBackend:
             raise ValueError("image: must name the trainer image")
         self.kube = KubeApi(api_client, timeout_seconds=request_timeout_seconds)
         self.image = image
-        self.manifests = manifests
         self.gang = gang
         self.queue = queue
         self.scheduling_timeout_seconds = scheduling_timeout_seconds
@@ -301,9 +171,6 @@ class KubernetesBackend:
             return self._resolve(job_name)
         except LookupError as err:
             raise LookupError(f"job {job_name}: no TrainingJob is bound to it ({err})") from None
-
-    def job_selector(self, job_name: str) -> str:
-        return f"{self.manifests.label_job}={job_name}"
 
     # ------------------------------------------------------------------------------------ Backend protocol
 
@@ -339,17 +206,19 @@ class KubernetesBackend:
             config = json.loads(Path(config_path).read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"{config_path}: cannot read the attempt's configuration ({err})") from None
-        objects = self.manifests.render(
-            AttemptRequest(
-                binding=b,
-                attempt=attempt,
-                config=config,
-                excluded_nodes=sorted(set(excluded)),
-                image=self.image,
-                gang=self.gang,
-                queue=self.queue,
-            )
+        objects = render.render_job(
+            b.spec,
+            namespace=b.namespace,
+            attempt=attempt,
+            resume_from=resume_point(config),
+            excluded_nodes=sorted(set(excluded)),
+            image=self.image,
+            owner=b.owner,
+            gang=self.gang,
+            queue=self.queue,
+            env_secrets=b.env_secrets,
         )
+        objects[0]["data"][render.CONFIG_FILE] = yaml.safe_dump(pod_config(config, b.spec), sort_keys=False)
         for obj in objects:
             if obj["kind"] == "Pod":
                 container = obj["spec"]["containers"][0]
@@ -357,7 +226,6 @@ class KubernetesBackend:
                 container["env"] += [{"name": k, "value": str(v)} for k, v in (env or {}).items()]
         gang = KubernetesGang(
             kube=self.kube,
-            labels=self.manifests,
             namespace=b.namespace,
             job_name=job_name,
             attempt=attempt,
@@ -373,7 +241,7 @@ class KubernetesBackend:
             for obj in objects:
                 created = self._create(obj, b, job_name, attempt)
                 if obj["kind"] == "Pod":
-                    index = int(obj["metadata"]["labels"][self.manifests.label_node_index])
+                    index = int(obj["metadata"]["labels"][render.LABEL_NODE_INDEX])
                     gang.pod_uids[names[index]] = created["metadata"]["uid"]
         except BaseException:
             gang.cancel(0)
@@ -400,8 +268,8 @@ class KubernetesBackend:
         labels = existing["metadata"].get("labels") or {}
         owners = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or []}
         ours = (
-            labels.get(self.manifests.label_job) == job_name
-            and labels.get(self.manifests.label_attempt) == str(attempt)
+            labels.get(render.LABEL_JOB) == job_name
+            and labels.get(render.LABEL_ATTEMPT) == str(attempt)
             and not existing["metadata"].get("deletionTimestamp")
             and (b.owner is None or b.owner["uid"] in owners)
         )
@@ -416,7 +284,6 @@ class KubernetesBackend:
         try:
             return KubernetesGang(
                 kube=self.kube,
-                labels=self.manifests,
                 namespace=str(record["namespace"]),
                 job_name=str(record["job_name"]),
                 attempt=int(record["attempt"]),
@@ -441,9 +308,9 @@ class KubernetesBackend:
             return 0
         pods = 0
         for kind in reversed(self.kinds):  # pods first: they use the rest
-            for obj in self.kube.list(kind, namespace, self.job_selector(job_name)):
+            for obj in self.kube.list(kind, namespace, render.job_selector(job_name)):
                 meta = obj["metadata"]
-                if (meta.get("labels") or {}).get(self.manifests.label_attempt) in keep:
+                if (meta.get("labels") or {}).get(render.LABEL_ATTEMPT) in keep:
                     continue
                 if self.kube.delete(kind, namespace, meta["name"]) and kind == "Pod":
                     pods += 1
@@ -453,10 +320,10 @@ class KubernetesBackend:
         """Delete every object of the job (all attempts); returns how many are still there (being deleted)."""
         left = 0
         for kind in reversed(self.kinds):
-            for obj in self.kube.list(kind, namespace, self.job_selector(job_name)):
+            for obj in self.kube.list(kind, namespace, render.job_selector(job_name)):
                 if not obj["metadata"].get("deletionTimestamp"):
                     self.kube.delete(kind, namespace, obj["metadata"]["name"])
-            left += len(self.kube.list(kind, namespace, self.job_selector(job_name)))
+            left += len(self.kube.list(kind, namespace, render.job_selector(job_name)))
         return left
 
     def telemetry(
@@ -473,7 +340,7 @@ class KubernetesBackend:
         if self.metrics == "prometheus":
             assert self.prometheus_url is not None
             # Series of processes started before the attempt's pods were created belong to an older attempt.
-            pods = self.kube.list("Pod", b.namespace, _attempt_selector(self.manifests, job_name, attempt))
+            pods = self.kube.list("Pod", b.namespace, render.attempt_selector(job_name, attempt))
             created = [_timestamp(p["metadata"].get("creationTimestamp")) for p in pods]
             started = min((t for t in created if t is not None), default=None)
             return PrometheusTelemetry(
@@ -481,19 +348,14 @@ class KubernetesBackend:
             )
         return PodEndpointTelemetry(
             self.kube,
-            labels=self.manifests,
             namespace=b.namespace,
             job_name=job_name,
             attempt=attempt,
             num_ranks=num_ranks,
             procs_per_node=b.spec.resources.procs_per_node,
-            base_port=self.manifests.metrics_base_port(b.spec),
+            base_port=render.metrics_base_port(b.spec),
             folder=Path(run_dir) / "vlctl" / f"endpoints-attempt-{attempt}",
         )
-
-
-def _attempt_selector(labels: AttemptManifests, job_name: str, attempt: int) -> str:
-    return f"{labels.label_job}={job_name},{labels.label_attempt}={attempt}"
 
 
 # ------------------------------------------------------------------------------------------------ the gang
@@ -508,7 +370,6 @@ def _timestamp(text: str | None) -> float | None:
 @dataclass(kw_only=True, eq=False)
 class KubernetesGang:
     kube: KubeApi
-    labels: AttemptManifests
     namespace: str
     job_name: str
     attempt: int
@@ -539,14 +400,14 @@ class KubernetesGang:
 
     @property
     def selector(self) -> str:
-        return _attempt_selector(self.labels, self.job_name, self.attempt)
+        return render.attempt_selector(self.job_name, self.attempt)
 
     def _pods(self) -> dict[int, dict[str, Any]]:
         pods = self.kube.list("Pod", self.namespace, self.selector)
         out = {}
         for pod in pods:
             try:
-                out[int(pod["metadata"]["labels"][self.labels.label_node_index])] = pod
+                out[int(pod["metadata"]["labels"][render.LABEL_NODE_INDEX])] = pod
             except (KeyError, ValueError):
                 continue
         return out
@@ -699,7 +560,6 @@ class PodEndpointTelemetry:
         self,
         kube: KubeApi,
         *,
-        labels: AttemptManifests,
         namespace: str,
         job_name: str,
         attempt: int,
@@ -709,7 +569,6 @@ class PodEndpointTelemetry:
         folder: Path,
     ):
         self.kube = kube
-        self.labels = labels
         self.namespace = namespace
         self.job_name = job_name
         self.procs_per_node = procs_per_node
@@ -731,16 +590,14 @@ class PodEndpointTelemetry:
         return self._inner.poll(now)
 
     def _publish(self) -> None:
-        pods = self.kube.list(
-            "Pod", self.namespace, _attempt_selector(self.labels, self.job_name, self.attempt)
-        )
+        pods = self.kube.list("Pod", self.namespace, render.attempt_selector(self.job_name, self.attempt))
         urls: dict[int, str] = {}
         for pod in pods:
             status = pod.get("status") or {}
             ip = status.get("podIP")
             if status.get("phase") != "Running" or not ip or pod["metadata"].get("deletionTimestamp"):
                 continue
-            index = int(pod["metadata"]["labels"][self.labels.label_node_index])
+            index = int(pod["metadata"]["labels"][render.LABEL_NODE_INDEX])
             host = f"[{ip}]" if ":" in ip else ip
             for local_rank in range(self.procs_per_node):
                 rank = index * self.procs_per_node + local_rank
