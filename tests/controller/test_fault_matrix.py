@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
@@ -130,14 +131,17 @@ def test_sigkill_mid_step_then_during_a_save_then_with_the_newest_checkpoint_cor
         assert run.attempts()[2].resumed_from_step == 4
 
         # 3. Corrupt the newest checkpoint (step 12), then SIGKILL a rank: resume falls back to step 8.
+        # The rank is found before step 12 and the kill follows the commit at once: the window between the
+        # commit of step 12 and the job's end is only four steps, which a loaded machine runs in seconds.
+        rank = psutil.Process(_rank_pid_in(run, 1, 3))
         run.wait(
             lambda: [c.step for c in list_checkpoints(str(root))][-1:] == [12],
             timeout=240,
             what="step 12 saved",
+            every=0.01,
         )
-        pid = _rank_pid_in(run, 1, 3)
         _corrupt(root / "step-00000012")
-        os.kill(pid, signal.SIGKILL)
+        rank.send_signal(signal.SIGKILL)  # psutil refuses a pid reused by another process
         _report("newest checkpoint corrupt", run, time.time(), resumed_attempt=4)
 
         _finish_and_compare(run, uninterrupted)
