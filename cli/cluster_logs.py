@@ -8,8 +8,8 @@ Decisions:
   `[3]:`, or `--tee`'s `[default1]:` by local rank), or the whole pod when its log carries no such prefix.
 - `--follow` streams every started pod, picks up pods that start later and, unless `--attempt` pins one, the
   next attempt's pods after a restart; it returns once the job has ended and its streams are done.
-- Connection, errors and exit codes are cli/cluster.py's, whose `logs` calls this module's; the calls go
-  through k8s/api.py's `KubeApi`, as the operator's do.
+- Connection, errors and exit codes are cli/cluster_api.py's; the calls go through k8s/api.py's `KubeApi`, as
+  the operator's do. The job is read as its view (k8s.status.view_from_object), as `vlctl status` reads it.
 """
 
 from __future__ import annotations
@@ -24,17 +24,22 @@ from typing import Any
 
 import typer
 
+from controller.domain.phases import TERMINAL_PHASES
 from k8s import render as manifests
 from k8s.api import api_message, one_line
+from k8s.status import view_from_object
 
-from .cluster import TERMINAL, Cluster, Target, api_call, connect, get_job, job_or_none, status_dict
+from .client import LogRequest
+from .cluster_api import Cluster, api_call, connect, get_job, job_or_none
 from .errors import CliError
+from .options import Target
 from .output import OutputFormat, emit, stderr
 
 # torchrun's line prefixes: the global rank (`[rank3]:` or the template `[${rank}]:`), or `--tee`'s default
 # `[${role_name}${local_rank}]:` with the default role.
 _GLOBAL_PREFIX = re.compile(r"^\[(?:rank)?(\d+)\]:\s?")
 _LOCAL_PREFIX = re.compile(r"^\[default(\d+)\]:\s?")
+FOLLOW_POLL_SECONDS = 1.0  # how often `logs --follow` looks for pods that started, and for a new attempt
 
 
 @dataclass(kw_only=True)
@@ -123,31 +128,26 @@ def _write(lines: list[str], prefix: str) -> None:
 def logs(
     where: Target,
     name: str,
-    *,
-    rank: int | None,
-    node: str | None,
-    attempt: int | None,
-    follow: bool,
-    lines: int,
-    output: OutputFormat,
-    poll_seconds: float,
+    request: LogRequest,
 ) -> None:
-    """The last lines of the job's pods (one per node), or of one rank's or node's. `poll_seconds`: how often
-    `--follow` looks for pods that started, and for a new attempt."""
+    """The last lines of the job's pods (one per node), or of one rank's or node's."""
+    rank, node, attempt, follow, lines, output = (
+        request.rank, request.node, request.attempt, request.follow, request.lines, request.output
+    )  # fmt: skip
+    poll_seconds = FOLLOW_POLL_SECONDS  # read at each call: tests shorten it
     if follow and output is OutputFormat.json:
         raise CliError("--follow: not with --output json, which prints a single document")
     if rank is not None and node is not None:
         raise CliError("--rank, --node: give one or the other")
     cl = connect(where)
-    obj = get_job(cl, name)
-    d = status_dict(obj)
-    current, procs = int(d["attempt"] or 0), int(d["procs_per_node"] or 1)
+    view = view_from_object(get_job(cl, name))
+    current, procs = int(view.attempt or 0), int(view.procs_per_node or 1)
     if current == 0:
         raise CliError(f"logs: job {name!r} has never been launched, so it has no logs yet")
     number = current if attempt is None else attempt
     if number > current:
         raise CliError(f"--attempt: job {name!r} has attempts 1 to {current}")
-    world = int(d["nodes"] or 1) * procs
+    world = int(view.nodes or 1) * procs
     if rank is not None and rank >= world:
         raise CliError(f"--rank: job {name!r} has ranks 0 to {world - 1}")
     selected = _select(_attempt_pods(cl, name, number), rank=rank, node=node, procs_per_node=procs)
@@ -269,14 +269,15 @@ def _follow(
         if not following:
             if ending and not started:
                 return
-            row = job_or_none(cl, name)
-            if row is None:
+            obj = job_or_none(cl, name)
+            if obj is None:
                 stderr.print(f"TrainingJob {name} was deleted", markup=False, highlight=False)
                 return
-            if not pinned and row["attempt"] > attempt:
-                attempt, done, first_tail, ending = row["attempt"], set(), None, False
+            now = view_from_object(obj)
+            if not pinned and now.attempt > attempt:
+                attempt, done, first_tail, ending = now.attempt, set(), None, False
                 stderr.print(f"--- attempt {attempt} ---", markup=False, highlight=False)
-            elif row["phase"] in TERMINAL or row["deleted"]:
+            elif now.phase in TERMINAL_PHASES or (now.cluster is not None and now.cluster.deleted):
                 ending = True
             else:
                 time.sleep(poll_seconds)

@@ -21,21 +21,21 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from controller import states
-from controller.backends.local import LocalBackend, LocalBackendConfig
 from controller.domain.phases import TERMINAL_PHASES, Phase
-from controller.reconciler import Controller, ControllerConfig, default_controller_id
-from controller.store.repo import JobExists, create_job, get_current_attempt, get_job
 
+from . import process
 from .errors import EXIT_FAILURE, EXIT_USER_ERROR, CliError
-from .jobs import OutputOption, _job_dict, load_submitted_spec, store
 from .live import job_snapshot, render_snapshot
+from .options import OutputOption
 from .output import OutputFormat, emit, stderr
 from .signals import StopRequest, stop_on_signals
+
+if TYPE_CHECKING:
+    from controller.reconciler import Controller
 
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
@@ -49,6 +49,9 @@ def _controller(
     trainer_module: str = "trainer.train",
     env: dict[str, str] | None = None,
 ) -> Controller:
+    from controller.backends.local import LocalBackend, LocalBackendConfig
+    from controller.reconciler import Controller, ControllerConfig
+
     config = ControllerConfig(poll_seconds=poll_seconds)
     if controller_id:
         config.controller_id = controller_id
@@ -89,6 +92,9 @@ def controller(
     """Run the reconcile loop: launch pending jobs, supervise running ones, restart failed ones."""
     if on_exit not in ("stop", "detach"):
         raise CliError(f"--on-exit: expected stop or detach, got {on_exit!r}", EXIT_USER_ERROR)
+    process.long_running()
+    from .store import store
+
     stop = threading.Event()
     with stop_on_signals(stop), store() as db:
         ctl = _controller(
@@ -140,13 +146,14 @@ def run(
 ) -> None:
     """Submit a job and supervise it in the foreground, with a live view of step, loss, tokens/s, ETA, restarts
     and stragglers. Ctrl-C (or SIGTERM) cancels the job."""
+    process.long_running()
+    from .store import store
+    from .store_jobs import create, load_submitted_spec
+
     spec = load_submitted_spec(file)  # relative paths from this directory, inputs and memory checked
     with store() as db:
         with db.transaction() as session:
-            try:
-                create_job(session=session, name=spec.name, spec=spec.model_dump(mode="json"))
-            except JobExists as err:
-                raise CliError(str(err), EXIT_USER_ERROR) from None
+            create(spec, session)
         stopped = StopRequest()
         phase = supervise(
             db,
@@ -157,9 +164,7 @@ def run(
             trainer_module=trainer_module,
             stopped=stopped,
         )
-        with db.read() as session:
-            job = get_job(session=session, name=spec.name)
-            data = _job_dict(job, get_current_attempt(session=session, job=job))
+        data = job_snapshot(db, spec.name).as_dict(ranks=False)
     emit(data, output, lambda d: f"{d['name']}: {d['phase']} ({d['reason']}) {d['message']}".rstrip())
     if stopped.signum is not None and phase is Phase.CANCELLED:
         raise typer.Exit(stopped.exit_code)
@@ -186,6 +191,10 @@ def supervise(
     every snapshot too. Returns the job's phase."""
     from rich.live import Live
 
+    from controller import states
+    from controller.reconciler import default_controller_id
+    from controller.store.repo import get_job
+
     ctl = _controller(
         db,
         poll_seconds=poll_seconds,
@@ -202,7 +211,8 @@ def supervise(
 
     def after_pass() -> None:
         snapshot = job_snapshot(db, name)
-        phase[0] = Phase(snapshot["phase"])
+        assert snapshot.phase is not None
+        phase[0] = snapshot.phase
         if view is not None:
             view.update(render_snapshot(snapshot))
         if on_pass is not None:

@@ -30,6 +30,7 @@ from controller.spec import parse_spec
 from controller.store import migrate
 from controller.store.repo import create_job, get_job, list_attempts, list_events
 from controller.store.session import StoreConfig, open_store
+from controller.views import JobView
 from trainer.contract.telemetry import (
     ENV_FAULT_RANK,
     ENV_FAULT_SLOW_FACTOR,
@@ -92,16 +93,16 @@ class Chaos:
         self.killed_at: float | None = None
         self.killed_pid: int | None = None
 
-    def __call__(self, snapshot: dict[str, Any]) -> None:
-        if self.killed_at is not None or snapshot["attempt"] != 1 or (snapshot["step"] or 0) < KILL_AT_STEP:
+    def __call__(self, snapshot: JobView) -> None:
+        if self.killed_at is not None or snapshot.attempt != 1 or (snapshot.step or 0) < KILL_AT_STEP:
             return
-        pid = next((r["pid"] for r in snapshot["ranks"] if r["rank"] == KILL_RANK and r["pid"]), None)
+        pid = next((r.pid for r in snapshot.ranks or () if r.rank == KILL_RANK and r.pid), None)
         if pid is None:
             return
         os.kill(pid, signal.SIGKILL)
         self.killed_at, self.killed_pid = time.time(), pid
         stderr.print(
-            f"[demo] step {snapshot['step']}: SIGKILL to rank {KILL_RANK} (pid {pid}); the controller takes it "
+            f"[demo] step {snapshot.step}: SIGKILL to rank {KILL_RANK} (pid {pid}); the controller takes it "
             "from here",
             highlight=False,
         )
@@ -180,15 +181,15 @@ def _progress_printer():
     """Without a terminal (CI, a pipe): one line per 10 steps instead of the live view."""
     last = [-1]
 
-    def show(snapshot: dict[str, Any]) -> None:
-        step = snapshot["step"] or 0
+    def show(snapshot: JobView) -> None:
+        step = snapshot.step or 0
         if step // 10 != last[0] // 10 or step < last[0]:
             last[0] = step
-            loss = "-" if snapshot["loss"] is None else f"{snapshot['loss']:.3f}"
-            flagged = [r["rank"] for r in snapshot["ranks"] if r["flagged"]]
+            loss = "-" if snapshot.loss is None else f"{snapshot.loss:.3f}"
+            flagged = [r.rank for r in snapshot.ranks or () if r.flagged]
             stderr.print(
-                f"[demo] {snapshot['phase']} attempt {snapshot['attempt']} step {step}/{STEPS} loss {loss} "
-                f"restarts {snapshot['restarts']}" + (f" stragglers {flagged}" if flagged else ""),
+                f"[demo] {snapshot.phase} attempt {snapshot.attempt} step {step}/{STEPS} loss {loss} "
+                f"restarts {snapshot.restarts}" + (f" stragglers {flagged}" if flagged else ""),
                 highlight=False,
             )
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
-from . import control, inspect, jobs, model, operator, render
+from . import control, inspect, jobs, model, operator, process, render
 from .errors import exit_code_for
 
 
@@ -42,6 +41,8 @@ operator.register(app)
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # only for --version: a slow import
+
     try:
         return version("vlctl")
     except PackageNotFoundError:  # running from a source tree without install
@@ -73,23 +74,29 @@ def demo(
 ) -> None:
     """The main demo: train the mini Qwen2-VL as a 2-node job under the controller, kill a rank and watch it
     resume from the newest checkpoint, slow a rank and watch it flagged, then a summary (a few minutes)."""
+    process.long_running()
     from .demo import run_demo
 
     run_demo(out)
 
 
 def main() -> None:
+    process.fast_start()
+    code: int | str | None = 0
     try:
         try:
             app()
+        except SystemExit as done:
+            code = done.code
         finally:
             # Flushed here, not at interpreter exit: a reader that left is seen inside the handler below.
             sys.stdout.flush()
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
     except BrokenPipeError:
         _silence_stdout()
-        sys.exit(0)
+        code = 0
+    process.finish(code)
 
 
 def _silence_stdout() -> None:

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from . import process
 from .errors import EXIT_USER_ERROR, CliError
 from .output import stderr
 
@@ -111,11 +112,12 @@ def operator(
     ] = None,
 ) -> None:
     """Run the TrainingJob operator: leader election, then reconcile TrainingJobs through the controller."""
+    process.long_running()
     from controller.reconciler import ControllerConfig
     from k8s.backend import GANG_MODES, METRICS_SOURCES
     from k8s.operator import Operator, OperatorConfig, serve_health
 
-    from .jobs import store
+    from .store import store
 
     if gang not in GANG_MODES:
         raise CliError(f"--gang: must be one of {', '.join(GANG_MODES)}, got {gang!r}")

@@ -102,6 +102,12 @@ class HangVerdict:
     first_stalled: tuple[int, ...]  # the likely culprits (see module docstring)
 
     @property
+    def hung_at(self) -> float:
+        """When the job became hung by the rule: its last progress plus the limit. The attempt's failure time
+        (goodput counts the time after it as lost to detection), not when the controller noticed."""
+        return self.since + self.threshold_seconds
+
+    @property
     def message(self) -> str:
         if self.phase == PHASE_STARTUP:
             head = f"no rank finished a step within {self.idle_seconds:.0f} s of start-up"

@@ -1,6 +1,7 @@
 """What a job's records say, for the decisions the reconcile loop makes: its failure history (the restart
-policy's input), its checkpoint interval when `auto`, the cost of a restart (for excluding a node), and its
-goodput. Each function reads the store through the caller's session and writes nothing but what it says.
+policy's input, with `record_failure` writing each entry), its checkpoint interval when `auto`, the cost of a
+restart (for excluding a node), and its goodput. Each function reads the store through the caller's session and
+writes nothing but what it says; the decisions themselves are `controller.policy`'s pure functions.
 """
 
 from __future__ import annotations
@@ -8,18 +9,18 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller import states
 from controller.domain.phases import EventType
 from controller.failures import Classification, ExitClass
 from controller.goodput import compute_goodput, recorded_timeline
-from controller.policy import RestartCost, auto_checkpoint_interval
+from controller.policy import CheckpointIntervalInputs, RestartCost, choose_checkpoint_interval
 from controller.spec import TrainingJobSpec
 from controller.store.models import Attempt, Checkpoint, Event, Job
 from controller.store.records import record_goodput
-from controller.store.repo import append_event, list_attempts
+from controller.store.repo import append_event, get_current_attempt, list_attempts
 
 log = logging.getLogger(__name__)
 
@@ -27,40 +28,91 @@ REASON_CHECKPOINT_INTERVAL = "CheckpointInterval"
 DEFAULT_LAUNCH_SECONDS = 60.0  # a restart's launch cost before this job has measured one
 
 
+def record_failure(
+    *, session: Session, job: Job, result: Classification, failed_at: float, detected_at: float
+) -> None:
+    """Record how the job's current attempt failed: its classification in the attempt's columns (what
+    `failure_history` reads back), and a Failure event with the same facts for people to read.
+
+    `failed_at`: when it failed (a rank died, or the hang's limit passed), at most `detected_at`, when the
+    controller noticed."""
+    failed_at = min(failed_at, detected_at)
+    attempt = get_current_attempt(session=session, job=job)
+    if attempt is not None:
+        attempt.exit_class = result.reason  # the state machine writes the same when it ends the attempt
+        attempt.retryable = result.retryable
+        attempt.counts_toward_limit = result.counts_toward_limit
+        attempt.failure_step = result.step
+        attempt.failure_message = result.message
+        attempt.failed_at = datetime.fromtimestamp(failed_at, UTC)
+        attempt.detected_at = datetime.fromtimestamp(detected_at, UTC)
+    append_event(
+        session=session,
+        job=job,
+        type=EventType.FAILURE,
+        reason=result.reason,
+        message=result.message,
+        data={
+            "exit_class": result.reason,
+            "retryable": result.retryable,
+            "counts_toward_limit": result.counts_toward_limit,
+            "step": result.step,
+            "ranks": list(result.ranks),
+            "rule": result.rule,
+            "detection_seconds": detected_at - failed_at,
+        },
+        attempt=job.current_attempt,
+        now=datetime.fromtimestamp(detected_at, UTC),
+    )
+
+
 def failure_history(*, session: Session, job: Job) -> list[Classification]:
-    """Every attempt's classification since the job was (re)opened, oldest first, from its Failure events."""
-    events = session.scalars(
-        select(Event)
-        .where(Event.job_id == job.id, Event.type.in_([EventType.FAILURE, EventType.PHASE_CHANGED]))
-        .order_by(Event.seq)
-    ).all()
-    history: list[Classification] = []
-    for e in events:
-        if e.type == EventType.PHASE_CHANGED and e.reason == states.REASON_RESUME_REQUESTED:
-            history.clear()  # a person reopened the job: the crash-loop guard starts over
-        elif e.type == EventType.FAILURE and e.data and "exit_class" in e.data:
-            try:
-                exit_class = ExitClass(e.data["exit_class"])
-            except ValueError:
-                exit_class = ExitClass.UNKNOWN
-            history.append(
-                Classification(
-                    exit_class=exit_class,
-                    message=e.message,
-                    retryable=bool(e.data.get("retryable", True)),
-                    counts_toward_limit=bool(e.data.get("counts_toward_limit", True)),
-                    step=e.data.get("step"),
-                )
-            )
-    return history
+    """The classification of every failed attempt since the job was last (re)opened, oldest first.
+
+    A person reopening the job (`states.reopen`) starts the crash-loop guard over: its PhaseChanged event names
+    the attempt it followed, and only later attempts count."""
+    reopened_after = session.scalar(
+        select(func.max(Event.attempt)).where(
+            Event.job_id == job.id,
+            Event.type == EventType.PHASE_CHANGED,
+            Event.reason == states.REASON_RESUME_REQUESTED,
+        )
+    )
+    attempts = session.scalars(
+        select(Attempt)
+        .where(
+            Attempt.job_id == job.id,
+            Attempt.number > (reopened_after or 0),
+            # A classified failure: not a success, a cancel or an interrupted launch (nor a running attempt).
+            Attempt.retryable.is_not(None),
+        )
+        .order_by(Attempt.number)
+    )
+    return [
+        Classification(
+            exit_class=_exit_class(a.exit_class),
+            message=a.failure_message or "",
+            retryable=bool(a.retryable),
+            counts_toward_limit=bool(a.counts_toward_limit),
+            step=a.failure_step,
+        )
+        for a in attempts
+    ]
+
+
+def _exit_class(value: str | None) -> ExitClass:
+    try:
+        return ExitClass(value)
+    except ValueError:  # a class this version does not know (written by a newer controller)
+        return ExitClass.UNKNOWN
 
 
 def checkpoint_interval(*, session: Session, job: Job, spec: TrainingJobSpec, now: float) -> int:
-    """The spec's interval, or `auto`: Young/Daly from the measured save time and the job's failure rate
-    (recorded as a Decision event with its numbers)."""
-    policy = spec.checkpoint_policy
-    if policy.interval != "auto":
-        return int(policy.interval)
+    """The interval the next attempt checkpoints at: the spec's, or with `auto` what `policy` chooses from the
+    measured save time and the job's failure rate (a Decision event with its numbers when Young/Daly chose)."""
+    setting = spec.checkpoint_policy.interval
+    if setting != "auto":
+        return int(setting)
     attempts = list_attempts(session=session, job_id=job.id)
     step_seconds = median([mean_step_seconds(a) for a in attempts])
     saves = session.scalars(
@@ -69,38 +121,42 @@ def checkpoint_interval(*, session: Session, job: Job, spec: TrainingJobSpec, no
         )
     ).all()
     save = median(list(saves))
-    if step_seconds is None or save is None:
-        # Nothing measured yet: the trainer's own setting, within the policy's bounds.
-        steps = spec.training.checkpoint.interval_steps
-        return min(max(steps, policy.min_interval_steps), policy.max_interval_steps)
     failures = sum(1 for a in attempts if a.failed_at is not None)
     observed = sum(
         ((a.ended_at or datetime.fromtimestamp(now, UTC)) - a.started_at).total_seconds()
         for a in attempts
         if a.started_at
     )
-    choice = auto_checkpoint_interval(
-        save_seconds=save,
-        median_step_seconds=step_seconds,
-        num_failures=failures,
-        observed_seconds=observed,
-        policy=spec.checkpoint_interval_policy(),
+    choice = choose_checkpoint_interval(
+        CheckpointIntervalInputs(
+            setting=setting,
+            trainer_interval_steps=spec.training.checkpoint.interval_steps,
+            median_step_seconds=step_seconds,
+            save_seconds=save,
+            num_failures=failures,
+            observed_seconds=observed,
+            policy=spec.checkpoint_interval_policy(),
+        )
     )
+    auto = choice.auto
+    if auto is None:
+        return choice.steps  # nothing measured yet: the trainer's own setting, within bounds
+    assert step_seconds is not None and save is not None  # Young/Daly chose: both were measured
     append_event(
         session=session,
         job=job,
         type=EventType.DECISION,
         reason=REASON_CHECKPOINT_INTERVAL,
         message=(
-            f"checkpoint every {choice.steps} steps: sqrt(2 x {save:.2f} s save x {choice.mtbf_seconds:.0f} s "
-            f"MTBF) = {choice.interval_seconds:.0f} s at {step_seconds:.2f} s/step"
-            + (" (clamped)" if choice.clamped else "")
+            f"checkpoint every {auto.steps} steps: sqrt(2 x {save:.2f} s save x {auto.mtbf_seconds:.0f} s "
+            f"MTBF) = {auto.interval_seconds:.0f} s at {step_seconds:.2f} s/step"
+            + (" (clamped)" if auto.clamped else "")
         ),
         data={
-            "steps": choice.steps,
-            "optimal_steps": choice.optimal_steps,
-            "interval_seconds": choice.interval_seconds,
-            "mtbf_seconds": choice.mtbf_seconds,
+            "steps": auto.steps,
+            "optimal_steps": auto.optimal_steps,
+            "interval_seconds": auto.interval_seconds,
+            "mtbf_seconds": auto.mtbf_seconds,
             "save_seconds": save,
             "step_seconds": step_seconds,
             "failures": failures,

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from threading import Thread
-from typing import Any, Literal
+from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -48,14 +47,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from controller.domain.phases import ACTIVE_PHASES, SUPERVISED_PHASES, EventType, Phase
 from controller.goodput import LostCause
-from controller.store.models import Checkpoint, Event, Job, NodeHealth, RankStatus, utcnow
+from controller.store.models import Event, Job, NodeHealth, utcnow
 from controller.store.session import Store, StoreUnavailable
+from controller.views import JobView, read_job_views
 
 log = logging.getLogger("controller.metrics")
 
@@ -145,36 +145,6 @@ METRICS: tuple[ControllerMetricSpec, ...] = (
 METRICS_BY_NAME = {m.name: m for m in METRICS}
 
 
-@dataclass(kw_only=True, slots=True)
-class JobValues:
-    """One job's per-job values; None where the store has none."""
-
-    id: int
-    name: str
-    phase: Phase
-    step: int | None = None
-    total_steps: int | None = None
-    restarts: int = 0
-    restarts_counted: int = 0
-    max_restarts: int | None = None
-    ettr: float | None = None
-    productive_seconds: float | None = None
-    lost_seconds: dict[str, float] = field(default_factory=dict)
-    last_checkpoint_step: int | None = None
-    last_checkpoint_time: float | None = None
-    checkpoint_interval_steps: int | None = None
-    progress_time: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RankValues:
-    job: str
-    rank: int
-    node: str
-    straggler_score: float | None
-    flagged: bool
-
-
 @dataclass(frozen=True, slots=True)
 class DetectionHistogram:
     exit_class: str
@@ -188,11 +158,9 @@ class Snapshot:
     """Everything one scrape exports, read in one session."""
 
     jobs_by_phase: dict[Phase, int]
-    jobs: list[JobValues]
+    jobs: list[JobView]  # with their ranks: the current attempt's rows of supervised jobs, none for others
     restarts: list[tuple[str, str, int]]  # (job, exit class, count)
     straggler_events: list[tuple[str, str, int]]  # (job, reason, count)
-    ranks: list[RankValues]
-    job_excluded_nodes: dict[str, int]  # job -> nodes excluded for it, cluster-wide ones included
     cluster_excluded_nodes: int
     detection: list[DetectionHistogram]
 
@@ -206,21 +174,14 @@ def read_snapshot(*, session: Session, now: datetime, retention_seconds: float) 
     for phase, count in session.execute(select(Job.phase, func.count()).group_by(Job.phase)):
         jobs_by_phase[Phase(phase)] = count
 
-    # The newest resumable checkpoint is the one `jobs.last_checkpoint_step` names (unique per job and step).
-    newest_ckpt = and_(Checkpoint.job_id == Job.id, Checkpoint.step == Job.last_checkpoint_step)
-    job_rows = session.execute(
-        select(Job, Checkpoint.committed_at)
-        .outerjoin(Checkpoint, newest_ckpt)
-        .where(visible)
-        .order_by(Job.id)
-    )
-    jobs = [_job_values(job, committed_at) for job, committed_at in job_rows]
-    names = {j.id: j.name for j in jobs}
+    # The per-job values are the jobs' views (controller/views.py), read for all visible jobs at once.
+    jobs = read_job_views(session, phases=ACTIVE_PHASES, finished_since=cutoff, now=now)
+    names = {j.name for j in jobs}
 
     # JSON fields are selected in a subquery and grouped outside it: PostgreSQL does not see `data ->> $1` in
     # SELECT and `data ->> $2` in GROUP BY as the same expression.
     restart_events = (
-        select(Event.job_id, Event.data["exit_class"].as_string().label("exit_class"))
+        select(Job.name.label("job"), Event.data["exit_class"].as_string().label("exit_class"))
         .join(Job, Job.id == Event.job_id)
         .where(
             visible,
@@ -232,55 +193,39 @@ def read_snapshot(*, session: Session, now: datetime, retention_seconds: float) 
     # On PostgreSQL each statement sees the newest commits: a job that became visible after the jobs query
     # has no per-job series in this scrape, so its other rows are skipped too (`names` check).
     restarts = [
-        (names[job_id], exit_class or UNKNOWN_EXIT_CLASS, count)
-        for job_id, exit_class, count in session.execute(
-            select(restart_events.c.job_id, restart_events.c.exit_class, func.count()).group_by(
-                restart_events.c.job_id, restart_events.c.exit_class
+        (job, exit_class or UNKNOWN_EXIT_CLASS, count)
+        for job, exit_class, count in session.execute(
+            select(restart_events.c.job, restart_events.c.exit_class, func.count()).group_by(
+                restart_events.c.job, restart_events.c.exit_class
             )
         )
-        if job_id in names
+        if job in names
     ]
 
     straggler_events = [
-        (names[job_id], reason, count)
-        for job_id, reason, count in session.execute(
-            select(Event.job_id, Event.reason, func.count())
+        (job, reason, count)
+        for job, reason, count in session.execute(
+            select(Job.name, Event.reason, func.count())
             .join(Job, Job.id == Event.job_id)
             .where(visible, Event.type == EventType.STRAGGLER)
-            .group_by(Event.job_id, Event.reason)
+            .group_by(Job.name, Event.reason)
         )
-        if job_id in names
+        if job in names
     ]
-
-    ranks = [
-        RankValues(job=name, rank=rank, node=node, straggler_score=score, flagged=bool(flagged))
-        for name, rank, node, score, flagged in session.execute(
-            select(Job.name, RankStatus.rank, RankStatus.node, RankStatus.straggler_score, RankStatus.flagged)
-            .join(Job, and_(Job.id == RankStatus.job_id, Job.current_attempt == RankStatus.attempt))
-            .where(Job.phase.in_(list(SUPERVISED_PHASES)))
-            .order_by(Job.name, RankStatus.rank)
+    cluster_wide = session.scalar(
+        select(func.count(func.distinct(NodeHealth.node))).where(
+            NodeHealth.excluded,
+            NodeHealth.job_id.is_(None),
+            or_(NodeHealth.expires_at.is_(None), NodeHealth.expires_at > now),
         )
-    ]
-
-    exclusions = session.execute(
-        select(NodeHealth.job_id, NodeHealth.node).where(
-            NodeHealth.excluded, or_(NodeHealth.expires_at.is_(None), NodeHealth.expires_at > now)
-        )
-    ).all()
-    cluster_wide = {node for job_id, node in exclusions if job_id is None}
-    per_job: dict[str, set[str]] = {j.name: set(cluster_wide) for j in jobs if j.phase in ACTIVE_PHASES}
-    for job_id, node in exclusions:
-        if job_id in names and names[job_id] in per_job:
-            per_job[names[job_id]].add(node)
+    )
 
     return Snapshot(
         jobs_by_phase=jobs_by_phase,
         jobs=jobs,
         restarts=restarts,
         straggler_events=straggler_events,
-        ranks=ranks,
-        job_excluded_nodes={name: len(nodes) for name, nodes in per_job.items()},
-        cluster_excluded_nodes=len(cluster_wide),
+        cluster_excluded_nodes=int(cluster_wide or 0),
         detection=_detection_histograms(session),
     )
 
@@ -307,39 +252,6 @@ def _detection_histograms(session: Session) -> list[DetectionHistogram]:
     ]
 
 
-def _job_values(job: Job, checkpoint_committed_at: datetime | None) -> JobValues:
-    spec: Mapping[str, Any] = job.spec or {}
-    total_steps = job.total_steps
-    if total_steps is None:  # before the controller refreshed progress: the spec says how long it trains
-        total_steps = _int_at(spec, "training", "training", "steps")
-    return JobValues(
-        id=job.id,
-        name=job.name,
-        phase=Phase(job.phase),
-        step=job.current_step,
-        total_steps=total_steps,
-        restarts=job.num_restarts,
-        restarts_counted=job.num_restarts_counted,
-        max_restarts=_int_at(spec, "fault_tolerance", "max_restarts"),
-        ettr=job.ettr,
-        productive_seconds=job.productive_seconds,
-        lost_seconds={str(k): float(v) for k, v in (job.lost_seconds or {}).items() if v is not None},
-        last_checkpoint_step=job.last_checkpoint_step,
-        last_checkpoint_time=_unix(checkpoint_committed_at),
-        checkpoint_interval_steps=job.checkpoint_interval_steps,
-        progress_time=_unix(job.progress_at),
-    )
-
-
-def _int_at(doc: Mapping[str, Any], *path: str) -> int | None:
-    value: Any = doc
-    for key in path:
-        if not isinstance(value, Mapping) or key not in value:
-            return None
-        value = value[key]
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _unix(t: datetime | None) -> float | None:
     return None if t is None else t.timestamp()
 
@@ -358,6 +270,7 @@ def render(snapshot: Snapshot) -> Iterator[Metric]:
         add("jobs", [phase.value], count)
     add("excluded_nodes", [], snapshot.cluster_excluded_nodes)
     for j in snapshot.jobs:
+        assert j.phase is not None  # a store job always has one
         for phase in Phase:
             add("job_phase", [j.name, phase.value], float(phase == j.phase))
         add("job_step", [j.name], j.step)
@@ -371,20 +284,27 @@ def render(snapshot: Snapshot) -> Iterator[Metric]:
             # Every cause, zeros included, so stacked panels keep their colours; unknown keys pass through.
             for cause in (*LostCause, *sorted(set(j.lost_seconds) - set(LostCause))):
                 add("job_lost_seconds", [j.name, str(cause)], j.lost_seconds.get(str(cause), 0.0))
-        add("job_last_checkpoint_step", [j.name], j.last_checkpoint_step)
-        add("job_last_checkpoint_timestamp_seconds", [j.name], j.last_checkpoint_time)
+        ckpt = j.last_checkpoint
+        add("job_last_checkpoint_step", [j.name], None if ckpt is None else ckpt.step)
+        add(
+            "job_last_checkpoint_timestamp_seconds",
+            [j.name],
+            None if ckpt is None else _unix(ckpt.committed_at),
+        )
         add("job_checkpoint_interval_steps", [j.name], j.checkpoint_interval_steps)
-        add("job_progress_timestamp_seconds", [j.name], j.progress_time)
-        add("job_excluded_nodes", [j.name], snapshot.job_excluded_nodes.get(j.name))
+        add("job_progress_timestamp_seconds", [j.name], _unix(j.progress_at))
+        if j.phase in ACTIVE_PHASES:  # nodes excluded for it, cluster-wide ones included
+            add("job_excluded_nodes", [j.name], len(j.excluded_nodes))
 
-    flagged: dict[str, int] = defaultdict(int)
-    for r in snapshot.ranks:
-        add("rank_straggler_score", [r.job, str(r.rank), r.node], r.straggler_score)
-        add("rank_straggler_flagged", [r.job, str(r.rank), r.node], float(r.flagged))
-        flagged[r.job] += r.flagged
+    # Per-rank series: the current attempt's ranks of jobs being supervised.
     for j in snapshot.jobs:
-        if j.phase in SUPERVISED_PHASES:
-            add("job_straggler_ranks", [j.name], flagged.get(j.name, 0))
+        if j.phase not in SUPERVISED_PHASES:
+            continue
+        ranks = [r for r in j.ranks or () if r.attempt == j.attempt]
+        for r in ranks:
+            add("rank_straggler_score", [j.name, str(r.rank), r.node], r.straggler_score)
+            add("rank_straggler_flagged", [j.name, str(r.rank), r.node], float(r.flagged))
+        add("job_straggler_ranks", [j.name], sum(r.flagged for r in ranks))
 
     for job, exit_class, count in snapshot.restarts:
         add("restarts_total", [job, exit_class], count)

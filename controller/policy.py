@@ -18,19 +18,26 @@ Decisions:
   a Gamma prior worth `prior_failures` failures, so a job without failures yet gets the prior, not infinity,
   and the data take over as failures accumulate. Daly's higher-order terms differ by under 1% when C < M/50.
   Converted to steps with the median step time and clamped to [min_interval_steps, max_interval_steps].
+- Checkpoint interval in effect: the spec's number when it gives one; with `auto`, the trainer's own setting
+  (within the policy's bounds) until a step time and a save time are measured, Young/Daly after.
 - Exclude a straggler node only if staying costs more than leaving: staying runs the remaining steps at the
   slowed pace; leaving pays detection + teardown + launch + checkpoint load, recomputes the steps since the
   last checkpoint, and runs everything at `throughput_after` (1 with a spare node, (dp-1)/dp when the
-  data-parallel size shrinks).
+  data-parallel size shrinks). The node stays, whatever the weighing would say, when there is no spare at
+  dp=1 (the job would lose its only replica: there is no throughput after to weigh) or when the backend could
+  not place the next attempt without it (the gang never shrinks: excluding would fail the job with
+  NotEnoughNodes instead of speeding it up).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 from controller.failures import Classification, ExitClass
+from controller.stragglers import StragglerReport
 
 REASON_CRASH_LOOP = "CrashLoop"
 REASON_MAX_RESTARTS = "ReachedMaxRestarts"
@@ -192,6 +199,44 @@ def auto_checkpoint_interval(
     return CheckpointInterval(steps, optimal, interval, mtbf, save_seconds, clamped)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointIntervalInputs:
+    """What the interval in effect is chosen from: the spec's setting and what the job has measured so far."""
+
+    setting: int | Literal["auto"]  # the spec's `checkpoint_policy.interval`
+    trainer_interval_steps: int  # the training config's own interval: `auto`'s answer before any measurement
+    median_step_seconds: float | None  # None: no attempt has measured its step time yet
+    save_seconds: float | None  # median blocking save; None: no save measured yet
+    num_failures: int  # attempts that failed, over...
+    observed_seconds: float  # ...the job's wall time in attempts
+    policy: CheckpointIntervalPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointIntervalChoice:
+    steps: int
+    # Young/Daly's numbers when they chose `steps` (worth a Decision event); None for a fixed or default interval.
+    auto: CheckpointInterval | None
+
+
+def choose_checkpoint_interval(inputs: CheckpointIntervalInputs) -> CheckpointIntervalChoice:
+    """The interval the next attempt checkpoints at (see the module docstring)."""
+    if inputs.setting != "auto":
+        return CheckpointIntervalChoice(int(inputs.setting), None)
+    policy = inputs.policy
+    if inputs.median_step_seconds is None or inputs.save_seconds is None:
+        steps = min(max(inputs.trainer_interval_steps, policy.min_interval_steps), policy.max_interval_steps)
+        return CheckpointIntervalChoice(steps, None)
+    auto = auto_checkpoint_interval(
+        save_seconds=inputs.save_seconds,
+        median_step_seconds=inputs.median_step_seconds,
+        num_failures=inputs.num_failures,
+        observed_seconds=inputs.observed_seconds,
+        policy=policy,
+    )
+    return CheckpointIntervalChoice(auto.steps, auto)
+
+
 # ----------------------------------------------------------------------------------------- exclude a node
 
 
@@ -269,3 +314,62 @@ def decide_exclude_node(
         f"would cost {saved:.0f} s, a restart costs {total_cost:.0f} s"
     )
     return ExcludeNodeDecision(exclude, node, saved, total_cost, numbers, message)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExclusionCase:
+    """Everything the exclusion of a straggler's node is decided on, gathered by the reconcile loop."""
+
+    report: StragglerReport  # the slowest flagged rank: its node is the one considered, its slowdown the gain
+    step: int  # steps the job has done
+    total_steps: int  # the job's `training.steps`
+    step_seconds: float  # the job's median step time now, at the slowed pace
+    cost: RestartCost
+    dp: int  # data-parallel replicas
+    spare_nodes_left: int  # spare nodes that no exclusion has taken yet
+    placeable: bool  # the backend can place the next attempt without the node
+
+    def __post_init__(self) -> None:
+        if not self.step_seconds > 0:
+            raise ValueError(f"step_seconds: must be > 0, got {self.step_seconds}")
+        if self.dp < 1:
+            raise ValueError(f"dp: must be >= 1, got {self.dp}")
+        if self.spare_nodes_left < 0:
+            raise ValueError(f"spare_nodes_left: must be >= 0, got {self.spare_nodes_left}")
+
+
+def decide_exclusion(case: ExclusionCase) -> ExcludeNodeDecision:
+    """Exclude the slow node or keep it, always with the reason and the numbers (see the module docstring)."""
+    node = case.report.node
+    slowdown = max(0.0, case.report.slowdown - 1.0)
+    remaining = max(0, case.total_steps - case.step)
+    spare = case.spare_nodes_left > 0
+    context = {"dp": float(case.dp), "spare_nodes_left": float(case.spare_nodes_left)}
+    if not spare and case.dp < 2:
+        numbers = {
+            "slowdown_fraction": slowdown,
+            "remaining_steps": float(remaining),
+            "step_seconds": case.step_seconds / (1 + slowdown),
+            "throughput_after": 0.0,
+            "cost_seconds": case.cost.fixed_seconds,
+            **context,
+        }
+        message = f"keeping node {node}: no spare node and data parallelism cannot shrink (dp={case.dp})"
+        return ExcludeNodeDecision(False, node, 0.0, case.cost.fixed_seconds, numbers, message)
+    decision = decide_exclude_node(
+        node=node,
+        slowdown_fraction=slowdown,
+        remaining_steps=remaining,
+        step_seconds=case.step_seconds / (1 + slowdown),  # the healthy pace, once the node is gone
+        steps_since_checkpoint=0,  # the graceful stop (SIGTERM) saves at the current step
+        cost=case.cost,
+        throughput_after=1.0 if spare else (case.dp - 1) / case.dp,
+    )
+    decision = replace(decision, numbers={**decision.numbers, **context})
+    if decision.exclude and not case.placeable:
+        return replace(
+            decision,
+            exclude=False,
+            message=f"keeping node {node}: without it the next attempt would have too few nodes (no spare left)",
+        )
+    return decision

@@ -23,8 +23,11 @@ Decisions:
   gang and handle it as a failure of class Hang.
 - Stragglers: `report` writes an event per newly flagged rank and a node event when a node is slow; with
   `exclude-node`, the node is excluded and the gang restarted (SIGTERM first, so the trainer saves a
-  checkpoint at its current step) only when `policy.decide_exclude_node` says the time saved beats the
-  measured restart cost; the decision and its numbers are an event either way.
+  checkpoint at its current step) only when `policy.decide_exclusion` says the time saved beats the
+  measured restart cost (and the job can do without the node); the decision and its numbers are an event
+  either way.
+- Decisions are pure functions of values (`controller.policy`, `hangs`, `failures`): this loop gathers their
+  inputs from the store, the backend and the telemetry, calls them, and applies the answer.
 - One job's error never stops the loop: it is logged and the job is retried on the next pass.
 """
 
@@ -41,29 +44,39 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from controller import states
-from controller.backends.base import EXIT_LOST, Backend
+from controller.backends.base import EXIT_LOST, Backend, GangHandle
 from controller.backends.rank_exec import ENV_MEMORY_LIMIT
-from controller.checkpoints import NoSuchCheckpoint, checkpoint_root, choose_resume_point, sync_checkpoints
+from controller.checkpoints import (
+    NoSuchCheckpoint,
+    ResumePoint,
+    checkpoint_root,
+    choose_resume_point,
+    sync_checkpoints,
+)
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
-from controller.history import checkpoint_interval, failure_history, restart_cost, update_goodput
-from controller.memory import rank_memory_limit
-from controller.policy import (
-    ExcludeNodeDecision,
-    decide_exclude_node,
-    decide_restart,
+from controller.hangs import HangVerdict
+from controller.history import (
+    checkpoint_interval,
+    failure_history,
+    record_failure,
+    restart_cost,
+    update_goodput,
 )
+from controller.memory import rank_memory_limit
+from controller.policy import ExclusionCase, decide_exclusion, decide_restart
 from controller.spec import TrainingJobSpec
 from controller.store.claims import claim_jobs, release_claims, renew_leases
 from controller.store.models import Event, Job, RankStatus
 from controller.store.records import exclude_node, excluded_nodes
 from controller.store.repo import append_event, get_current_attempt
 from controller.store.session import Store
+from controller.stragglers import StragglerReport
 from controller.supervision import LiveAttempt
 
 log = logging.getLogger(__name__)
@@ -180,7 +193,7 @@ class Controller:
                 live.gang.detach()
         self._live.clear()
 
-    def _still_ours(self, session: Any, job_id: int) -> bool:
+    def _still_ours(self, session: Session, job_id: int) -> bool:
         """Before writing what slow I/O found (a launch against a slow API server, a teardown's grace period), renew
         the claims and say whether `job_id` is still this controller's: a lease that lapsed meanwhile is, unless
         another controller took the job; then nothing of ours may be written on it."""
@@ -196,7 +209,7 @@ class Controller:
             )
         return job_id in held
 
-    def _mark_stopped(self, session: Any, live: LiveAttempt) -> None:
+    def _mark_stopped(self, session: Session, live: LiveAttempt) -> None:
         job = session.get(Job, live.job_id)
         attempt = get_current_attempt(session=session, job=job) if job is not None else None
         if attempt is None or attempt.number != live.attempt or attempt.backend_record is None:
@@ -371,7 +384,7 @@ class Controller:
         self,
         job_id: int,
         spec: TrainingJobSpec,
-        gang: Any,
+        gang: GangHandle,
         attempt: int,
         run_dir: Path,
         *,
@@ -403,7 +416,7 @@ class Controller:
         )
 
     def _pick_nodes(
-        self, session: Any, job: Job, spec: TrainingJobSpec, backend: Backend
+        self, session: Session, job: Job, spec: TrainingJobSpec, backend: Backend
     ) -> list[str] | None:
         """Nodes for the next attempt, avoiding excluded ones (spares take their place)."""
         want, spares = spec.resources.nodes, spec.resources.spare_nodes
@@ -422,7 +435,7 @@ class Controller:
         return nodes
 
     def _write_config(
-        self, spec: TrainingJobSpec, run_dir: Path, attempt: int, *, interval: int, resume: Any
+        self, spec: TrainingJobSpec, run_dir: Path, attempt: int, *, interval: int, resume: ResumePoint | None
     ) -> Path:
         """The attempt's training config: the spec's, with the run folder, the job label, the checkpoint interval
         in effect and the checkpoint to resume from made explicit (the trainer loads exactly that one)."""
@@ -538,7 +551,7 @@ class Controller:
         log.info("job %s: re-attached to attempt %d", spec.name, number)
         return live
 
-    def _record_progress(self, session: Any, job: Job, live: LiveAttempt, now: float) -> None:
+    def _record_progress(self, session: Session, job: Job, live: LiveAttempt, now: float) -> None:
         p = live.progress
         if p.step is not None and p.step != job.current_step:
             job.current_step = p.step
@@ -576,7 +589,7 @@ class Controller:
                 session.delete(row)
 
     def _scan_checkpoints(
-        self, session: Any, job: Job, spec: TrainingJobSpec, live: LiveAttempt, now: float
+        self, session: Session, job: Job, spec: TrainingJobSpec, live: LiveAttempt, now: float
     ) -> None:
         if now - self._last_scan.get(job.id, 0.0) < self.config.checkpoint_scan_seconds:
             return
@@ -586,7 +599,7 @@ class Controller:
             session=session, job=job, root=root, attempt=live.attempt, save_seconds=live.stage_seconds_by_step
         )
 
-    def _report_straggler(self, session: Any, job: Job, report: Any) -> None:
+    def _report_straggler(self, session: Session, job: Job, report: StragglerReport) -> None:
         ratio = f", {report.ratio:.2f}x its own baseline" if report.ratio is not None else ""
         append_event(
             session=session,
@@ -615,76 +628,39 @@ class Controller:
         )
 
     def _consider_exclusion(self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, now: float) -> None:
-        reports = list(live.flagged.values())
-        by_node: dict[str, list[Any]] = {}
-        for r in reports:
-            by_node.setdefault(r.node, []).append(r)
-        node, worst = max(by_node.items(), key=lambda kv: max(r.slowdown for r in kv[1]))
-        slowdown = max(r.slowdown for r in worst) - 1.0
+        """Gather what `policy.decide_exclusion` weighs for the slowest flagged rank's node, once per node and
+        attempt, record its answer as a Decision event and apply it."""
         p = live.progress
         if p.step is None or not p.median_step_seconds:
-            return
+            return  # no pace measured yet: nothing to weigh
+        report = max(live.flagged.values(), key=lambda r: r.slowdown)
+        node = report.node
         with self.store.transaction() as session:
             job = session.get(Job, job_id)
             assert job is not None
-            if any(
-                e.data and e.data.get("node") == node
-                for e in session.scalars(
-                    select(Event).where(
-                        Event.job_id == job.id,
-                        Event.reason == REASON_EXCLUDE_DECISION,
-                        Event.attempt == live.attempt,
+            if self._exclusion_decided(session, job, node, live.attempt):
+                return
+            excluded = excluded_nodes(session=session, job_id=job.id)
+            backend = self._backend(spec)
+            decision = decide_exclusion(
+                ExclusionCase(
+                    report=report,
+                    step=p.step,
+                    total_steps=spec.training.training.steps,
+                    step_seconds=p.median_step_seconds,
+                    cost=restart_cost(
+                        session=session, job=job, teardown_seconds=self.config.cancel_grace_seconds / 2
+                    ),
+                    dp=spec.training.parallel.dp,
+                    spare_nodes_left=max(0, spec.resources.spare_nodes - len(excluded)),
+                    placeable=backend.node_slots(
+                        nodes=spec.resources.nodes,
+                        spares=spec.resources.spare_nodes,
+                        excluded=excluded | {node},
                     )
+                    is not None,
                 )
-            ):
-                return  # decided once per node and attempt
-            spare = spec.resources.spare_nodes > len(excluded_nodes(session=session, job_id=job.id))
-            # The gang never shrinks: when no node can take this one's place, excluding it would fail the job
-            # with NotEnoughNodes instead of speeding it up.
-            placeable = (
-                self._backend(spec).node_slots(
-                    nodes=spec.resources.nodes,
-                    spares=spec.resources.spare_nodes,
-                    excluded=excluded_nodes(session=session, job_id=job.id) | {node},
-                )
-                is not None
             )
-            cost = restart_cost(
-                session=session, job=job, teardown_seconds=self.config.cancel_grace_seconds / 2
-            )
-            dp = spec.training.parallel.dp
-            remaining = max(0, spec.training.training.steps - p.step)
-            if not spare and dp < 2:
-                # Without a spare the gang would lose a data-parallel replica, and at dp=1 that is all of its
-                # throughput: nothing to weigh, the node stays.
-                decision = ExcludeNodeDecision(
-                    exclude=False,
-                    node=node,
-                    saved_seconds=0.0,
-                    cost_seconds=cost.fixed_seconds,
-                    numbers={
-                        "slowdown_fraction": max(0.0, slowdown),
-                        "remaining_steps": float(remaining),
-                        "throughput_after": 0.0,
-                        "cost_seconds": cost.fixed_seconds,
-                    },
-                    message=f"keeping node {node}: no spare node and data parallelism cannot shrink (dp=1)",
-                )
-            else:
-                decision = decide_exclude_node(
-                    node=node,
-                    slowdown_fraction=max(0.0, slowdown),
-                    remaining_steps=remaining,
-                    step_seconds=p.median_step_seconds / (1 + max(0.0, slowdown)),
-                    steps_since_checkpoint=0,  # the graceful stop saves at the current step
-                    cost=cost,
-                    throughput_after=1.0 if spare else (dp - 1) / dp,
-                )
-            if decision.exclude and not placeable:
-                decision = type(decision)(
-                    False, node, decision.saved_seconds, decision.cost_seconds, decision.numbers,
-                    f"keeping node {node}: without it the next attempt would have too few nodes (no spare left)",
-                )  # fmt: skip
             append_event(
                 session=session,
                 job=job,
@@ -706,8 +682,17 @@ class Controller:
         )
         self._finish(job_id, spec, live, classify(end, spec.failure_rules()), now=self.clock())
 
+    def _exclusion_decided(self, session: Session, job: Job, node: str, attempt: int) -> bool:
+        """Whether `node` was weighed in this attempt already: the decision is made once per node and attempt."""
+        decisions = session.scalars(
+            select(Event).where(
+                Event.job_id == job.id, Event.reason == REASON_EXCLUDE_DECISION, Event.attempt == attempt
+            )
+        )
+        return any(e.data and e.data.get("node") == node for e in decisions)
+
     def _handle_hang(
-        self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, verdict: Any, now: float
+        self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, verdict: HangVerdict, now: float
     ) -> None:
         stacks = live.gang.dump_stacks()
         with self.store.transaction() as session:
@@ -724,9 +709,13 @@ class Controller:
             )
         live.gang.cancel(self.config.cancel_grace_seconds)
         end = self._attempt_end(live, hang=verdict)
-        failed_at = verdict.since + verdict.threshold_seconds  # when it became a hang by the rule
         self._finish(
-            job_id, spec, live, classify(end, spec.failure_rules()), now=now, failed_at=min(failed_at, now)
+            job_id,
+            spec,
+            live,
+            classify(end, spec.failure_rules()),
+            now=now,
+            failed_at=min(verdict.hung_at, now),
         )
 
     def _handle_end(
@@ -756,7 +745,7 @@ class Controller:
         self,
         live: LiveAttempt,
         *,
-        hang: Any = None,
+        hang: HangVerdict | None = None,
         lost_nodes: tuple[str, ...] = (),
         codes: Mapping[str, int | None] | None = None,
     ) -> AttemptEnd:
@@ -821,7 +810,7 @@ class Controller:
 
     def _end_attempt(
         self,
-        session: Any,
+        session: Session,
         job: Job,
         spec: TrainingJobSpec,
         result: Classification,
@@ -839,28 +828,12 @@ class Controller:
                 )
             states.succeed(job, session=session, controller_id=self.id, now=_dt(now))
             return
-        attempt = get_current_attempt(session=session, job=job)
-        if attempt is not None:
-            attempt.failed_at = _dt(min(failed_at if failed_at is not None else now, now))
-            attempt.detected_at = _dt(now)
-        detection = now - (failed_at if failed_at is not None else now)
-        append_event(
+        record_failure(
             session=session,
             job=job,
-            type=EventType.FAILURE,
-            reason=result.reason,
-            message=result.message,
-            data={
-                "exit_class": result.reason,
-                "retryable": result.retryable,
-                "counts_toward_limit": result.counts_toward_limit,
-                "step": result.step,
-                "ranks": list(result.ranks),
-                "rule": result.rule,
-                "detection_seconds": detection,
-            },
-            attempt=job.current_attempt,
-            now=_dt(now),
+            result=result,
+            failed_at=failed_at if failed_at is not None else now,
+            detected_at=now,
         )
         decision = decide_restart(
             failure_history(session=session, job=job), spec.restart_policy(), u=self.draw()

@@ -1,4 +1,5 @@
-"""A TrainingJob's status: computed from the controller's store, written to the status subresource.
+"""A TrainingJob's status: computed from the job's view (controller/views.py, read from the controller's store),
+written to the status subresource; `view_from_object` reads a status back into a view for the CLI.
 
 Decisions:
 
@@ -22,12 +23,11 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import select
 
 from controller.domain.phases import Phase
-from controller.store.models import Checkpoint, Job, RankStatus
-from controller.store.records import excluded_nodes
+from controller.store.models import Job
 from controller.store.session import Store
+from controller.views import CheckpointView, ClusterObject, JobView, RankView, read_job_view
 from k8s.api import call_json
 from k8s.crd import (
     CONDITION_CREATED,
@@ -74,15 +74,14 @@ def _condition(
     }
 
 
-def job_conditions(
-    job: Job, *, flagged: Sequence[RankStatus], previous: Sequence[Mapping[str, Any]], now: str
-) -> list[dict[str, Any]]:
+def job_conditions(view: JobView, *, previous: Sequence[Mapping[str, Any]], now: str) -> list[dict[str, Any]]:
     """One condition per type: Created always; the others once they have been True (then kept, False)."""
     before = {c.get("type", ""): c for c in previous}
-    phase, reason, message = job.phase, job.phase_reason, job.phase_message or ""
+    phase, reason, message = view.phase, view.reason or "", view.message or ""
+    flagged = view.stragglers
     straggling = ", ".join(f"rank {r.rank} on {r.node}" for r in flagged)
     wanted = [
-        (CONDITION_CREATED, True, REASON_ADMITTED, f"admitted as job {job.name}"),
+        (CONDITION_CREATED, True, REASON_ADMITTED, f"admitted as job {view.name}"),
         (CONDITION_RUNNING, phase is Phase.RUNNING, reason, message),
         (CONDITION_RESTARTING, phase is Phase.RESTARTING, reason, message),
         (
@@ -102,57 +101,116 @@ def job_conditions(
 
 
 def job_status(
-    session: Any, job: Job, *, generation: int, previous: Mapping[str, Any] | None, now: str
+    view: JobView, *, generation: int, previous: Mapping[str, Any] | None, now: str
 ) -> dict[str, Any]:
-    """The TrainingJob's status from the store: what `kubectl get tj` and the printer columns show."""
-    flagged = list(
-        session.scalars(
-            select(RankStatus)
-            .where(RankStatus.job_id == job.id, RankStatus.flagged, RankStatus.attempt == job.current_attempt)
-            .order_by(RankStatus.rank)
-        )
-    )
+    """The TrainingJob's status from the job's view: what `kubectl get tj` and the printer columns show.
+    `view_from_object` reads it back."""
+    assert view.phase is not None  # a store job always has one
     status: dict[str, Any] = {
-        "phase": status_phase(job.phase),
-        "conditions": job_conditions(
-            job, flagged=flagged, previous=(previous or {}).get("conditions") or [], now=now
-        ),
-        "attempt": job.current_attempt,
-        "restarts": job.num_restarts,
-        "restartsCounted": job.num_restarts_counted,
+        "phase": status_phase(view.phase),
+        "conditions": job_conditions(view, previous=(previous or {}).get("conditions") or [], now=now),
+        "attempt": view.attempt,
+        "restarts": view.restarts,
+        "restartsCounted": view.restarts_counted,
         "stragglers": [
             {
                 "rank": r.rank,
                 "node": r.node,
                 **({"score": r.straggler_score} if r.straggler_score is not None else {}),
             }
-            for r in flagged
+            for r in view.stragglers
         ],
-        "excludedNodes": sorted(excluded_nodes(session=session, job_id=job.id)),
+        "excludedNodes": list(view.excluded_nodes),
         "observedGeneration": generation,
     }
-    if job.last_checkpoint_step is not None:
-        row = session.scalars(
-            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == job.last_checkpoint_step)
-        ).one_or_none()
-        checkpoint: dict[str, Any] = {"step": job.last_checkpoint_step, "uri": job.last_checkpoint_uri or ""}
-        if row is not None and (when := iso(row.committed_at or row.created_at)):
+    if (ckpt := view.last_checkpoint) is not None:
+        checkpoint: dict[str, Any] = {"step": ckpt.step, "uri": ckpt.uri or ""}
+        if when := iso(ckpt.committed_at):
             checkpoint["time"] = when
         status["lastCheckpoint"] = checkpoint
-    if job.ettr is not None:
-        status["ettr"] = round(min(1.0, max(0.0, job.ettr)), 4)
+    if view.ettr is not None:
+        status["ettr"] = round(min(1.0, max(0.0, view.ettr)), 4)
     progress: dict[str, Any] = {}
-    if job.current_step is not None:
-        progress["step"] = job.current_step
-    if job.total_steps is not None:
-        progress["totalSteps"] = job.total_steps
-    if job.loss is not None:
-        progress["loss"] = job.loss
-    if job.tokens_per_second is not None:
-        progress["tokensPerSecond"] = max(0.0, job.tokens_per_second)
+    if view.step is not None:
+        progress["step"] = view.step
+    if view.total_steps is not None:
+        progress["totalSteps"] = view.total_steps
+    if view.loss is not None:
+        progress["loss"] = view.loss
+    if view.tokens_per_second is not None:
+        progress["tokensPerSecond"] = max(0.0, view.tokens_per_second)
     if progress:
         status["progress"] = progress
     return status
+
+
+# Which condition's reason and message explain the phase, most telling first.
+_PHASE_CONDITIONS = (
+    CONDITION_FAILED,
+    CONDITION_SUCCEEDED,
+    CONDITION_RESTARTING,
+    CONDITION_RUNNING,
+    CONDITION_CREATED,
+)
+
+
+def view_from_object(obj: Mapping[str, Any]) -> JobView:
+    """A TrainingJob read back as the job's view (`vlctl --backend kubernetes list|status`): what `job_status`
+    wrote, plus the object's own metadata. No status: the operator has not admitted it yet (phase None)."""
+    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    resources = (obj.get("spec") or {}).get("resources") or {}
+    progress = status.get("progress") or {}
+    held = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    explaining = next((held[t] for t in _PHASE_CONDITIONS if t in held), {})
+    phase = status.get("phase")
+    checkpoint = status.get("lastCheckpoint") or {}
+    return JobView(
+        name=meta.get("name", ""),
+        phase=Phase(phase.lower()) if isinstance(phase, str) and phase.lower() in set(Phase) else None,
+        reason=explaining.get("reason"),
+        message=explaining.get("message") or None,
+        backend="kubernetes",
+        attempt=status.get("attempt", 0),
+        restarts=status.get("restarts", 0),
+        restarts_counted=status.get("restartsCounted", 0),
+        max_restarts=((obj.get("spec") or {}).get("fault_tolerance") or {}).get("max_restarts"),
+        nodes=resources.get("nodes", 1),
+        procs_per_node=resources.get("procs_per_node", 1),
+        step=progress.get("step"),
+        total_steps=progress.get("totalSteps"),
+        loss=progress.get("loss"),
+        tokens_per_second=progress.get("tokensPerSecond"),
+        last_checkpoint=None
+        if not checkpoint
+        else CheckpointView(
+            step=checkpoint.get("step"), uri=checkpoint.get("uri"), committed_at=_time(checkpoint.get("time"))
+        ),
+        ettr=status.get("ettr"),
+        excluded_nodes=tuple(status.get("excludedNodes") or ()),
+        created=_time(meta.get("creationTimestamp")),
+        stragglers=tuple(
+            RankView(
+                rank=s.get("rank"), node=s.get("node", "?"), straggler_score=s.get("score"), flagged=True
+            )
+            for s in status.get("stragglers") or ()
+        ),
+        cluster=ClusterObject(
+            namespace=meta.get("namespace"),
+            uid=meta.get("uid"),
+            deleted=meta.get("deletionTimestamp"),
+            generation=meta.get("generation"),
+            observed_generation=status.get("observedGeneration"),
+            finalizers=tuple(meta.get("finalizers") or ()),
+            conditions=tuple(status.get("conditions") or ()),
+        ),
+    )
+
+
+def _time(timestamp: str | None) -> datetime | None:
+    if not timestamp:
+        return None
+    parsed = datetime.fromisoformat(timestamp)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def rejected_status(
@@ -196,9 +254,8 @@ class StatusWriter:
             with self.store.read() as session:
                 job = session.get(Job, job_id)
                 assert job is not None
-                return job_status(
-                    session, job, generation=generation, previous=fresh.get("status"), now=utc_now()
-                )
+                view = read_job_view(session, job)
+            return job_status(view, generation=generation, previous=fresh.get("status"), now=utc_now())
 
         self.write(obj, compute)
 

@@ -151,6 +151,13 @@ class Attempt(Base):
     ended_at: Mapped[datetime | None]
     exit_class: Mapped[str | None] = mapped_column(String(64))
     exit_detail: Mapped[str | None] = mapped_column(Text)
+    # How it failed, as the failure rules classified it (`exit_class` is the class): the restart policy's history
+    # is read from these columns. `retryable` is None while the attempt runs and when it ended without a
+    # classified failure (succeeded, cancelled, an interrupted launch).
+    retryable: Mapped[bool | None]
+    counts_toward_limit: Mapped[bool | None]  # toward the spec's max_restarts and the crash-loop guard
+    failure_step: Mapped[int | None]  # its last completed step when it failed; None: it never completed one
+    failure_message: Mapped[str | None] = mapped_column(Text)
     resumed_from_step: Mapped[int | None]
     resumed_from_uri: Mapped[str | None] = mapped_column(Text)
     # What the backend needs to find the gang again after a controller restart (`Backend.attach`).

@@ -477,9 +477,9 @@ def test_logs_follow_streams_until_the_job_ends(api: FakeApiServer, spec_file: P
 
 def test_logs_follow_moves_on_to_the_next_attempt(api: FakeApiServer, spec_file: Path, monkeypatch):
     """The operator restarts the job while `logs --follow` runs: the new attempt's pods are followed too."""
-    from cli import cluster
+    from cli import cluster_logs
 
-    monkeypatch.setattr(cluster, "FOLLOW_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(cluster_logs, "FOLLOW_POLL_SECONDS", 0.05)
     submitted(api, spec_file)
     set_status(api, STATUS)  # attempt 2, running
     launch_pods(api, 2, ["attempt two, node 0\n", "attempt two, node 1\n"])
@@ -588,7 +588,8 @@ def test_inside_a_pod_the_service_account_is_used(tmp_path: Path, monkeypatch):
     """KUBERNETES_SERVICE_HOST set and no KUBECONFIG: the pod's token, CA and namespace files."""
     from kubernetes.config import incluster_config
 
-    from cli import cluster
+    from cli import cluster_api
+    from cli.options import Target
     from k8s import api
 
     for name, text in (
@@ -605,7 +606,7 @@ def test_inside_a_pod_the_service_account_is_used(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
     monkeypatch.delenv("KUBECONFIG")
 
-    found = cluster.connect(cluster.Target(context=None, namespace=None))
+    found = cluster_api.connect(Target(context=None, namespace=None))
     assert (found.server, found.namespace) == (f"https://127.0.0.1:{port}", "team-a")
     line = one_line_error(k8s("list"), 3)
     assert f"cannot reach the Kubernetes API server at https://127.0.0.1:{port}" in line

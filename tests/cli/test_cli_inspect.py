@@ -13,7 +13,7 @@ import pytest
 from cli_db import postgres_schema
 from typer.testing import CliRunner
 
-from cli import inspect as inspect_cli
+from cli import local_logs
 from cli.main import app
 from controller import states
 from controller.backends.local import log_dir
@@ -150,19 +150,19 @@ def test_logs_of_an_older_attempt_and_bad_requests_are_one_line_errors(db: Store
 
 
 def test_logs_follow_prints_new_lines_and_stops_when_the_job_ends(db: Store, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(inspect_cli, "FOLLOW_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(local_logs, "FOLLOW_POLL_SECONDS", 0.05)
     running_job(db, tmp_path)
     write_log(tmp_path, 1, "rank-0.log", "before\n")
     write_log(tmp_path, 1, "rank-1.log", "half a li")  # the rank is mid-line
     errors: list[BaseException] = []
     following = threading.Event()
-    read_phase = inspect_cli._job_now
+    read_phase = local_logs._job_now
 
     def observed(*args):
         following.set()  # the tail is printed and the loop runs: what the writer writes now must be followed
         return read_phase(*args)
 
-    monkeypatch.setattr(inspect_cli, "_job_now", observed)
+    monkeypatch.setattr(local_logs, "_job_now", observed)
 
     def the_job_goes_on() -> None:
         """Another process's writes: more lines, a rank that starts late, a restart, then a cancel."""

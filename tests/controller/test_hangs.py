@@ -31,6 +31,16 @@ def check(progress, now, median=1.0, **kw):
     )
 
 
+def test_a_hang_begins_when_the_limit_passed_not_when_it_was_seen():
+    v = check([2000.0, 1990.0], now=2100.0)
+    assert v.hung and v.since == 2000.0 and v.threshold_seconds == 60
+    assert v.hung_at == 2060.0  # the attempt's failure time: detection is counted from here
+    startup = check([None, None], now=1400.0)
+    assert (
+        startup.hung and startup.hung_at == LAUNCH + 5 + 300
+    )  # the last process start plus the start-up limit
+
+
 def test_progressing_job_is_not_hung():
     v = check([2000.0, 2000.5, 1999.8, 2000.2], now=2010.0)
     assert not v.hung and v.phase == "training"

@@ -1,9 +1,10 @@
-"""Restart policy, crash-loop guard, Young/Daly checkpoint interval and the exclude-node trade-off, each with
-numbers worked by hand."""
+"""Restart policy, crash-loop guard, Young/Daly checkpoint interval (and the interval in effect) and the
+exclude-node trade-off with the cases that keep the node unweighed, each with numbers worked by hand."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -12,16 +13,21 @@ from controller.policy import (
     REASON_CRASH_LOOP,
     REASON_MAX_RESTARTS,
     REASON_USER_ERROR,
+    CheckpointIntervalInputs,
     CheckpointIntervalPolicy,
+    ExclusionCase,
     RestartCost,
     RestartPolicy,
     auto_checkpoint_interval,
     backoff_bounds,
     backoff_seconds,
+    choose_checkpoint_interval,
     decide_exclude_node,
+    decide_exclusion,
     decide_restart,
     estimate_mtbf_seconds,
 )
+from controller.stragglers import StragglerReport
 
 POLICY = RestartPolicy(max_restarts=3, backoff_base_seconds=10, backoff_max_seconds=60, backoff_jitter=0.5)
 
@@ -168,6 +174,33 @@ def test_interval_inputs_are_checked(kwargs, field):
         auto_checkpoint_interval(**{**args, **kwargs}, policy=INTERVAL)
 
 
+MEASURED = CheckpointIntervalInputs(
+    setting="auto",
+    trainer_interval_steps=4,
+    median_step_seconds=2.0,
+    save_seconds=20.0,
+    num_failures=0,
+    observed_seconds=0.0,
+    policy=INTERVAL,
+)
+
+
+def test_the_interval_in_effect_is_the_specs_number_or_young_daly_once_measured():
+    fixed = choose_checkpoint_interval(replace(MEASURED, setting=250))
+    assert (fixed.steps, fixed.auto) == (250, None)
+    # `auto`, measured: Young/Daly's 600 steps (test_young_daly_interval_in_steps), with its numbers for the event.
+    auto = choose_checkpoint_interval(MEASURED)
+    assert auto.steps == 600 and auto.auto is not None and auto.auto.interval_seconds == pytest.approx(1200)
+
+
+@pytest.mark.parametrize("unmeasured", ["median_step_seconds", "save_seconds"])
+def test_auto_before_any_measurement_is_the_trainers_interval_within_the_bounds(unmeasured):
+    early = choose_checkpoint_interval(replace(MEASURED, **{unmeasured: None}))
+    assert (early.steps, early.auto) == (10, None)  # the trainer's 4, raised to min_interval_steps
+    within = choose_checkpoint_interval(replace(MEASURED, trainer_interval_steps=40, **{unmeasured: None}))
+    assert within.steps == 40
+
+
 # ----------------------------------------------------------------------------------------- exclude a node
 
 COST = RestartCost(detection_seconds=0, teardown_seconds=10, launch_seconds=30, load_seconds=20)
@@ -210,6 +243,95 @@ def test_keep_the_node_near_the_end_of_the_job_or_without_a_spare():
         throughput_after=7 / 8,
     )
     assert shrink.saved_seconds == pytest.approx(11_000 - 80_000 / 7) and not shrink.exclude
+
+
+def slow_rank(node: str = "node-1", slowdown: float = 2.5) -> StragglerReport:
+    return StragglerReport(
+        rank=2,
+        node=node,
+        step=9,
+        own_work_seconds=0.8 * slowdown,
+        reference_seconds=0.8,
+        score=12.0,
+        ratio=None,
+        phase="backward",
+        cause="compute",
+        windows=2,
+        node_wide=False,
+    )
+
+
+# 2.5x slower, 989 steps left at 2 s a step now (0.8 s healthy): staying costs 989 x 0.8 x 1.5 = 1,187 s more.
+CASE = ExclusionCase(
+    report=slow_rank(),
+    step=11,
+    total_steps=1000,
+    step_seconds=2.0,
+    cost=COST,
+    dp=4,
+    spare_nodes_left=1,
+    placeable=True,
+)
+
+
+def test_exclusion_with_a_spare_weighs_the_time_saved_at_full_throughput():
+    d = decide_exclusion(CASE)
+    assert d.exclude and d.node == "node-1"
+    assert d.saved_seconds == pytest.approx(989 * 0.8 * 1.5) and d.cost_seconds == pytest.approx(60)
+    expected = {"throughput_after": 1.0, "steps_since_checkpoint": 0.0, "dp": 4.0, "spare_nodes_left": 1.0}
+    assert {k: d.numbers[k] for k in expected} == expected
+    assert d.numbers["step_seconds"] == pytest.approx(0.8) and d.numbers[
+        "slowdown_fraction"
+    ] == pytest.approx(1.5)
+    assert d.message.startswith("excluding node node-1: 150% slower over 989 remaining steps")
+    # Near the end the restart costs more than it saves: kept, by the same weighing.
+    late = decide_exclusion(replace(CASE, step=990))
+    assert not late.exclude and late.message.startswith("keeping node node-1: 150% slower over 10 remaining")
+
+
+def test_exclusion_without_a_spare_weighs_a_smaller_data_parallel_group():
+    d = decide_exclusion(replace(CASE, spare_nodes_left=0))
+    assert d.numbers["throughput_after"] == 0.75
+    # 989 steps at 0.8 / 0.75 s instead of 2 s: 989 x (2 - 1.0667) s saved.
+    assert d.exclude and d.saved_seconds == pytest.approx(989 * (2.0 - 0.8 / 0.75))
+
+
+def test_a_node_the_next_attempt_cannot_do_without_is_kept_whatever_the_weighing():
+    d = decide_exclusion(replace(CASE, spare_nodes_left=0, placeable=False))
+    assert not d.exclude and d.saved_seconds > d.cost_seconds  # it would have paid
+    assert (
+        d.message
+        == "keeping node node-1: without it the next attempt would have too few nodes (no spare left)"
+    )
+
+
+def test_dp1_without_a_spare_keeps_the_node_without_weighing():
+    """Excluding would leave no data-parallel replica (throughput 0): a complete answer, not a ValueError."""
+    d = decide_exclusion(replace(CASE, dp=1, spare_nodes_left=0, placeable=False))
+    assert not d.exclude and d.node == "node-1"
+    assert d.message == "keeping node node-1: no spare node and data parallelism cannot shrink (dp=1)"
+    assert d.numbers["throughput_after"] == 0.0 and d.numbers["dp"] == 1.0
+    assert d.cost_seconds == COST.fixed_seconds
+    # With a spare, dp=1 is weighed like any other job: the spare takes the node's place.
+    assert decide_exclusion(replace(CASE, dp=1)).exclude
+
+
+def test_a_report_faster_than_the_reference_is_no_gain():
+    d = decide_exclusion(replace(CASE, report=slow_rank(slowdown=0.9)))
+    assert not d.exclude and d.numbers["slowdown_fraction"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"step_seconds": 0.0}, "step_seconds"),
+        ({"dp": 0}, "dp"),
+        ({"spare_nodes_left": -1}, "spare_nodes_left"),
+    ],
+)
+def test_exclusion_case_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        replace(CASE, **kwargs)
 
 
 def test_bad_inputs_name_the_field():

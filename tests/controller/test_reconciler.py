@@ -2,8 +2,9 @@
 
 Each test scripts what the world does (nodes exit, ranks report steps, checkpoints appear on disk, the clock
 moves) and checks what the controller made of it: phases, events in order, attempts, the config file of every
-launch, calls on the gang. Real SQLite (PostgreSQL for the race between controllers), real checkpoint folders
-with manifests; no process, so the whole file runs in seconds. The end-to-end runs with real trainers are in
+launch, calls on the gang. Real SQLite (PostgreSQL for the race between controllers, and as well as SQLite for
+the tests marked `on_each_store`), real checkpoint folders with manifests; no process, so the whole file runs in
+seconds. The end-to-end runs with real trainers are in
 test_fault_matrix.py and test_live_supervision.py.
 """
 
@@ -167,15 +168,24 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def world(template_db: Path, tmp_path: Path) -> Iterator[World]:
-    db = tmp_path / "vlctl.db"
-    shutil.copyfile(template_db, db)
-    store = open_store(StoreConfig(url=f"sqlite:///{db}"))
+def world(request: pytest.FixtureRequest, template_db: Path, tmp_path: Path) -> Iterator[World]:
+    """On a copy of the migrated SQLite template, or on a fresh PostgreSQL schema for `on_each_store` tests."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        store = open_store(StoreConfig(url=request.getfixturevalue("postgres_only_url")))
+        upgrade(store)
+    else:
+        db = tmp_path / "vlctl.db"
+        shutil.copyfile(template_db, db)
+        store = open_store(StoreConfig(url=f"sqlite:///{db}"))
     clock = FakeClock()
     try:
         yield World(store, clock, FakeBackend(clock), tmp_path / "runs")
     finally:
         store.dispose()
+
+
+# The records these tests read back (classifications, decisions and their numbers) must be the same on both.
+on_each_store = pytest.mark.parametrize("world", ["sqlite", "postgresql"], indirect=True)
 
 
 # ------------------------------------------------------------------------------------------ scripts
@@ -318,6 +328,7 @@ def test_checkpoints_the_trainer_pruned_leave_the_store(world: World) -> None:
 # ------------------------------------------------------------------------------------------ failures
 
 
+@on_each_store
 def test_a_rank_crash_restarts_after_the_backoff_from_the_newest_checkpoint(world: World) -> None:
     ctl = world.controller()
     name = world.submit(spec("crash", steps=20, interval=4))
@@ -348,6 +359,9 @@ def test_a_rank_crash_restarts_after_the_backoff_from_the_newest_checkpoint(worl
     assert job.next_attempt_at is not None and job.next_attempt_at.timestamp() == detected_at + FIRST_BACKOFF
     [attempt] = world.attempts(name)
     assert (attempt.exit_class, attempt.last_step) == ("Crash", 10)
+    # The classification, typed on the attempt: what the restart policy's history is read from.
+    assert (attempt.retryable, attempt.counts_toward_limit, attempt.failure_step) == (True, True, 10)
+    assert attempt.failure_message == failure.message
     assert attempt.failed_at is not None and attempt.failed_at.timestamp() == died_at
     assert attempt.detected_at == attempt.ended_at and attempt.ended_at is not None
     assert attempt.ended_at.timestamp() == detected_at
@@ -392,6 +406,7 @@ def test_a_corrupt_newest_checkpoint_is_recorded_and_the_restart_falls_back(worl
     assert reasons.index("CheckpointCorrupt") < reasons.index("Launched", reasons.index("Crash"))
 
 
+@on_each_store
 def test_the_same_crash_at_the_same_step_three_times_is_a_crash_loop(world: World) -> None:
     ctl = world.controller()
     name = world.submit(spec("loop", steps=40, interval=4, max_restarts=10))
@@ -452,6 +467,7 @@ def test_the_trainers_config_error_exit_code_fails_the_job_at_once(world: World)
     assert len(world.backend.launches) == 1 and job.num_restarts == 0
 
 
+@on_each_store
 def test_two_crashes_before_the_first_step_are_a_user_error(world: World) -> None:
     ctl = world.controller()
     name = world.submit(spec("early", max_restarts=5))
@@ -467,6 +483,33 @@ def test_two_crashes_before_the_first_step_are_a_user_error(world: World) -> Non
     assert job.phase_message.startswith("CrashBeforeFirstStep 2 times before the first step")
     assert job.phase_message.endswith("ImportError: no module named foo")
     assert [a.first_step_at for a in world.attempts(name)] == [None, None]
+
+
+@on_each_store
+def test_reopening_a_job_starts_its_crash_loop_history_over(world: World) -> None:
+    """The history is the attempts after the latest reopen: a third crash before the first step, the first since a
+    person reopened the job, is retried rather than called a user error again."""
+    ctl = world.controller()
+    name = world.submit(spec("again", max_restarts=5))
+    ctl.reconcile_once()
+    crash(world, ctl, world.backend.gang(name), log="ImportError: no module named foo\n")
+    wait_backoff(world, ctl, name)
+    crash(world, ctl, world.backend.gang(name, 2), log="ImportError: no module named foo\n")
+    assert world.job(name).phase_reason == "UserError"
+
+    world.clock.advance(60)
+    world.transition(name, states.reopen)
+    ctl.reconcile_once()
+    crash(world, ctl, world.backend.gang(name, 3), log="ImportError: no module named foo\n")
+    job = world.job(name)
+    assert (job.phase, job.phase_reason) == (Phase.RESTARTING, "RestartScheduled")
+    wait_backoff(world, ctl, name)
+    crash(world, ctl, world.backend.gang(name, 4), log="ImportError: no module named foo\n")
+    assert world.job(name).phase_reason == "UserError"
+    attempts = world.attempts(name)
+    assert [(a.exit_class, a.retryable, a.counts_toward_limit, a.failure_step) for a in attempts] == [
+        ("CrashBeforeFirstStep", True, True, None)
+    ] * 4
 
 
 def test_a_lost_node_restarts_without_counting(world: World) -> None:
@@ -683,6 +726,7 @@ def test_report_action_writes_one_straggler_event_and_keeps_the_gang(world: Worl
     assert world.reasons(name).count("StragglerFlagged") == 1
 
 
+@on_each_store
 def test_exclude_node_restarts_on_the_spare_when_it_pays(world: World) -> None:
     ctl = world.controller()
     name = world.submit(
@@ -750,6 +794,7 @@ def test_exclude_node_saves_at_the_current_step_on_the_graceful_stop(world: Worl
     assert world.backend.launches_of(name)[1].config["checkpoint"]["resume_step"] == 11
 
 
+@on_each_store
 def test_exclude_node_keeps_the_node_when_the_restart_costs_more(world: World) -> None:
     ctl = world.controller()
     name = world.submit(
@@ -765,6 +810,7 @@ def test_exclude_node_keeps_the_node_when_the_restart_costs_more(world: World) -
     assert world.job(name).phase is Phase.RUNNING
 
 
+@on_each_store
 def test_exclude_node_keeps_the_node_when_no_spare_could_replace_it(world: World) -> None:
     """Without a spare the next attempt could not be placed (the gang never shrinks): excluding would fail
     the job with NotEnoughNodes instead of speeding it up."""
@@ -782,6 +828,7 @@ def test_exclude_node_keeps_the_node_when_no_spare_could_replace_it(world: World
     assert world.job(name).phase is Phase.RUNNING
 
 
+@on_each_store
 def test_exclude_node_with_dp1_and_no_spare_keeps_the_node_in_one_decision(world: World) -> None:
     """Issue 12: with dp=1 and no spare the throughput after an exclusion would be 0, and the decision raised
     ValueError on every pass instead of keeping the node."""
@@ -851,6 +898,7 @@ def failed_with_checkpoints(world: World, ctl: Controller, name: str) -> FakeGan
     return gang
 
 
+@on_each_store
 def test_reopen_from_a_step_relaunches_from_exactly_that_checkpoint(world: World) -> None:
     ctl = world.controller()
     name = world.submit(spec("reopen", max_restarts=0))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, event, func, inspect, select, text
+from sqlalchemy import JSON, DateTime, column, delete, event, func, insert, inspect, select, table, text
 from sqlalchemy.exc import OperationalError
 
 from controller import states
@@ -31,6 +33,7 @@ from controller.store import (
     resolve_database_url,
 )
 from controller.store.records import RankWindowStats
+from controller.store.repo import append_event
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -139,6 +142,111 @@ def test_migrations_upgrade_an_empty_database_to_exactly_the_models(empty_db_url
         with store.transaction() as session:
             session.execute(text("DROP INDEX ix_jobs_phase"))
         assert any("ix_jobs_phase" in repr(diff) for diff in migrate.schema_differences(store))
+    finally:
+        store.dispose()
+
+
+def test_a_store_at_the_newest_schema_is_upgraded_without_importing_alembic(empty_db_url: str) -> None:
+    """Every CLI command upgrades first: the usual case, nothing to do, is one read (Alembic costs 0.3 s of CPU)."""
+    from alembic.script import ScriptDirectory
+
+    assert migrate.head_revision() == ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
+    store = open_store(StoreConfig(url=empty_db_url))
+    try:
+        migrate.upgrade(store)
+    finally:
+        store.dispose()
+    code = (
+        "import sys\n"
+        "from controller.store import StoreConfig, migrate, open_store\n"
+        "store = open_store(StoreConfig(url=sys.argv[1]))\n"
+        "migrate.upgrade(store)\n"
+        "print(migrate._stored_revision(store), 'alembic' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, empty_db_url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [migrate.head_revision(), "False"]
+
+
+def test_migration_0003_copies_each_failure_classification_from_its_event_onto_the_attempt(
+    empty_db_url: str,
+) -> None:
+    """Before 0003 a classification lived only in the Failure event's data. The upgrade copies it onto the
+    attempt, with the old reader's defaults for what is missing, and leaves attempts without one unclassified."""
+    attempts_at_0002 = table(
+        "attempts",
+        column("job_id"),
+        column("number"),
+        column("nodes", JSON()),
+        column("launched_by"),
+        column("started_at", DateTime(timezone=True)),
+        column("exit_class"),
+    )
+    failures = {
+        1: ("Crash", "rank 0 exited with code 1", {"exit_class": "Crash", "retryable": True, "step": 7}),
+        # No `retryable` (the old reader took it as True); the attempt's own class was never written.
+        2: (
+            None,
+            "lost node local-1",
+            {"exit_class": "NodeLost", "counts_toward_limit": False, "step": None},
+        ),
+        # A Failure event that is no classification (the stacks dumped before a hang's stop).
+        3: ("Hang", "no rank made progress", {"ranks": [0, 1], "first_stalled": [0]}),
+    }
+    store = open_store(StoreConfig(url=empty_db_url))
+    try:
+        migrate.upgrade(store, "0002")
+        with store.transaction() as session:
+            job = create_job(session=session, name="old", spec={}, now=T0)
+            session.execute(
+                insert(attempts_at_0002),
+                [
+                    {
+                        "job_id": job.id,
+                        "number": number,
+                        "nodes": ["local-0"],
+                        "launched_by": "c1",
+                        "started_at": T0,
+                        "exit_class": failures[number][0] if number in failures else None,
+                    }
+                    for number in (1, 2, 3, 4)  # 4: still running
+                ],
+            )
+            for number, (_, message, data) in failures.items():
+                reason = str(data.get("exit_class", "StacksDumped"))
+                append_event(
+                    session=session,
+                    job=job,
+                    type="Failure",
+                    reason=reason,
+                    message=message,
+                    data=data,
+                    attempt=number,
+                )
+        migrate.upgrade(store)
+
+        classified = (
+            Attempt.number,
+            Attempt.exit_class,
+            Attempt.retryable,
+            Attempt.counts_toward_limit,
+            Attempt.failure_step,
+            Attempt.failure_message,
+        )
+        with store.read() as session:
+            rows = [tuple(row) for row in session.execute(select(*classified).order_by(Attempt.number))]
+        assert rows == [
+            (1, "Crash", True, True, 7, "rank 0 exited with code 1"),
+            (2, "NodeLost", True, False, None, "lost node local-1"),
+            (3, "Hang", None, None, None, None),
+            (4, None, None, None, None, None),
+        ]
+
+        migrate.downgrade(store, "0002")
+        names = {c["name"] for c in inspect(store.engine).get_columns("attempts")}
+        assert names.isdisjoint({"retryable", "counts_toward_limit", "failure_step", "failure_message"})
     finally:
         store.dispose()
 

@@ -1,0 +1,110 @@
+"""The job commands against the controller's store (SQLite in the user's data folder by default,
+VLCTL_DATABASE_URL otherwise): the store's `JobsClient` (cli/client.py), and reading a spec as `submit` and
+`run` store it.
+
+A spec is validated completely before anything is written: its fields, then (local backend) its local inputs, with relative paths taken from the current
+directory and stored absolute, and the memory its ranks need (`load_submitted_spec`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from controller.domain.phases import Phase
+from controller.store.models import Event, Job
+from controller.store.repo import JobExists, create_job, list_events
+from controller.views import JobView, read_job_view, read_job_views
+
+if TYPE_CHECKING:
+    from controller.spec import TrainingJobSpec
+
+from .client import Answer, LogRequest
+from .errors import EXIT_USER_ERROR, CliError
+from .options import confirm
+from .output import stderr
+from .store import load_job, store
+
+
+def load_submitted_spec(file: Path) -> TrainingJobSpec:
+    """The spec in `file` as `submit` and `run` store it: validated, its relative local paths made absolute
+    against the current directory (where the user typed the command), its inputs found and its ranks' memory
+    checked (controller.spec.prepare_submission); any problem is one line naming the field, exit 2."""
+    from controller.spec import SpecError, load_spec, prepare_submission  # pydantic and numpy: not for `list`
+
+    try:
+        return prepare_submission(load_spec(file), base_dir=Path.cwd(), source=str(file))
+    except SpecError as err:
+        raise CliError(str(err), EXIT_USER_ERROR) from None
+
+
+def create(spec: TrainingJobSpec, session: Session) -> Job:
+    """Queue the job (pending); a name taken is the one-line error, exit 2."""
+    try:
+        return create_job(session=session, name=spec.name, spec=spec.model_dump(mode="json"))
+    except JobExists as err:
+        raise CliError(str(err), EXIT_USER_ERROR) from None
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    return {
+        "seq": e.seq,
+        "time": e.time.isoformat(),
+        "attempt": e.attempt,
+        "type": e.type,
+        "reason": e.reason,
+        "message": e.message,
+        "data": e.data,
+    }
+
+
+class StoreJobs:
+    """The job commands over the controller's store."""
+
+    def submit(self, file: Path) -> Answer:
+        spec = load_submitted_spec(file)
+        with store() as db, db.transaction() as session:
+            job = create(spec, session)
+            session.flush()
+            view = read_job_view(session, job)
+        return Answer(view.as_dict(ranks=False), f"submitted {view.name} ({view.phase})")
+
+    def list_jobs(self) -> list[JobView]:
+        with store() as db, db.read() as session:
+            return read_job_views(session, ranks=False)
+
+    def status(self, name: str) -> JobView:
+        with store() as db, db.read() as session:
+            return read_job_view(session, load_job(session, name))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        with store() as db, db.read() as session:
+            found = load_job(session, name)
+            return [event_dict(e) for e in list_events(session=session, job_id=found.id)]
+
+    def cancel(self, name: str, yes: bool) -> Answer:
+        from controller import states
+
+        confirm("cancel", f"cancel job {name}?", yes)
+        with store() as db, db.transaction() as session:
+            found = load_job(session, name)
+            # Cancelling twice is not an error (the outcome the user asked for holds); an ended job cannot be.
+            already = found.phase is Phase.CANCELLED
+            if found.phase in (Phase.SUCCEEDED, Phase.FAILED):
+                raise CliError(
+                    f"cancel: job {name!r} already ended ({found.phase}); there is nothing to cancel",
+                    EXIT_USER_ERROR,
+                )
+            if not already:
+                states.cancel(found, session=session, message="cancelled from the CLI")
+            session.flush()
+            view = read_job_view(session, found)
+        stderr.print(f"{name} is already cancelled" if already else f"cancelled {name}", highlight=False)
+        return Answer(view.as_dict(ranks=False), f"{view.name}: {view.phase}")
+
+    def logs(self, name: str, request: LogRequest) -> None:
+        from .local_logs import logs
+
+        logs(name, request)
