@@ -5,7 +5,9 @@ CPU time (user + system of the child process, from `resource.getrusage(RUSAGE_CH
 time: it is what the command itself costs, and it moves much less than wall time on a shared machine. Each
 repetition runs the three commands in turn, interleaved, so a busy moment hits all of them alike. The store is
 created (and brought to the newest schema) once before the measured runs, as a user's store is after the first
-command.
+command, and that first run writes the project's bytecode caches as any installation has them
+(PYTHONDONTWRITEBYTECODE, set on some machines, is cleared for the children: without the caches every run
+would compile the CLI's modules again).
 
     .venv/bin/python -m bench.bench_cli_startup [--quick] [--reps N]
 """
@@ -51,6 +53,7 @@ def main(argv: list[str]) -> dict:
             "COLUMNS": "100",
         }
         env.pop("VLCTL_DEBUG", None)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         for argv_ in COMMANDS.values():  # warm: .pyc files written, the store created at the newest schema
             cpu_seconds(argv_, env)
         times: dict[str, list[float]] = {name: [] for name in COMMANDS}
