@@ -297,7 +297,7 @@ def test_list_and_status_show_what_the_operator_reported(api: FakeApiServer, spe
     assert status["last_checkpoint"] == {
         "step": 40,
         "uri": "s3://checkpoints/vl-sft/step-40",
-        "committed_at": "2025-01-01T10:04:00Z",
+        "committed_at": "2025-01-01T10:04:00+00:00",  # ISO 8601 as the store's jobs print it
     }
     assert status["stragglers"] == [{"rank": 3, "node": "node-b", "score": 7.5}]
     assert status["excluded_nodes"] == ["node-c"]

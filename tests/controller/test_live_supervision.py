@@ -66,9 +66,13 @@ def _slowed_from(run: JobRun, rank: int) -> int | None:
     return int(found.group(1)) if found else None
 
 
-# Windows of 20 steps of about 0.1 s: a window's median is steady against the scheduling noise of ranks that
-# share 2 cores with the controller; the 1.3x slowdown must beat the own-baseline ratio threshold.
-STRAGGLERS = {"window": 20, "warmup_steps": 5, "persistence": 3, "ratio_threshold": 1.15}
+# Windows of 40 steps of about 0.1 s: a window's median is steady against the scheduling noise of ranks that
+# share 2 cores with the controller; the 1.3x slowdown must beat the own-baseline ratio threshold. With 20-step
+# windows (2 s) the test failed about 1 run in 5 on this machine when quiet (never next to CPU hogs): a second
+# or two in which one rank, or the whole VM, ran slower filled a window and broke the persistence count (rank 0
+# at 0.112 s against its 0.085 s for one window). 40 steps: 6 of 6 quiet runs and 3 of 3 next to two hogs
+# flagged within 2.8-3.8 windows.
+STRAGGLERS = {"window": 40, "warmup_steps": 5, "persistence": 3, "ratio_threshold": 1.15}
 
 
 def test_a_rank_slowed_1_3x_from_outside_is_flagged_within_the_configured_windows(tmp_path: Path) -> None:
@@ -79,7 +83,7 @@ def test_a_rank_slowed_1_3x_from_outside_is_flagged_within_the_configured_window
     the stop (issue 11: flagged 6.75 windows late on a loaded CI machine); 1.3x the CPU work gave 1.19-1.28x,
     since the slow rank gets a larger share of the cores while the fast one waits in its collective."""
     order = tmp_path / "slow.json"
-    run = _run(tmp_path, _spec("slow-rank", 300, stragglers=STRAGGLERS), STEP_TRAINER_SLOW_FILE=str(order))
+    run = _run(tmp_path, _spec("slow-rank", 520, stragglers=STRAGGLERS), STEP_TRAINER_SLOW_FILE=str(order))
     window, persistence = STRAGGLERS["window"], STRAGGLERS["persistence"]
     try:
         # Baselines: warm-up plus 3 windows of normal speed.
