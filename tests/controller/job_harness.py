@@ -254,8 +254,8 @@ class JobRun:
             time.sleep(every)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (job: {self.phase()})")
 
-    def wait_step(self, step: int, timeout: float = 240) -> None:
-        self.wait(lambda: self.step() >= step, timeout=timeout, what=f"step {step}")
+    def wait_step(self, step: int, timeout: float = 240, every: float = 0.05) -> None:
+        self.wait(lambda: self.step() >= step, timeout=timeout, what=f"step {step}", every=every)
 
     def wait_done(self, timeout: float = 300) -> str:
         return self.wait(
