@@ -13,11 +13,15 @@ Decisions:
   (leave-one-out, so that in a job of 2 or 3 ranks the straggler does not drag its own reference up), the MAD is
   over all evaluated ranks; 1.4826 turns it into a standard deviation under normal noise, and the floor keeps a
   quiet cluster (MAD near zero) from flagging 1% differences.
-- Own-history ratio: the rank's relative speed x / m against its baseline, the mean relative speed over its first
-  `baseline_windows` windows that were not slow by score on its current node. Relative speed cancels job-wide
-  changes (data mix, sequence length); a baseline that stays put, unlike an EWMA that would follow a slow drift,
-  catches a 1%-per-window degradation that hides inside the spread of a heterogeneous job. It restarts when the
-  rank moves to another node, and survives attempts otherwise.
+- Own-history ratio: the rank's relative speed against its baseline, the mean relative speed over its first
+  `baseline_windows` windows that were not slow by score on its current node. Relative speed is taken step by
+  step, then summarised: the window median of own[r, s] / (median of the other ranks at step s). Relative speed
+  cancels job-wide changes (data mix, sequence length), and taking it per step cancels them where they last only
+  part of a window. The ratio of window medians does not: when such a slowdown covers about half a window, one
+  rank's median lands among the slowed steps and another's among the normal ones (a 1.3x rank read as 1.02x
+  for a window on a 2-core machine, which broke its persistence count). A baseline that stays put, unlike an EWMA that would follow a slow drift, catches a
+  1%-per-window degradation that hides inside the spread of a heterogeneous job. It restarts when the rank moves
+  to another node, and survives attempts otherwise.
 - A window is slow for a rank when score >= threshold or ratio >= ratio_threshold; `persistence` consecutive slow
   windows flag it, and it is reported every window until a window is not slow. A window in which the rank is not
   evaluated leaves its count as it was.
@@ -230,7 +234,7 @@ class StragglerDetector:
         self._node_index: dict[str, int] = {}
         self._known_names = np.array([], dtype=str)  # sorted, for a vectorised name -> code lookup
         self._known_codes = np.array([], dtype=np.int64)
-        self._baseline = np.full(r, np.nan)  # relative speed (x / reference)
+        self._baseline = np.full(r, np.nan)  # relative speed (step-aligned, see the module's docstring)
         self._baseline_phases = np.full((r, p), np.nan)  # phase seconds / reference own work
         self._baseline_count = np.zeros(r, dtype=np.int64)
         self._consecutive = np.zeros(r, dtype=np.int64)
@@ -322,6 +326,8 @@ class StragglerDetector:
     def _close_window(self) -> WindowResult | None:
         cfg = self.config
         x_all, counts = row_medians(self._own)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel_all = row_medians(self._own / column_leave_one_out_medians(self._own))[0]
         ranks = np.flatnonzero(counts >= cfg.min_samples)
         phase_med = row_medians(self._phases[ranks])[0]  # (n, P)
         first_step, last_step = self._window_start, self._window_start + cfg.window - 1
@@ -333,7 +339,7 @@ class StragglerDetector:
         x = x_all[ranks]
         ref, median, mad, score = robust_scores(x, cfg.min_mad_fraction)
         with np.errstate(divide="ignore", invalid="ignore"):
-            rel = x / ref
+            rel = rel_all[ranks]  # relative speed, step-aligned
             established = self._baseline_count[ranks] >= cfg.baseline_windows
             ratio = np.where(established, rel / self._baseline[ranks], np.nan)
             phase_frac = phase_med / ref[:, None]  # phase seconds as a fraction of the reference own work
@@ -457,21 +463,31 @@ def row_medians(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def leave_one_out_medians(x: np.ndarray) -> np.ndarray:
-    """For each element, the median of all the others (x has >= 2 values). Removing one value moves the median
-    of the sorted array to one of three places, depending on the side of the middle the value sat."""
-    n = x.size
-    order = np.argsort(x, kind="stable")
-    s = x[order]
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n)
-    m = n // 2
-    if n % 2 == 0:
-        out_sorted = np.where(np.arange(n) < m, s[m], s[m - 1])
-    else:
-        below, above, middle = (s[m] + s[m + 1]) / 2, (s[m - 1] + s[m]) / 2, (s[m - 1] + s[m + 1]) / 2
-        i = np.arange(n)
-        out_sorted = np.where(i < m, below, np.where(i > m, above, middle))
-    return out_sorted[pos]
+    """For each element of the 1-D `x` (>= 2 values, no NaN), the median of all the others."""
+    return column_leave_one_out_medians(np.asarray(x, dtype=np.float64)[:, None])[:, 0]
+
+
+def column_leave_one_out_medians(values: np.ndarray) -> np.ndarray:
+    """For each element of the 2-D `values`, the median of the other non-NaN values in its column (NaN where the
+    element is NaN or it is its column's only value). Removing the value at sorted position p from a column of n
+    leaves n - 1 sorted values t with t[k] = s[k] for k < p and s[k + 1] otherwise, whose median is read at two
+    positions: no sorting per element, one sort per column."""
+    counts = np.count_nonzero(~np.isnan(values), axis=0)  # (W,)
+    order = np.argsort(values, axis=0, kind="stable")  # NaN last
+    ordered = np.take_along_axis(values, order, 0)
+    pos = np.arange(values.shape[0])[:, None]  # each element's sorted position
+    m = counts - 1  # values left in its column
+    lo, hi = np.maximum((m - 1) // 2, 0)[None, :], np.maximum(m // 2, 0)[None, :]
+
+    def others(k: np.ndarray) -> np.ndarray:  # t[k] for the element at each sorted position
+        index = np.minimum(np.where(k < pos, k, k + 1), values.shape[0] - 1)
+        return np.take_along_axis(ordered, np.broadcast_to(index, values.shape), 0)
+
+    medians_sorted = (others(lo) + others(hi)) / 2
+    medians_sorted = np.where((pos < counts[None, :]) & (m[None, :] >= 1), medians_sorted, np.nan)
+    out = np.empty_like(medians_sorted)
+    np.put_along_axis(out, order, medians_sorted, 0)
+    return out
 
 
 def running_mean(mean: np.ndarray, value: np.ndarray, n_seen: np.ndarray) -> np.ndarray:

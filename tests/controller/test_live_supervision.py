@@ -68,10 +68,12 @@ def _slowed_from(run: JobRun, rank: int) -> int | None:
 
 # Windows of 40 steps of about 0.1 s: a window's median is steady against the scheduling noise of ranks that
 # share 2 cores with the controller; the 1.3x slowdown must beat the own-baseline ratio threshold. With 20-step
-# windows (2 s) the test failed about 1 run in 5 on this machine when quiet (never next to CPU hogs): a second
-# or two in which one rank, or the whole VM, ran slower filled a window and broke the persistence count (rank 0
-# at 0.112 s against its 0.085 s for one window). 40 steps: 6 of 6 quiet runs and 3 of 3 next to two hogs
-# flagged within 2.8-3.8 windows.
+# windows the test failed about 1 run in 5 on this machine when quiet (never next to CPU hogs): a second or two
+# in which the whole VM ran slower covered part of a window, and the ratio of the two ranks' window medians read
+# 1.02 for a 1.3x rank, which broke the persistence count. The detector now takes relative speed step by step
+# (controller/stragglers.py), which cancels such slowdowns: over 11 quiet runs, the three windows after the
+# slowdown read 1.18-1.39 step by step where the ratio of window medians read 1.01-1.49 (and 0.93-1.06 against
+# 0.84-1.22 before it); the 5 runs with the step-aligned detector flagged within 2.65-2.80 windows.
 STRAGGLERS = {"window": 40, "warmup_steps": 5, "persistence": 3, "ratio_threshold": 1.15}
 
 

@@ -16,6 +16,7 @@ from controller.stragglers import (
     StragglerConfig,
     StragglerDetector,
     WindowResult,
+    column_leave_one_out_medians,
     leave_one_out_medians,
     row_medians,
 )
@@ -335,6 +336,55 @@ def test_row_medians_and_leave_one_out_match_brute_force():
         x[0] = x[1]  # ties
         expected = [np.median(np.delete(x, i)) for i in range(n)]
         assert leave_one_out_medians(x) == pytest.approx(expected)
+
+
+def test_column_leave_one_out_medians_match_brute_force_with_missing_values():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(9, 40))
+    values[rng.random(values.shape) < 0.4] = np.nan
+    values[:, 0] = np.nan  # a step nobody reported
+    values[1:, 1] = np.nan  # a step one rank reported
+    values[:, 2] = 1.0  # ties
+    out = column_leave_one_out_medians(values)
+    for r, s in np.ndindex(values.shape):
+        others = np.delete(values[:, s], r)
+        others = others[~np.isnan(others)]
+        if np.isnan(values[r, s]) or others.size == 0:
+            assert np.isnan(out[r, s]), (r, s)
+        else:
+            assert out[r, s] == pytest.approx(np.median(others)), (r, s)
+
+
+def test_a_machine_wide_slowdown_over_half_a_window_does_not_hide_a_slow_rank():
+    """Two ranks, rank 1 1.3x from step 60. In window 4 (steps 80-99) the whole machine runs 1.5x slower from
+    step 90, which rank 1 feels one step later than rank 0 (it was still in its compute when the slowdown came):
+    rank 0's window median lands between the normal and the slowed steps, rank 1's among its normal ones, and the
+    ratio of window medians reads about 1.04. Relative speed taken step by step still reads 1.3, so the count
+    of slow windows goes on and the rank is flagged at the end of its third slow window."""
+    config = StragglerConfig(window=20, warmup_steps=0, persistence=3, ratio_threshold=1.15)
+    rng = np.random.default_rng(3)
+    own = 0.1 * rng.lognormal(0, 0.01, size=(2, 140))
+    own[1, 60:] *= 1.3
+    own[0, 90:100] *= 1.5
+    own[1, 91:100] *= 1.5
+    window = slice(80, 100)
+    medians_ratio = np.median(own[1, window]) / np.median(own[0, window])
+    assert medians_ratio < 1.1  # what the ratio of window medians would have read
+    detector = StragglerDetector(config, num_ranks=2)
+    results = []
+    for step in range(own.shape[1]):
+        results += detector.observe(
+            StepBatch.for_step(
+                step,
+                own_work_seconds=own[:, step],
+                phase_seconds=own[:, step, None] * np.array([SPLIT[p] for p in OWN_WORK_PHASES])[None, :],
+                nodes=["node-0", "node-1"],
+            )
+        )
+    reports = flagged(results)
+    assert [r.rank for r in reports] == [1]
+    assert reports[0].step == 119 and reports[0].windows == 3
+    assert reports[0].ratio == pytest.approx(1.3, abs=0.05)
 
 
 @pytest.mark.parametrize(
