@@ -29,6 +29,7 @@ from controller.domain.phases import TERMINAL_PHASES
 from controller.spec import SpecError
 from controller.views import JobView
 from k8s import render as manifests
+from k8s.api import parse_time
 from k8s.crd import GROUP, KIND, MAX_JOB_NAME, PLURAL, VERSION, env_secrets, object_from_spec
 from k8s.status import view_from_object
 
@@ -116,7 +117,7 @@ class ClusterJobs:
                 f"TrainingJob {name} no longer exists; its last events:", markup=False, highlight=False
             )
         epoch = datetime.min.replace(tzinfo=UTC)
-        rows.sort(key=lambda r: (_parse_time(r["time"]) if r["time"] else epoch, r["seq"] or 0))
+        rows.sort(key=lambda r: (parse_time(r["time"]) or epoch, r["seq"] or 0))
         return rows
 
     def cancel(self, name: str, yes: bool) -> Answer:
@@ -160,11 +161,6 @@ class ClusterJobs:
         from .cluster_logs import logs
 
         logs(self.where, name, request)
-
-
-def _parse_time(timestamp: str) -> datetime:
-    parsed = datetime.fromisoformat(timestamp)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _event_dict(e: Mapping[str, Any]) -> dict[str, Any]:

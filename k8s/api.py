@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -255,3 +256,12 @@ def load_configuration(
         source = "the pod's service account (in-cluster)" if in_cluster else f"kubeconfig {path}"
         raise KubeConfigError(source, str(err)) from None
     return configuration, own
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """A time as the API writes it (RFC 3339, `2026-12-06T17:00:00Z`) or as the store's ISO 8601 form in a
+    TrainingJob's status, as an aware UTC datetime; None for none. A time without an offset is UTC."""
+    if not text:
+        return None
+    parsed = datetime.fromisoformat(text)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)

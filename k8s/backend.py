@@ -46,7 +46,6 @@ import signal
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,7 +59,7 @@ from controller.backends.torchrun_log import WorkerExit, node_exits, parse_failu
 from controller.ingest import EndpointTelemetry, PrometheusTelemetry, TelemetryUpdate
 from controller.spec import TrainingJobSpec
 from k8s import render
-from k8s.api import KubeApi, api_error
+from k8s.api import KubeApi, api_error, parse_time
 from trainer.contract.telemetry import ENDPOINT_FILE
 
 log = logging.getLogger(__name__)
@@ -341,8 +340,8 @@ class KubernetesBackend:
             assert self.prometheus_url is not None
             # Series of processes started before the attempt's pods were created belong to an older attempt.
             pods = self.kube.list("Pod", b.namespace, render.attempt_selector(job_name, attempt))
-            created = [_timestamp(p["metadata"].get("creationTimestamp")) for p in pods]
-            started = min((t for t in created if t is not None), default=None)
+            created = [parse_time(p["metadata"].get("creationTimestamp")) for p in pods]
+            started = min((t.timestamp() for t in created if t is not None), default=None)
             return PrometheusTelemetry(
                 self.prometheus_url, job_name, attempt, num_ranks, launched_at=started or self.clock()
             )
@@ -359,12 +358,6 @@ class KubernetesBackend:
 
 
 # ------------------------------------------------------------------------------------------------ the gang
-
-
-def _timestamp(text: str | None) -> float | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass(kw_only=True, eq=False)
@@ -472,7 +465,8 @@ class KubernetesGang:
             log.warning("job %s: cannot read the log of %s: %s", self.job_name, slot, api_error(err))
             exits = []
         now = self.clock()
-        finished = _timestamp((_terminated(pod) or {}).get("finishedAt")) or now
+        ended = parse_time((_terminated(pod) or {}).get("finishedAt"))
+        finished = ended.timestamp() if ended else now
         # Times come from the pod's clock (torchrun's with 1 s resolution): keep them inside the attempt's span
         # on ours, so a failure never seems to precede its launch.
         finished = _clamp(finished, self.launched_at, now)

@@ -28,7 +28,7 @@ from controller.domain.phases import Phase
 from controller.store.models import Job
 from controller.store.session import Store
 from controller.views import CheckpointView, ClusterObject, JobView, RankView, read_job_view
-from k8s.api import call_json
+from k8s.api import call_json, parse_time
 from k8s.crd import (
     CONDITION_CREATED,
     CONDITION_FAILED,
@@ -183,11 +183,13 @@ def view_from_object(obj: Mapping[str, Any]) -> JobView:
         last_checkpoint=None
         if not checkpoint
         else CheckpointView(
-            step=checkpoint.get("step"), uri=checkpoint.get("uri"), committed_at=_time(checkpoint.get("time"))
+            step=checkpoint.get("step"),
+            uri=checkpoint.get("uri"),
+            committed_at=parse_time(checkpoint.get("time")),
         ),
         ettr=status.get("ettr"),
         excluded_nodes=tuple(status.get("excludedNodes") or ()),
-        created=_time(meta.get("creationTimestamp")),
+        created=parse_time(meta.get("creationTimestamp")),
         stragglers=tuple(
             RankView(
                 rank=s.get("rank"), node=s.get("node", "?"), straggler_score=s.get("score"), flagged=True
@@ -204,13 +206,6 @@ def view_from_object(obj: Mapping[str, Any]) -> JobView:
             conditions=tuple(status.get("conditions") or ()),
         ),
     )
-
-
-def _time(timestamp: str | None) -> datetime | None:
-    if not timestamp:
-        return None
-    parsed = datetime.fromisoformat(timestamp)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def rejected_status(
