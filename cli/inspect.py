@@ -115,8 +115,7 @@ def _flagged_ranks(view: JobView) -> list[dict[str, Any]]:
 def _straggler_events(session: Session, job_id: int) -> list[dict[str, Any]]:
     from sqlalchemy import and_, or_, select
 
-    from controller.domain.phases import EventType
-    from controller.reconciler import REASON_EXCLUDE_DECISION
+    from controller.domain.phases import EventType, SupervisionReason
     from controller.store.models import Event
     from controller.store.records import NODE_EXCLUDED
 
@@ -128,7 +127,7 @@ def _straggler_events(session: Session, job_id: int) -> list[dict[str, Any]]:
             Event.job_id == job_id,
             or_(
                 Event.type == EventType.STRAGGLER,
-                and_(Event.type == EventType.DECISION, Event.reason == REASON_EXCLUDE_DECISION),
+                and_(Event.type == EventType.DECISION, Event.reason == SupervisionReason.EXCLUDE_DECISION),
                 and_(Event.type == EventType.NODE_HEALTH, Event.reason == NODE_EXCLUDED),
             ),
         )

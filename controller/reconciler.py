@@ -58,7 +58,7 @@ from controller.checkpoints import (
     choose_resume_point,
     sync_checkpoints,
 )
-from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase
+from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase, SupervisionReason
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
 from controller.hangs import HangVerdict
 from controller.history import (
@@ -81,14 +81,6 @@ from controller.supervision import LiveAttempt
 
 log = logging.getLogger(__name__)
 
-REASON_STRAGGLER_FLAGGED = "StragglerFlagged"
-REASON_NODE_SLOW = "NodeSlow"
-REASON_EXCLUDE_DECISION = "ExcludeNodeDecision"
-REASON_STACKS_DUMPED = "StacksDumped"
-REASON_LAUNCH_INTERRUPTED = "LaunchInterrupted"
-REASON_LAUNCH_FAILED = "LaunchFailed"
-REASON_REAPED = "OrphansReaped"
-REASON_RANKS_STOPPED = "RanksStopped"
 STOPPED_BY_CONTROLLER = "stopped_by_controller"  # in an attempt's backend record
 
 
@@ -219,7 +211,7 @@ class Controller:
             session=session,
             job=job,
             type=EventType.CONTROLLER,
-            reason=REASON_RANKS_STOPPED,
+            reason=SupervisionReason.RANKS_STOPPED,
             message=f"controller {self.id} is exiting: stopping the ranks (they save a checkpoint first)",
             attempt=live.attempt,
         )
@@ -296,7 +288,7 @@ class Controller:
                     session=session,
                     job=job,
                     type=EventType.CONTROLLER,
-                    reason=REASON_REAPED,
+                    reason=SupervisionReason.REAPED,
                     message=f"stopped {reaped} process(es) of a launch no controller recorded",
                 )
             nodes = self._pick_nodes(session, job, spec, backend)
@@ -307,7 +299,13 @@ class Controller:
                     session=session, job=job, root=root, from_step=job.resume_from_step
                 )
             except NoSuchCheckpoint as err:
-                states.fail(job, session=session, message=str(err), reason=REASON_LAUNCH_FAILED, now=_dt(now))
+                states.fail(
+                    job,
+                    session=session,
+                    message=str(err),
+                    reason=SupervisionReason.LAUNCH_FAILED,
+                    now=_dt(now),
+                )
                 return
             interval = checkpoint_interval(session=session, job=job, spec=spec, now=self.clock())
             excluded = sorted(excluded_nodes(session=session, job_id=job.id))
@@ -485,7 +483,7 @@ class Controller:
                         session=session,
                         job=job,
                         type=EventType.STRAGGLER,
-                        reason=REASON_NODE_SLOW,
+                        reason=SupervisionReason.NODE_SLOW,
                         message=(
                             f"node {node.node} is slow: {len(node.ranks)} of {node.num_ranks} ranks flagged, "
                             f"{node.slowdown:.2f}x, {node.cause or 'unknown'} ({node.phase or 'no phase'})"
@@ -533,10 +531,10 @@ class Controller:
                 states.restart(
                     job,
                     session=session,
-                    exit_class=REASON_LAUNCH_INTERRUPTED,
+                    exit_class=SupervisionReason.LAUNCH_INTERRUPTED,
                     detail=f"the launch was interrupted before its gang was recorded ({reaped} process(es) stopped)",
                     counts_toward_limit=False,
-                    reason=REASON_LAUNCH_INTERRUPTED,
+                    reason=SupervisionReason.LAUNCH_INTERRUPTED,
                     controller_id=self.id,
                     now=_dt(self.clock()),
                 )
@@ -605,7 +603,7 @@ class Controller:
             session=session,
             job=job,
             type=EventType.STRAGGLER,
-            reason=REASON_STRAGGLER_FLAGGED,
+            reason=SupervisionReason.STRAGGLER_FLAGGED,
             message=(
                 f"rank {report.rank} on {report.node} is a straggler: own work {report.own_work_seconds:.3f} s "
                 f"vs {report.reference_seconds:.3f} s ({report.slowdown:.2f}x, score {report.score:.1f}{ratio}) "
@@ -665,7 +663,7 @@ class Controller:
                 session=session,
                 job=job,
                 type=EventType.DECISION,
-                reason=REASON_EXCLUDE_DECISION,
+                reason=SupervisionReason.EXCLUDE_DECISION,
                 message=decision.message,
                 data={"node": node, "exclude": decision.exclude, **decision.numbers},
                 attempt=live.attempt,
@@ -686,7 +684,9 @@ class Controller:
         """Whether `node` was weighed in this attempt already: the decision is made once per node and attempt."""
         decisions = session.scalars(
             select(Event).where(
-                Event.job_id == job.id, Event.reason == REASON_EXCLUDE_DECISION, Event.attempt == attempt
+                Event.job_id == job.id,
+                Event.reason == SupervisionReason.EXCLUDE_DECISION,
+                Event.attempt == attempt,
             )
         )
         return any(e.data and e.data.get("node") == node for e in decisions)
@@ -702,7 +702,7 @@ class Controller:
                 session=session,
                 job=job,
                 type=EventType.FAILURE,
-                reason=REASON_STACKS_DUMPED,
+                reason=SupervisionReason.STACKS_DUMPED,
                 message=f"{verdict.message}; Python stacks of {len(stacks)} rank(s) written to the job's logs",
                 data={"ranks": sorted(stacks), "first_stalled": list(verdict.first_stalled)},
                 attempt=live.attempt,

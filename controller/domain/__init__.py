@@ -5,7 +5,16 @@ The state machine that changes a job's phase, the only code that writes it, is `
 above the store (it locks rows, records attempts and appends events), so it is not part of this package.
 """
 
-from .phases import ACTIVE_PHASES, SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase, Reason, is_camel_case
+from .phases import (
+    ACTIVE_PHASES,
+    SUPERVISED_PHASES,
+    TERMINAL_PHASES,
+    EventType,
+    Phase,
+    Reason,
+    SupervisionReason,
+    is_camel_case,
+)
 
 __all__ = [
     "ACTIVE_PHASES",
@@ -14,5 +23,6 @@ __all__ = [
     "EventType",
     "Phase",
     "Reason",
+    "SupervisionReason",
     "is_camel_case",
 ]

@@ -59,6 +59,20 @@ class Reason:
     CANCELLED = "Cancelled"
 
 
+class SupervisionReason:
+    """Reasons of the events the reconciler records while it supervises a job (beside the state machine's, so a
+    reader of the timeline, such as `vlctl stragglers`, needs no import of the reconciler)."""
+
+    STRAGGLER_FLAGGED = "StragglerFlagged"
+    NODE_SLOW = "NodeSlow"
+    EXCLUDE_DECISION = "ExcludeNodeDecision"
+    STACKS_DUMPED = "StacksDumped"
+    LAUNCH_INTERRUPTED = "LaunchInterrupted"
+    LAUNCH_FAILED = "LaunchFailed"
+    REAPED = "OrphansReaped"
+    RANKS_STOPPED = "RanksStopped"
+
+
 _CAMEL_CASE = re.compile(r"[A-Z][A-Za-z0-9]*")
 
 

@@ -17,8 +17,7 @@ from cli import local_logs
 from cli.main import app
 from controller import states
 from controller.backends.local import log_dir
-from controller.domain.phases import EventType
-from controller.reconciler import REASON_EXCLUDE_DECISION, REASON_NODE_SLOW, REASON_STRAGGLER_FLAGGED
+from controller.domain.phases import EventType, SupervisionReason
 from controller.store import migrate
 from controller.store.claims import claim_jobs
 from controller.store.models import RankStatus
@@ -272,13 +271,13 @@ def test_stragglers_shows_flagged_ranks_their_history_and_excluded_nodes(db: Sto
             RankStatus(job_id=job.id, attempt=0, rank=4, node="local-2", flagged=True, own_work_s=9.0)
         )
         append_event(
-            session=session, job=job, type=EventType.STRAGGLER, reason=REASON_STRAGGLER_FLAGGED,
+            session=session, job=job, type=EventType.STRAGGLER, reason=SupervisionReason.STRAGGLER_FLAGGED,
             message="rank 3 on local-1 is a straggler", attempt=1,
             data={"rank": 3, "node": "local-1", "score": 12.0, "slowdown": 3.0, "phase": "compute",
                   "cause": "compute", "step": 50, "windows": 3},
         )  # fmt: skip
         append_event(
-            session=session, job=job, type=EventType.STRAGGLER, reason=REASON_NODE_SLOW,
+            session=session, job=job, type=EventType.STRAGGLER, reason=SupervisionReason.NODE_SLOW,
             message="node local-1 is slow", data={"node": "local-1", "slowdown": 3.0}, attempt=1,
         )  # fmt: skip
         append_event(
@@ -286,7 +285,7 @@ def test_stragglers_shows_flagged_ranks_their_history_and_excluded_nodes(db: Sto
             message="not a straggler matter",
         )  # fmt: skip
         append_event(
-            session=session, job=job, type=EventType.DECISION, reason=REASON_EXCLUDE_DECISION,
+            session=session, job=job, type=EventType.DECISION, reason=SupervisionReason.EXCLUDE_DECISION,
             message="excluding node local-1", data={"node": "local-1", "exclude": True}, attempt=1,
         )  # fmt: skip
         exclude_node(session=session, node="local-1", reason="Straggler", job=job)
