@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING
 
 from controller.store import migrate
-from controller.store.models import Job
-from controller.store.repo import JobNotFound, get_job
 from controller.store.session import Store, StoreConfig, StoreUnavailable, open_store
 
 from .errors import EXIT_UNAVAILABLE, EXIT_USER_ERROR, CliError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from controller.store.models import Job
 
 
 @contextmanager
@@ -37,6 +39,8 @@ def store() -> Iterator[Store]:
 
 def load_job(session: Session, name: str) -> Job:
     """The job named `name`, or the one-line "no job named ..." error (exit 2)."""
+    from controller.store.repo import JobNotFound, get_job  # the ORM: not for `list` (see store/tables.py)
+
     try:
         return get_job(session=session, name=name)
     except JobNotFound as err:

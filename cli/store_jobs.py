@@ -11,15 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
-
 from controller.domain.phases import Phase
-from controller.store.models import Event, Job
-from controller.store.repo import JobExists, create_job, list_events
 from controller.views import JobView, read_job_view, read_job_views
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from controller.spec import TrainingJobSpec
+    from controller.store.models import Event, Job
 
 from .client import Answer, LogRequest
 from .errors import EXIT_USER_ERROR, CliError
@@ -42,6 +41,8 @@ def load_submitted_spec(file: Path) -> TrainingJobSpec:
 
 def create(spec: TrainingJobSpec, session: Session) -> Job:
     """Queue the job (pending); a name taken is the one-line error, exit 2."""
+    from controller.store.repo import JobExists, create_job
+
     try:
         return create_job(session=session, name=spec.name, spec=spec.model_dump(mode="json"))
     except JobExists as err:
@@ -72,14 +73,16 @@ class StoreJobs:
         return Answer(view.as_dict(ranks=False), f"submitted {view.name} ({view.phase})")
 
     def list_jobs(self) -> list[JobView]:
-        with store() as db, db.read() as session:
-            return read_job_views(session, ranks=False)
+        with store() as db, db.read_rows() as rows:  # Core rows: `list` never imports the ORM
+            return read_job_views(rows, ranks=False)
 
     def status(self, name: str) -> JobView:
         with store() as db, db.read() as session:
             return read_job_view(session, load_job(session, name))
 
     def events(self, name: str) -> list[dict[str, Any]]:
+        from controller.store.repo import list_events
+
         with store() as db, db.read() as session:
             found = load_job(session, name)
             return [event_dict(e) for e in list_events(session=session, job_id=found.id)]

@@ -53,8 +53,9 @@ from sqlalchemy.orm import Session
 
 from controller.domain.phases import ACTIVE_PHASES, SUPERVISED_PHASES, EventType, Phase
 from controller.goodput import LostCause
-from controller.store.models import Event, Job, NodeHealth, utcnow
+from controller.store.models import Event, Job, NodeHealth
 from controller.store.session import Store, StoreUnavailable
+from controller.store.tables import utcnow
 from controller.views import JobView, read_job_views
 
 log = logging.getLogger("controller.metrics")

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from controller.domain.phases import ACTIVE_PHASES, TERMINAL_PHASES, EventType, Phase, Reason
 from controller.store.claims import require_claim
-from controller.store.models import Attempt, Job, utcnow
+from controller.store.models import Attempt, Job
 from controller.store.repo import (
     append_event,
     get_current_attempt,
@@ -39,6 +39,7 @@ from controller.store.repo import (
     record_attempt_ended,
     record_attempt_started,
 )
+from controller.store.tables import utcnow
 
 ALLOWED_FROM: Mapping[Phase, frozenset[Phase]] = {
     Phase.PENDING: frozenset(),  # only ever the initial phase

@@ -8,7 +8,8 @@ dashboard. Each derived number (progress, ETA, stragglers) is defined once, here
 Decisions:
 
 - Views are plain frozen values built in one read session with set-based queries (`read_job_views`: one query
-  per table for any number of jobs), so a scrape of many jobs costs as much as a status of one.
+  per table for any number of jobs), so a scrape of many jobs costs as much as a status of one. They query the
+  Core tables, not the ORM classes: `vlctl list` then never imports the ORM (see controller/store/tables.py).
 - ETA is the remaining steps times the median step time of the current attempt's ranks, and only while the job
   is active (a finished or queued job has none).
 - `ranks` is None where the source does not know them (a TrainingJob's status carries only the flagged ranks, as
@@ -24,13 +25,20 @@ from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
 
 from controller.domain.phases import ACTIVE_PHASES, Phase
-from controller.store.models import Attempt, Checkpoint, Job, NodeHealth, RankStatus, utcnow
+from controller.store.tables import attempts, checkpoints, jobs, node_health, rank_status, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Row
+    from sqlalchemy.orm import Session
+
+    from controller.store.models import Job
+
+    Reader = Connection | Session  # Core rows from either; the views need no ORM
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,7 +240,7 @@ def _rank_dict(r: RankView) -> dict[str, Any]:
 
 
 def read_job_views(
-    session: Session,
+    reader: Reader,
     *,
     job_ids: Collection[int] | None = None,
     phases: Collection[Phase] | None = None,
@@ -242,74 +250,80 @@ def read_job_views(
 ) -> list[JobView]:
     """Views of the jobs `job_ids`, or of every job (only those in `phases` or finished at or after
     `finished_since` when either is given), oldest first, in three queries whatever the number of jobs: jobs
-    with their current attempt and newest checkpoint, their ranks, the nodes excluded for them."""
-    newest = and_(Checkpoint.job_id == Job.id, Checkpoint.step == Job.last_checkpoint_step)
-    current = and_(Attempt.job_id == Job.id, Attempt.number == Job.current_attempt)
+    with their current attempt and newest checkpoint, their ranks, the nodes excluded for them. `reader` is a
+    Core connection (`Store.read_rows`) or an ORM session."""
+    newest = and_(checkpoints.c.job_id == jobs.c.id, checkpoints.c.step == jobs.c.last_checkpoint_step)
+    current = and_(attempts.c.job_id == jobs.c.id, attempts.c.number == jobs.c.current_attempt)
     stmt = (
-        select(Job, Attempt, Checkpoint.committed_at)
-        .outerjoin(Attempt, current)
-        .outerjoin(Checkpoint, newest)
-        .order_by(Job.created_at, Job.id)
+        select(
+            jobs,
+            *(attempts.c[name].label(f"attempt_{name}") for name in _ATTEMPT_COLUMNS),
+            checkpoints.c.committed_at.label("checkpoint_committed_at"),
+        )
+        .outerjoin(attempts, current)
+        .outerjoin(checkpoints, newest)
+        .order_by(jobs.c.created_at, jobs.c.id)
     )
     if job_ids is not None:
-        stmt = stmt.where(Job.id.in_(list(job_ids)))
+        stmt = stmt.where(jobs.c.id.in_(list(job_ids)))
     wanted = []
     if phases is not None:
-        wanted.append(Job.phase.in_(list(phases)))
+        wanted.append(jobs.c.phase.in_(list(phases)))
     if finished_since is not None:
-        wanted.append(Job.finished_at >= finished_since)
+        wanted.append(jobs.c.finished_at >= finished_since)
     if wanted:
         stmt = stmt.where(or_(*wanted))
-    rows = session.execute(stmt).all()
+    rows = reader.execute(stmt).all()
     if not rows:
         return []
-    ids = [job.id for job, _, _ in rows]
+    ids = [row.id for row in rows]
 
     by_job: dict[int, list[RankView]] = defaultdict(list)
-    rank_stmt = select(RankStatus).where(RankStatus.job_id.in_(ids))
+    rank_stmt = select(rank_status).where(rank_status.c.job_id.in_(ids))
     if not ranks:  # the flagged ones only, for `stragglers`
-        rank_stmt = rank_stmt.where(RankStatus.flagged)
-    for r in session.scalars(rank_stmt.order_by(RankStatus.job_id, RankStatus.rank)):
+        rank_stmt = rank_stmt.where(rank_status.c.flagged)
+    for r in reader.execute(rank_stmt.order_by(rank_status.c.job_id, rank_status.c.rank)):
         by_job[r.job_id].append(_rank_view(r))
 
     now = now or utcnow()
     cluster_wide: set[str] = set()
     excluded: dict[int, set[str]] = defaultdict(set)
-    for job_id, node in session.execute(
-        select(NodeHealth.job_id, NodeHealth.node).where(
-            NodeHealth.excluded,
-            or_(NodeHealth.job_id.is_(None), NodeHealth.job_id.in_(ids)),
-            or_(NodeHealth.expires_at.is_(None), NodeHealth.expires_at > now),
+    for job_id, node in reader.execute(
+        select(node_health.c.job_id, node_health.c.node).where(
+            node_health.c.excluded,
+            or_(node_health.c.job_id.is_(None), node_health.c.job_id.in_(ids)),
+            or_(node_health.c.expires_at.is_(None), node_health.c.expires_at > now),
         )
     ):
         (cluster_wide if job_id is None else excluded[job_id]).add(node)
     return [
         job_view(
-            job,
-            attempt=attempt,
-            checkpoint_committed_at=committed_at,
-            ranks=by_job.get(job.id, []) if ranks else None,
-            flagged=[r for r in by_job.get(job.id, []) if r.flagged],
-            excluded_nodes=cluster_wide | excluded[job.id],
+            row,
+            attempt=_attempt_view(row),
+            checkpoint_committed_at=row.checkpoint_committed_at,
+            ranks=by_job.get(row.id, []) if ranks else None,
+            flagged=[r for r in by_job.get(row.id, []) if r.flagged],
+            excluded_nodes=cluster_wide | excluded[row.id],
         )
-        for job, attempt, committed_at in rows
+        for row in rows
     ]
 
 
-def read_job_view(session: Session, job: Job) -> JobView:
-    return read_job_views(session, job_ids=[job.id])[0]
+def read_job_view(reader: Reader, job: Job) -> JobView:
+    return read_job_views(reader, job_ids=[job.id])[0]
 
 
 def job_view(
-    job: Job,
+    job: Row[Any] | Job,
     *,
-    attempt: Attempt | None,
+    attempt: AttemptView | None,
     checkpoint_committed_at: datetime | None,
     ranks: Sequence[RankView] | None,
     flagged: Sequence[RankView],
     excluded_nodes: Collection[str],
 ) -> JobView:
-    """One job's view from its rows (read_job_views reads them for many jobs at once)."""
+    """One job's view from its row, with the columns of the `jobs` table (read_job_views reads them for many jobs
+    at once)."""
     spec: Mapping[str, Any] = job.spec or {}
     resources = spec.get("resources") if isinstance(spec.get("resources"), Mapping) else {}
     total_steps = job.total_steps
@@ -349,23 +363,39 @@ def job_view(
         created=job.created_at,
         updated=job.updated_at,
         finished=job.finished_at,
-        current_attempt=None
-        if attempt is None
-        else AttemptView(
-            number=attempt.number,
-            nodes=tuple(attempt.nodes),
-            started=attempt.started_at,
-            running=attempt.running_at,
-            ended=attempt.ended_at,
-            exit_class=attempt.exit_class,
-            resumed_from_step=attempt.resumed_from_step,
-        ),
+        current_attempt=attempt,
         ranks=None if ranks is None else tuple(ranks),
         stragglers=tuple(r for r in flagged if r.attempt == job.current_attempt),
     )
 
 
-def _rank_view(r: RankStatus) -> RankView:
+# The current attempt's columns in read_job_views' row, each labelled attempt_<name>.
+_ATTEMPT_COLUMNS = (
+    "number",
+    "nodes",
+    "started_at",
+    "running_at",
+    "ended_at",
+    "exit_class",
+    "resumed_from_step",
+)
+
+
+def _attempt_view(row: Row[Any]) -> AttemptView | None:
+    if row.attempt_number is None:  # never launched (no attempt row matched)
+        return None
+    return AttemptView(
+        number=row.attempt_number,
+        nodes=tuple(row.attempt_nodes),
+        started=row.attempt_started_at,
+        running=row.attempt_running_at,
+        ended=row.attempt_ended_at,
+        exit_class=row.attempt_exit_class,
+        resumed_from_step=row.attempt_resumed_from_step,
+    )
+
+
+def _rank_view(r: Row[Any]) -> RankView:
     return RankView(
         rank=r.rank,
         node=r.node,

@@ -5,6 +5,7 @@ a cycle (function-level imports included)."""
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -104,6 +105,42 @@ def test_printing_help_loads_neither_the_store_nor_the_cluster_client() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_listing_jobs_reads_core_tables_without_the_orm(tmp_path: Path) -> None:
+    """`vlctl list` on a store at the newest schema reads the Core tables (controller/store/tables.py): neither
+    the ORM nor Alembic is imported, and the rows it prints are the jobs the store holds."""
+    url = f"sqlite:///{tmp_path / 'vlctl.db'}"
+    setup = (
+        "import sys\n"
+        "from controller.store import migrate, open_store, StoreConfig, create_job\n"
+        "store = open_store(StoreConfig(url=sys.argv[1]))\n"
+        "migrate.upgrade(store)\n"
+        "with store.transaction() as session:\n"
+        "    create_job(session=session, name='listed', spec={'backend': 'local'})\n"
+        "store.dispose()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", setup, url], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cli.main import app\n"
+        "result = CliRunner().invoke(app, ['list', '-o', 'json'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(result.output)\n"
+        "print(sorted(m for m in ('sqlalchemy.orm', 'alembic', 'controller.store.models') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "VLCTL_DATABASE_URL": url}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    *listing, loaded = done.stdout.strip().splitlines()
+    assert loaded == "[]"
+    assert [job["name"] for job in json.loads("\n".join(listing))] == ["listed"]
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

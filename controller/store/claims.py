@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 
 from controller.domain.phases import ACTIVE_PHASES, EventType, Phase
 
-from .models import CONTROLLER_ID_MAX_LEN, Job, utcnow
+from .models import Job
 from .repo import append_event
+from .tables import CONTROLLER_ID_MAX_LEN, utcnow
 
 LEASE_TAKEN_OVER = "LeaseTakenOver"
 

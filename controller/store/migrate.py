@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from .models import Base
 from .session import Store, StoreConfig, open_store
+from .tables import metadata
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -100,7 +100,7 @@ def schema_differences(store: Store) -> list[object]:
 
     with store.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
-        return list(compare_metadata(context, Base.metadata))
+        return list(compare_metadata(context, metadata))
 
 
 def _run(store: Store, step: Callable[[Config], object]) -> None:

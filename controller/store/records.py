@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session
 
 from controller.domain.phases import EventType
 
-from .models import Checkpoint, Job, NodeHealth, RankStepWindow, utcnow
+from .models import Checkpoint, Job, NodeHealth, RankStepWindow
 from .repo import append_event
+from .tables import utcnow
 
 CHECKPOINT_COMMITTED = "CheckpointCommitted"
 CHECKPOINT_CORRUPT = "CheckpointCorrupt"

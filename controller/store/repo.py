@@ -23,7 +23,8 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from controller.domain.phases import EventType, Phase, Reason, is_camel_case
 
-from .models import NAME_MAX_LEN, Attempt, Event, Job, utcnow
+from .models import Attempt, Event, Job
+from .tables import NAME_MAX_LEN, utcnow
 
 _DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 

@@ -26,14 +26,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
 from sqlalchemy.exc import ArgumentError, DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
+
+if TYPE_CHECKING:  # the ORM is imported by the first session, not by code that only reads rows
+    from sqlalchemy.orm import Session, sessionmaker
 
 DATABASE_URL_ENV = "VLCTL_DATABASE_URL"
 _BEGIN_OPTION = "vlctl_sqlite_begin"
@@ -95,21 +97,38 @@ class Store:
         self.engine = engine
         self.url = safe_url(engine.url)
         self.is_sqlite = engine.dialect.name == "sqlite"
-        writer = engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}) if self.is_sqlite else engine
-        self._write_sessions = sessionmaker(writer, expire_on_commit=False)
-        self._read_sessions = sessionmaker(engine, expire_on_commit=False)
+        self._write_sessions: sessionmaker[Session] | None = None
+        self._read_sessions: sessionmaker[Session] | None = None
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A read-write unit of work: commit at the end of the block, roll back if it raises."""
+        if self._write_sessions is None:
+            from sqlalchemy.orm import sessionmaker
+
+            writer = self.engine
+            if self.is_sqlite:
+                writer = writer.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+            self._write_sessions = sessionmaker(writer, expire_on_commit=False)
         with self._write_sessions.begin() as session:
             yield session
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only session; whatever it changed is rolled back. On SQLite it does not take the write lock."""
+        if self._read_sessions is None:
+            from sqlalchemy.orm import sessionmaker
+
+            self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         with self._read_sessions() as session:  # closing the session rolls back
             yield session
+
+    @contextmanager
+    def read_rows(self) -> Iterator[Connection]:
+        """A read-only connection for Core queries over `tables` (the job views), without the ORM; rolled back
+        at the end. On SQLite it does not take the write lock."""
+        with self.engine.connect() as conn:
+            yield conn
 
     def check(self) -> None:
         """Connect once; raises StoreUnavailable when the database cannot be reached."""

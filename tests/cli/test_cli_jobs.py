@@ -18,7 +18,7 @@ from cli.main import app
 from controller import states
 from controller.store import migrate
 from controller.store.claims import claim_jobs
-from controller.store.models import RankStatus, utcnow
+from controller.store.models import RankStatus
 from controller.store.records import (
     exclude_node,
     record_checkpoint,
@@ -27,6 +27,7 @@ from controller.store.records import (
 )
 from controller.store.repo import create_job, get_job
 from controller.store.session import Store, StoreConfig, open_store
+from controller.store.tables import utcnow
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "jobs" / "local-demo.yaml"

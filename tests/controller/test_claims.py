@@ -49,7 +49,7 @@ from sqlalchemy import func, select
 from controller import states
 from controller.domain.phases import Phase
 from controller.store import ClaimNotHeld, Job, StoreConfig, claim_pending_jobs, open_store
-from controller.store.models import utcnow
+from controller.store.tables import utcnow
 
 url, controller_id, skew, go = sys.argv[1], sys.argv[2], timedelta(seconds=float(sys.argv[3])), Path(sys.argv[4])
 store = open_store(StoreConfig(url=url))

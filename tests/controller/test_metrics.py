@@ -22,8 +22,9 @@ from controller.domain.phases import EventType, Phase
 from controller.metrics import DETECTION_BUCKETS, METRICS_BY_NAME, PREFIX, serve_metrics
 from controller.store import Job, Store, StoreConfig, create_job, open_store, records
 from controller.store.claims import claim_jobs
-from controller.store.models import RankStatus, utcnow
+from controller.store.models import RankStatus
 from controller.store.repo import append_event
+from controller.store.tables import utcnow
 
 CONTROLLER = "ctl-metrics"
 TRAIN_JOB = "vl-train"  # running, with restarts, a straggler, a stale checkpoint and a low ETTR

@@ -279,7 +279,7 @@ def test_rules_and_dashboard_against_a_real_prometheus(
     from controller.metrics import serve_metrics
     from controller.store import StoreConfig, open_store
     from controller.store.migrate import upgrade
-    from controller.store.models import utcnow
+    from controller.store.tables import utcnow
 
     assert GRAFANA_VARIABLES["$training_job"] == TRAIN_JOB
     store = open_store(StoreConfig(url=f"sqlite:///{tmp_path / 'vlctl.db'}"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from controller.store.models import Base, UTCDateTime
+from controller.store.tables import UTCDateTime, metadata
 
 
 def _render_item(kind: str, obj: object, _context: object) -> str | bool:
@@ -22,7 +22,7 @@ def _render_item(kind: str, obj: object, _context: object) -> str | bool:
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
-        target_metadata=Base.metadata,
+        target_metadata=metadata,
         compare_type=True,
         render_item=_render_item,
         # SQLite cannot ALTER most things in place; batch mode copies the table instead.
@@ -35,7 +35,7 @@ def _run(connection: Connection) -> None:
 def _run_offline() -> None:
     context.configure(
         url=context.config.get_main_option("sqlalchemy.url"),
-        target_metadata=Base.metadata,
+        target_metadata=metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
     )
