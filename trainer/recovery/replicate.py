@@ -1,0 +1,131 @@
+"""Replicas of the in-memory snapshots on peer ranks: each rank sends every snapshot it takes to its *buddy* and
+keeps the snapshots of the rank whose buddy it is, in the background while training goes on.
+
+Decisions:
+
+- Ring placement across nodes: rank r's buddy is r + ranks_per_node (mod world), a rank on the next node, so a
+  node's loss never takes a snapshot and its only replica together. With one node the buddy is the next rank,
+  which covers a lost process but not a lost machine (`placement_covers_node_loss`).
+- The transfer runs on a process group of its own, from a thread of its own: the training's collectives and the
+  snapshot traffic never interleave on one group (a group's operations must be issued in the same order on every
+  rank, which two threads could not promise), and a step does not wait for a transfer.
+- Every rank captures at the same steps (`snapshot.should_capture` is decided from numbers all ranks agreed), so
+  the ring exchange is symmetric: per snapshot, each rank sends one and receives one, a header first (step, sizes,
+  checksum, layout fingerprint), then the buffer and the meta.
+- A received replica counts only once its checksum matches (`Slot.complete`); the step is committed only when
+  every own copy and every replica is complete (see snapshot.py), so a transfer cut by a failure is never used.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .snapshot import RankSnapshots, Slot, checksum
+
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Ring:
+    rank: int
+    world: int
+    ranks_per_node: int
+
+    @property
+    def buddy(self) -> int:
+        """Where this rank's snapshots go."""
+        return (self.rank + self._hop) % self.world
+
+    @property
+    def source(self) -> int:
+        """Whose snapshots this rank keeps."""
+        return (self.rank - self._hop) % self.world
+
+    @property
+    def placement_covers_node_loss(self) -> bool:
+        return self.world > self.ranks_per_node
+
+    @property
+    def _hop(self) -> int:
+        return self.ranks_per_node if self.world > self.ranks_per_node else 1
+
+
+class Replicator:
+    """Sends this rank's snapshots to its buddy and receives its source's, on `group`, in a background thread.
+    `submit(slot)` after each capture; `drain()` waits until everything submitted has been exchanged."""
+
+    def __init__(self, snapshots: RankSnapshots, ring: Ring, group: dist.ProcessGroup | None):
+        if ring.world < 2:
+            raise ValueError("a snapshot replica needs a peer: the world has one rank")
+        self.snapshots, self.ring, self.group = snapshots, ring, group
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self.error: BaseException | None = None  # the exchange failed (a peer died): no replica until regroup
+        self._thread = threading.Thread(target=self._run, name="snapshot-replicator", daemon=True)
+        self._thread.start()
+
+    def submit(self, slot: Slot) -> None:
+        self._idle.clear()
+        self._queue.put(slot)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """True when every submitted snapshot has been exchanged (or the exchange failed: see `error`)."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (slot := self._queue.get()) is not _STOP:
+            try:
+                if self.error is None:
+                    self._exchange(slot)
+            except BaseException as err:  # noqa: BLE001 - reported through `error`, read by the training thread
+                self.error = err
+            finally:
+                if self._queue.empty():
+                    self._idle.set()
+
+    def _exchange(self, mine: Slot) -> None:
+        to, frm = self._global(self.ring.buddy), self._global(self.ring.source)
+        header = torch.tensor(
+            [mine.step, mine.data.numel(), len(mine.meta), mine.checksum, mine.fingerprint], dtype=torch.int64
+        )
+        theirs_header = torch.empty(5, dtype=torch.int64)
+        self._both(header, to, theirs_header, frm)
+        step, nbytes, meta_len, expected, fingerprint = (int(v) for v in theirs_header)
+        replica = self.snapshots.replica_slot(nbytes)
+        meta_in = torch.empty(meta_len, dtype=torch.uint8)
+        meta_out = (
+            torch.frombuffer(bytearray(mine.meta), dtype=torch.uint8)
+            if mine.meta
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        self._both(mine.data, to, replica.data, frm)
+        if meta_out.numel() or meta_in.numel():
+            self._both(meta_out, to, meta_in, frm)
+        replica.meta = bytes(meta_in.numpy())
+        if checksum(replica.data, replica.meta) != expected:
+            return  # left incomplete: never counted, never restored
+        replica.checksum, replica.fingerprint, replica.step = expected, fingerprint, step
+        replica.complete = True  # last: the training thread reads `complete` without a lock
+
+    def _both(self, out: torch.Tensor, to: int, into: torch.Tensor, frm: int) -> None:
+        """Send `out` to `to` and receive `into` from `frm` at once (a ring: everyone sends and receives)."""
+        ops = []
+        if out.numel():
+            ops.append(dist.isend(out, to, group=self.group))
+        if into.numel():
+            ops.append(dist.irecv(into, frm, group=self.group))
+        for op in ops:
+            op.wait()
+
+    def _global(self, ring_rank: int) -> int:
+        return ring_rank if self.group is None else dist.get_global_rank(self.group, ring_rank)
