@@ -50,6 +50,7 @@ from .config import EngineConfig, is_trainable
 from .mesh import Mesh, ParallelDims, init_distributed
 from .pipeline import PipelineStage, StageLink, balanced_first_stage_layers, one_f_one_b, split_layers
 from .tensor import (
+    GroupRef,
     ParamLayout,
     apply_tensor_parallel,
     broadcast_replicated,
@@ -105,11 +106,12 @@ class ParallelEngine:
         self.stage = PipelineStage(
             model, stage=mesh.stage, num_stages=dims.pp, layers=self.layer_split[mesh.stage]
         )
+        self.tp_ref = GroupRef(mesh.tp_group)  # the tp layers' group, swapped by `rebind`
         self.layouts = apply_tensor_parallel(
-            self.stage, cfg, tp_rank=mesh.coords.tp, tp_size=dims.tp, group=mesh.tp_group
+            self.stage, cfg, tp_rank=mesh.coords.tp, tp_size=dims.tp, group=self.tp_ref
         )
-        bf16 = config.precision == "bf16" or (config.precision == "auto" and mesh.device.type == "cuda")
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and mesh.device.type == "cuda")
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self._place(mesh.device)
         mark_sharded(self.stage, self.layouts)
         self.named_trainable = []
@@ -118,6 +120,27 @@ class ParallelEngine:
             if p.requires_grad:
                 self.named_trainable.append((name, p))
         self.replicated = [p for name, p in self.stage.named_parameters() if not self.layouts[name].sharded]
+        self._bind(mesh)
+
+    def rebind(self, mesh: Mesh) -> None:
+        """Go on over `mesh`, whose process groups were re-formed inside this process with a replacement for a
+        lost rank (in-place recovery): the model, its split and its shards stay; the tp layers switch groups and
+        the norm group and the ZeRO-1 engine are made anew over the new groups, with the collectives a new
+        engine's construction issues, in the same order, so a replacement building its engine and the survivors
+        rebinding theirs meet. The optimizer state is then to be restored (from a snapshot), as after a build."""
+        if mesh.dims != self.mesh.dims or mesh.coords != self.mesh.coords:
+            raise ValueError(f"rebind: {mesh} does not have this engine's place ({self.mesh})")
+        self.mesh = mesh
+        self.tp_ref.group = mesh.tp_group
+        if self.zero is not None:  # its groups are gone; a new engine is built over the new ones
+            self.zero.close()
+            self.zero = None
+        self._bind(mesh)
+
+    def _bind(self, mesh: Mesh) -> None:
+        """Everything built on the process groups: replicated weights made equal over tp, the norm group, the
+        stage link and the ZeRO-1 engine (collective, on every rank in the same order)."""
+        cfg, config, dims = self.cfg, self.config, mesh.dims
         broadcast_replicated(self.replicated, mesh.tp_group)
 
         # Which stages train something decides who joins DeepSpeed's norm group and who sends gradients back.
@@ -162,7 +185,7 @@ class ParallelEngine:
                 eps=opt.eps,
                 weight_decay=opt.weight_decay,
                 grad_clip=opt.grad_clip,
-                bf16=bf16,
+                bf16=self.bf16,
                 micro_batch_rows=config.micro_batch_rows,
                 num_micro_batches=config.num_micro_batches,
             )

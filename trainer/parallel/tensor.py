@@ -125,18 +125,27 @@ def check_tp_size(cfg: Qwen2VLConfig, tp: int) -> None:
 # --------------------------------------------------------------------------------------- communication
 
 
+class GroupRef:
+    """The tensor-parallel group as the layers see it: one shared holder, so that when the process groups are
+    re-formed inside the running process (in-place recovery, trainer/recovery/regroup.py) the engine swaps the
+    group in one place instead of rebuilding the layers."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+
+
 class _EnterRegion(torch.autograd.Function):
     """Identity forward; backward all-reduces the input gradient (each rank saw only its heads' part)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, ref):
+        ctx.ref = ref
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.ref.group)
         return grad, None
 
 
@@ -144,9 +153,9 @@ class _LeaveRegion(torch.autograd.Function):
     """All-reduce of the row-parallel partial sums in forward; identity backward."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, ref):
         out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
+        dist.all_reduce(out, group=ref.group)
         return out
 
     @staticmethod
@@ -157,7 +166,7 @@ class _LeaveRegion(torch.autograd.Function):
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W_local^T) + b: W split by input columns, b replicated and added once."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupRef):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
@@ -172,13 +181,20 @@ class RowParallelLinear(nn.Module):
 
 
 def apply_tensor_parallel(
-    module: nn.Module, cfg: Qwen2VLConfig, *, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None
+    module: nn.Module,
+    cfg: Qwen2VLConfig,
+    *,
+    tp_rank: int,
+    tp_size: int,
+    group: dist.ProcessGroup | GroupRef | None,
 ) -> dict[str, ParamLayout]:
     """Shard a Qwen2-VL model (or a pipeline stage of one, which keeps the same names) in place; returns the
-    layout of every parameter by full name. With tp_size 1 the modules are left untouched."""
+    layout of every parameter by full name. With tp_size 1 the modules are left untouched. The layers hold
+    `group` through a GroupRef (pass one to swap the group later)."""
     check_tp_size(cfg, tp_size)
     if tp_size > 1:
         assert group is not None
+        group = group if isinstance(group, GroupRef) else GroupRef(group)
         for block in _children(module, "visual.blocks"):
             block.attn.num_heads //= tp_size
             _split_linear(block.attn.qkv, tp_rank, tp_size, blocks=3)
@@ -235,7 +251,7 @@ def _split_linear(lin: nn.Linear, tp_rank: int, tp_size: int, *, blocks: int = 1
     lin.out_features = lin.weight.shape[0]
 
 
-def _row_parallel(lin: nn.Linear, tp_rank: int, tp_size: int, group) -> RowParallelLinear:
+def _row_parallel(lin: nn.Linear, tp_rank: int, tp_size: int, group: GroupRef) -> RowParallelLinear:
     layout = ParamLayout(tuple(lin.weight.shape), 1, 1, tp_rank, tp_size)
     weight = layout.shard(lin.weight.detach()).clone()
     bias = None if lin.bias is None else lin.bias.detach().clone()
@@ -246,7 +262,7 @@ def _row_parallel(lin: nn.Linear, tp_rank: int, tp_size: int, group) -> RowParal
     return out
 
 
-def _enter_region_after(norm: nn.Module, group) -> None:
+def _enter_region_after(norm: nn.Module, group: GroupRef) -> None:
     norm.register_forward_hook(lambda _module, _inputs, output: _EnterRegion.apply(output, group))
 
 

@@ -177,6 +177,19 @@ class ZeroStage:
         )
         self._init_state()
 
+    def close(self) -> None:
+        """Detach this DeepSpeed engine from the module, so another can be built over it (in-place recovery
+        rebuilds the engine over re-formed groups): DeepSpeed's destroy removes the optimizer's gradient hooks
+        (`contiguous_gradients` registers them even at stage 1) and the parameters' fragment mappings, but not
+        the engine's own forward hooks on the module, which would otherwise run beside the new engine's."""
+        engine = self.engine
+        engine.destroy()
+        for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+            handle = getattr(engine, name, None)
+            if handle is not None:
+                handle.remove()
+                setattr(engine, name, None)
+
     # ------------------------------------------------------------------------------------- training
 
     def __call__(self, *args):

@@ -1,0 +1,96 @@
+"""Re-forming the process groups inside the running processes after a rank is lost, with its replacement.
+
+The protocol, on the job's recovery store (a TCPStore that outlives every rank; its host, the recovery
+coordinator, is the only writer of the round keys):
+
+1. Round k's groups rendezvous under the prefix `round-k/`, so nothing of an earlier round (the addresses of
+   the dead rank's groups) is ever read again.
+2. A survivor learns of the failure from its collective (gloo raises within milliseconds when a peer's
+   process dies: its connection resets; a rank that hangs is the collective timeout's or the controller's to
+   find). It destroys every group of its round (`leave`) and waits for round k + 1 to open.
+3. The coordinator opens round k + 1 by writing each newcomer's assignment (`assign/<member>`: the rank it
+   takes), then `round-<k+1>/open` with the world size. A spare waits on its own assignment key, so it needs no
+   polling and learns its rank and round at once.
+4. Every member of round k + 1 initialises the default group on the round's prefix (`join`) and the training
+   runtime rebuilds its mesh over it; the snapshot logic decides the step they all go back to.
+
+Decisions:
+
+- torch.distributed directly, not torchft: torchft's managers heal a replica from a live peer, but it has no
+  DeepSpeed integration, its DDP wrapper crashes when a peer dies in the gradient all-reduce, and a late replica
+  silently restarts from step 0 (issue 13). What in-place recovery needs from the transport is only "destroy
+  the groups, make new ones with new members in the same process", which gloo does in milliseconds: in a spike
+  on this machine a SIGKILLed rank's survivor saw the error 15 ms after the kill and, with a hot spare, both were
+  in a new group 31 ms after it (destroy 9 ms, init 14 ms). NCCL's equivalent is `abort` and a new
+  communicator, to be measured on a GPU machine.
+- The round number is in the key's name rather than in a counter read and compared: `TCPStore.wait` blocks
+  until a key exists, which is exactly "until the next round opens", with the store's own timeout.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import torch.distributed as dist
+
+OPEN = "open"  # round-<k>/open: the round's world size, written last
+
+
+def round_prefix(round_: int) -> str:
+    return f"round-{round_}/"
+
+
+def assignment_key(member: str) -> str:
+    return f"assign/{member}"
+
+
+def open_round(store: dist.Store, round_: int, *, world_size: int, assignments: dict[str, int]) -> None:
+    """The coordinator opens `round_`: newcomers' ranks first, then the round itself (what survivors wait for)."""
+    for member, rank in assignments.items():
+        if not 0 <= rank < world_size:
+            raise ValueError(f"assignment of {member}: rank {rank} is outside the world of {world_size}")
+        store.set(assignment_key(member), f"{round_}:{rank}")
+    store.set(round_prefix(round_) + OPEN, str(world_size))
+
+
+def wait_for_round(store: dist.Store, round_: int, *, timeout_s: float) -> int:
+    """Block until the coordinator opens `round_`; its world size."""
+    key = round_prefix(round_) + OPEN
+    store.wait([key], timedelta(seconds=timeout_s))
+    return int(store.get(key))
+
+
+def wait_for_assignment(store: dist.Store, member: str, *, timeout_s: float) -> tuple[int, int]:
+    """A spare waits until it is given a rank: (round, rank)."""
+    key = assignment_key(member)
+    store.wait([key], timedelta(seconds=timeout_s))
+    round_, rank = store.get(key).decode().split(":")
+    return int(round_), int(rank)
+
+
+def join(
+    store: dist.Store, round_: int, *, rank: int, world_size: int, backend: str, timeout_s: float
+) -> None:
+    """Make this process rank `rank` of round `round_`'s default group (collective with every member)."""
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(round_prefix(round_), store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def leave() -> None:
+    """Destroy every group of this process's round (after a failure: the groups are broken, and a collective
+    on them would only fail again). Through DeepSpeed when its communication layer is set up in this process:
+    its destroy also drops the groups DeepSpeed keeps for itself (deepspeed.utils.groups), which would
+    otherwise outlive the round and be used by the next engine."""
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
