@@ -87,7 +87,7 @@ def _fast(local: torch.Tensor) -> bool:
     )
 
 
-def _copy(buffer: torch.Tensor, local: torch.Tensor) -> None:
+def copy_into(buffer: torch.Tensor, local: torch.Tensor) -> None:
     """Fill `buffer` (contiguous, same shape and dtype) from `local`."""
     if _fast(local):
         if local.numel():
@@ -118,7 +118,7 @@ class Stager:
                     slot = _Slot(buffer, pinned, placement, _wrap(buffer, tensor))
                 elif slot.placement != placement:
                     slot.placement, slot.staged = placement, _wrap(slot.buffer, tensor)
-                _copy(slot.buffer, local)
+                copy_into(slot.buffer, local)
                 if slot.pinned:
                     devices.add(local.device)
                 slots[(group, name)] = slot

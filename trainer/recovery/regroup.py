@@ -19,9 +19,9 @@ Decisions:
 - torch.distributed directly, not torchft: torchft's managers heal a replica from a live peer, but it has no
   DeepSpeed integration, its DDP wrapper crashes when a peer dies in the gradient all-reduce, and a late replica
   silently restarts from step 0 (issue 13). What in-place recovery needs from the transport is only "destroy
-  the groups, make new ones with new members in the same process", which gloo does in milliseconds: in a spike
-  on this machine a SIGKILLed rank's survivor saw the error 15 ms after the kill and, with a hot spare, both were
-  in a new group 31 ms after it (destroy 9 ms, init 14 ms). NCCL's equivalent is `abort` and a new
+  the groups, make new ones with new members in the same process", which gloo does in milliseconds:
+  tests/trainer/recovery/test_regroup.py prints it (here: the survivor saw the error 16 ms after the kill and
+  was in a new group with a hot spare 19 ms after it). NCCL's equivalent is `abort` and a new
   communicator, to be measured on a GPU machine.
 - The round number is in the key's name rather than in a counter read and compared: `TCPStore.wait` blocks
   until a key exists, which is exactly "until the next round opens", with the store's own timeout.

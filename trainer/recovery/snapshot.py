@@ -29,7 +29,6 @@ Decisions:
 
 from __future__ import annotations
 
-import ctypes
 import io
 import zlib
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint.chunk import LocalChunk
+from trainer.checkpoint.staging import copy_into
 
 State = Mapping[str, Mapping[str, torch.Tensor]]  # {group: {name: tensor}}, as the checkpoint takes it
 ALIGN = 64  # bytes: every tensor's range starts on a cache line, so typed views of the buffer are aligned
@@ -105,7 +105,7 @@ def capture(slot: Slot, layout: Layout, state: State, meta: Mapping[str, Any], *
             raise SnapshotError(
                 f"{entry.group}/{entry.name}: the state no longer matches the snapshot layout"
             )
-        _copy_in(slot.data, entry, local)
+        copy_into(_view(slot.data, entry), local)  # one memmove for a contiguous CPU tensor
     buffer = io.BytesIO()
     torch.save(dict(meta), buffer)
     slot.meta = buffer.getvalue()
@@ -227,17 +227,3 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _view(data: torch.Tensor, entry: Entry) -> torch.Tensor:
     return data[entry.offset : entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
-
-
-def _copy_in(data: torch.Tensor, entry: Entry, local: torch.Tensor) -> None:
-    if not entry.nbytes:
-        return
-    if (
-        type(local) in (torch.Tensor, torch.nn.Parameter)
-        and local.device.type == "cpu"
-        and local.is_contiguous()
-    ):
-        ctypes.memmove(data.data_ptr() + entry.offset, local.data_ptr(), entry.nbytes)  # releases the GIL
-    else:
-        with torch.no_grad():
-            _view(data, entry).copy_(local)
