@@ -236,13 +236,16 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        # One thread for x264 itself and its lookahead, said to libx264 directly as well: the same frames must
-        # give the same bytes in every process, whatever the machine's load (the dataset's checksums rely on it).
+        # The same frames must give the same bytes in every process, whatever the machine's load or the process's
+        # history (the dataset's checksums rely on it). So: one thread for x264 and its lookahead, said to libx264
+        # directly as well; and no macroblock-tree rate control, whose output in this libx264 depends on memory it
+        # reads before writing (the bytes changed with MALLOC_PERTURB_, and after torch, DeepSpeed and
+        # transformers had been imported: tests/trainer/data/test_synthetic.py checks both).
         stream.options = {
             "crf": "18",
             "preset": "fast",
             "threads": "1",
-            "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0",
+            "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:mbtree=0",
         }
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
