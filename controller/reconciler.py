@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -68,6 +69,7 @@ from controller.history import (
     restart_cost,
     update_goodput,
 )
+from controller.inplace import CoordinatorClient, CoordinatorError, plan_replacement, recovery_times
 from controller.memory import rank_memory_limit
 from controller.policy import ExclusionCase, decide_exclusion, decide_restart
 from controller.spec import TrainingJobSpec
@@ -337,6 +339,9 @@ class Controller:
                 env=self._rank_env(spec),
                 names=nodes,
                 excluded=excluded,
+                hot_spares=(
+                    spec.fault_tolerance.hot_spares if spec.fault_tolerance.recovery == "in-place" else None
+                ),
             )
         except Exception as err:
             log.exception("job %s: launch of attempt %d failed", spec.name, number)
@@ -468,6 +473,11 @@ class Controller:
         update = live.telemetry.poll(now)
         newly_flagged, windows = live.absorb(update)
         failed_nodes = {n: c for n, c in codes.items() if c is not None and c != 0}
+        if failed_nodes and self._recover_in_place(job_id, spec, live, failed_nodes, now):
+            codes = live.gang.poll()  # the spare stands in the lost node's place now
+            failed_nodes = {n: c for n, c in codes.items() if c is not None and c != 0}
+        if live.recoveries:
+            self._follow_in_place(job_id, live, now)
         with self.store.transaction() as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -516,6 +526,123 @@ class Controller:
                 self._handle_hang(job_id, spec, live, verdict, now)
             elif windows and spec.stragglers.action == "exclude-node" and live.flagged:
                 self._consider_exclusion(job_id, spec, live, now)
+
+    # ------------------------------------------------------------------------------- in-place recovery
+
+    def _recover_in_place(
+        self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, failed: Mapping[str, int], now: float
+    ) -> bool:
+        """A node failed under `recovery: in-place`: give its ranks to a waiting spare node (see
+        controller/inplace.py). False: the restart path handles the failure."""
+        gang = live.gang
+        url = getattr(gang, "coordinator_url", None)
+        if spec.fault_tolerance.recovery != "in-place" or url is None:
+            return False
+        client = CoordinatorClient(url)
+        try:
+            status = client.status()
+            plan = plan_replacement(
+                failed=sorted(failed),
+                nodes=[n for n in gang.poll()],
+                procs_per_node=spec.resources.procs_per_node,
+                live_spares=gang.live_spares(),
+                waiting=status["spares_waiting"],
+            )
+            if plan is None:
+                log.warning("job %s: no spare node ready for %s: restarting", spec.name, ", ".join(failed))
+                return False
+            opened = client.replace(plan.ranks, failed_round=int(status["round"]), members=plan.members)
+        except CoordinatorError as err:
+            log.warning("job %s: in-place recovery unavailable (%s): restarting", spec.name, err)
+            return False
+        died_at = gang.node_end_time(plan.node)
+        gang.promote(plan.spare, replacing=plan.node)
+        live.recoveries.append(
+            {
+                "round": int(opened["round"]),
+                "node": plan.node,
+                "spare": plan.spare,
+                "ranks": list(plan.ranks),
+                "died_at": died_at,
+                "decided_at": now,
+            }
+        )
+        replacement = gang.start_spare()
+        self._recovery_event(
+            job_id,
+            live,
+            SupervisionReason.IN_PLACE_STARTED,
+            f"node {plan.node} lost (exit code {failed[plan.node]}): its rank(s) "
+            f"{', '.join(map(str, plan.ranks))} go to spare {plan.spare} in round {opened['round']}; "
+            "the other nodes keep running" + (f"; new spare {replacement} starting" if replacement else ""),
+            {
+                "node": plan.node,
+                "exit_code": failed[plan.node],
+                "spare": plan.spare,
+                "ranks": list(plan.ranks),
+                "round": opened["round"],
+                "new_spare": replacement,
+            },
+        )
+        return True
+
+    def _follow_in_place(self, job_id: int, live: LiveAttempt, now: float) -> None:
+        """Each pending recovery whose ranks all resumed gets its event: the phases and the steps lost."""
+        url = getattr(live.gang, "coordinator_url", None)
+        if url is None:
+            return
+        try:
+            rounds = {r["round"]: r for r in CoordinatorClient(url).status()["rounds"]}
+        except CoordinatorError as err:
+            log.warning("job %s: coordinator status unavailable: %s", live.job_name, err)
+            return
+        for pending in list(live.recoveries):
+            times = recovery_times(
+                rounds.get(pending["round"], {}), died_at=pending["died_at"], decided_at=pending["decided_at"]
+            )
+            if times is None:
+                continue
+            live.recoveries.remove(pending)
+            lost = times.steps_lost
+            self._recovery_event(
+                job_id,
+                live,
+                SupervisionReason.RECOVERED_IN_PLACE,
+                f"recovered in place from memory at step {times.step}: "
+                + (f"detect {times.detect_s:.2f} s, " if times.detect_s is not None else "")
+                + f"regroup {times.regroup_s:.2f} s, restore {times.restore_s:.2f} s"
+                + (f"; {lost} completed step(s) done again" if lost is not None else ""),
+                {
+                    "round": pending["round"],
+                    "node": pending["node"],
+                    "spare": pending["spare"],
+                    "step": times.step,
+                    "detect_seconds": times.detect_s,
+                    "regroup_seconds": times.regroup_s,
+                    "restore_seconds": times.restore_s,
+                    "steps_lost": lost,
+                },
+            )
+
+    def _recovery_event(
+        self, job_id: int, live: LiveAttempt, reason: str, message: str, data: dict[str, Any]
+    ) -> None:
+        """A Recovery event; the attempt's gang record is saved with it (a promoted spare, a new one)."""
+        with self.store.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            attempt = get_current_attempt(session=session, job=job)
+            if attempt is not None and attempt.number == live.attempt:
+                attempt.backend_record = live.gang.record()
+            append_event(
+                session=session,
+                job=job,
+                type=EventType.RECOVERY,
+                reason=reason,
+                message=message,
+                data=data,
+                attempt=live.attempt,
+            )
 
     def _reattach(self, job_id: int, spec: TrainingJobSpec) -> LiveAttempt | None:
         """A job this controller did not launch (or launched before it restarted): find its gang again."""
@@ -731,6 +858,8 @@ class Controller:
             # One node failed: the others would wait out torchrun's exit barrier, or block in a collective.
             live.gang.cancel(self.config.cancel_grace_seconds)
             codes = live.gang.poll()
+        if (stop_spares := getattr(live.gang, "stop_spares", None)) is not None:
+            stop_spares()  # in-place recovery's spares and coordinator end with the attempt
         # Whatever the ranks wrote last (a final step, a checkpoint) counts before the verdict.
         live.absorb(live.telemetry.poll(self.clock()))
         lost = tuple(n for n, c in codes.items() if c == EXIT_LOST)

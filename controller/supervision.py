@@ -83,6 +83,8 @@ class LiveAttempt:
     stage_seconds_by_step: dict[int, float] = field(default_factory=dict)
     stopped_by_controller: bool = False  # a controller stopped the ranks on its way out: a preemption
     ranks: dict[int, RankState] = field(default_factory=dict)  # rank -> the source's newest state
+    # In-place recoveries decided and not yet finished (controller/inplace.py): round, node, spare, times
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
     _detector: StragglerDetector | None = None
     _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     _tokens: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))

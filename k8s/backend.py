@@ -190,7 +190,10 @@ class KubernetesBackend:
         env: Mapping[str, str] | None = None,
         names: Sequence[str] | None = None,
         excluded: Collection[str] = (),
+        hot_spares: int | None = None,
     ) -> KubernetesGang:
+        if hot_spares is not None:  # the spec refuses it at submit; a stored older spec must not get this far
+            raise ValueError("fault_tolerance.recovery: in-place runs on the local backend only for now")
         b = self.binding(job_name)
         r = b.spec.resources
         if (nodes, procs_per_node) != (r.nodes, r.procs_per_node):

@@ -15,6 +15,13 @@ Decisions:
 * A SIGTERM during an outage still exits EXIT_PREEMPTED: the resumed job starts from the last committed step.
 * While it waits for the storage after the last step it reports the outage every STORAGE_WAIT_REPORT_S, which
   the controller's hang check counts as a sign of life (the trainer's own limit bounds the wait).
+* In-place recovery (trainer/recovery/, when the launcher gives a recovery store): after every step the rank's
+  state is snapshotted into host memory; the sync point also agrees on the committed snapshot step (MIN). A
+  collective that fails because a peer is gone does not end the run: the rank regroups in the same process
+  (`_recover`: new groups, the engine rebound, the checkpoint group anew, the committed snapshot restored with
+  the data position and RNGs) and goes on. A spare joins as a newcomer: it builds everything in `__enter__` with
+  the collectives the survivors' rebind issues, then restores from the replica its keeper sends. When some rank's
+  state is in no memory the run exits EXIT_RECOVERY_FALLBACK and the controller resumes from the disk checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from trainer.checkpoint.chunk import LocalChunk
 from trainer.contract.telemetry import (
     ENV_METRICS_HOST,
     EXIT_PREEMPTED,
+    EXIT_RECOVERY_FALLBACK,
     EXIT_STORAGE_UNAVAILABLE,
     STORAGE_UNAVAILABLE,
 )
@@ -48,9 +56,10 @@ from trainer.models.qwen2_vl import Qwen2VL, from_pretrained, preset
 from trainer.parallel.config import EngineConfig, OptimizerConfig
 from trainer.parallel.engine import ParallelEngine
 from trainer.parallel.mesh import ParallelDims, destroy_distributed, init_distributed
+from trainer.recovery.inplace import InPlace, Membership, RecoverySettings, is_peer_failure
 from trainer.telemetry.mfu import MfuConfig, MfuMeter
 from trainer.telemetry.rank import RankTelemetry, TelemetryConfig
-from trainer.telemetry.timers import sync_flags
+from trainer.telemetry.timers import sync_flags, sync_values
 
 log = logging.getLogger("trainer.train")
 STORAGE_WAIT_REPORT_S = 2.0  # while waiting for the checkpoint storage after the last step, report this often
@@ -66,7 +75,19 @@ class Run:
     def __enter__(self) -> Run:
         cfg = self.config
         p = cfg.parallel
-        self.mesh = init_distributed(ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp))
+        settings = RecoverySettings.from_env(
+            os.environ,
+            snapshot_interval=cfg.recovery.snapshot_interval_steps,
+            regroup_timeout_s=cfg.recovery.regroup_timeout_seconds,
+        )
+        self.membership = None if settings is None else Membership(settings, world_size=p.world_size)
+        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if (
+            self.membership is not None
+        ):  # the default group on the recovery store's round (a spare waits here)
+            self.membership.join_first(self.backend)
+        self.dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp)
+        self.mesh = init_distributed(self.dims, backend=self.backend)
         self.rank = torch.distributed.get_rank()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
@@ -140,6 +161,7 @@ class Run:
             MfuConfig(peak_flops=t.peak_flops, trainable=trainable),
             model_parallel_size=p.tp * p.pp,
         )
+        self.inplace = None if self.membership is None else InPlace(self.membership, self.engine)
         self.step = 0
         self.tokens_seen = 0
         return self
@@ -167,10 +189,13 @@ class Run:
                     storage=StorageConfig(storage_options=data.storage_options),
                 )
             )
-            # One rank builds the cost index (every sample encoded once); the others read it from disk.
-            if self.rank == 0:
+            # One rank builds the cost index (every sample encoded once); the others read it from disk. A
+            # newcomer of in-place recovery finds it built, and the survivors are in no barrier.
+            newcomer = self.membership is not None and self.membership.newcomer
+            if self.rank == 0 and not newcomer:
                 dataset.build_index()
-            torch.distributed.barrier()
+            if not newcomer:
+                torch.distributed.barrier()
             dataset.build_index()
             sources.append(dataset)
         sources += [CorpusSource(TextCorpus(prefix)) for prefix in data.corpora]
@@ -256,37 +281,107 @@ class Run:
     # ------------------------------------------------------------------------------------------ the loop
 
     def train(self) -> int:
-        self.resume()
+        if self.membership is not None and self.membership.newcomer:
+            if not self._restore_in_memory():
+                return EXIT_RECOVERY_FALLBACK
+        else:
+            self.resume()
         steps = self.config.training.steps
-        batches = iter(self.loader)
-        ckpt = self.checkpointer
+        self._batches = iter(self.loader)
         with GracefulStop() as stop:
             self._stop = stop
             while self.step < steps:
-                stop_now = self.train_step(batches)
-                finished, retry, expired = self._checkpoint_flags  # agreed by every rank at the sync point
-                if finished or expired:
-                    ckpt.settle()
-                if expired and ckpt.outage.active:
-                    return self._storage_unavailable()
-                if stop_now:
-                    self.save()
-                    ckpt.settle()
-                    if ckpt.outage.active:
-                        log.warning(
-                            "step %d was not saved (%s); the job resumes from %s",
-                            self.step,
-                            STORAGE_UNAVAILABLE,
-                            "the start" if ckpt.committed_step is None else f"step {ckpt.committed_step}",
-                        )
-                    log.info("stopped on SIGTERM after step %d", self.step)
-                    return EXIT_PREEMPTED
-                if ckpt.outage.active:
-                    if retry:  # the newest state, in place of the interval saves
-                        self.save()
-                elif ckpt.due(self.step) or self.step == steps:
-                    self.save()
+                try:
+                    code = self._step_and_save(steps)
+                except Exception as err:
+                    if self.inplace is None or not _peer_failure(err):
+                        raise
+                    if not self._recover(err):
+                        return EXIT_RECOVERY_FALLBACK
+                    continue
+                if code is not None:
+                    return code
             return self._finish()
+
+    def _step_and_save(self, steps: int) -> int | None:
+        """One step and what follows it at its boundary (saves, outages, a stop); an exit code to end with."""
+        ckpt = self.checkpointer
+        stop_now = self.train_step(self._batches)
+        if self.inplace is not None:
+            self.inplace.after_step(self.step, self.engine, self._snapshot_meta())
+        finished, retry, expired = self._checkpoint_flags  # agreed by every rank at the sync point
+        if finished or expired:
+            ckpt.settle()
+        if expired and ckpt.outage.active:
+            return self._storage_unavailable()
+        if stop_now:
+            self.save()
+            ckpt.settle()
+            if ckpt.outage.active:
+                log.warning(
+                    "step %d was not saved (%s); the job resumes from %s",
+                    self.step,
+                    STORAGE_UNAVAILABLE,
+                    "the start" if ckpt.committed_step is None else f"step {ckpt.committed_step}",
+                )
+            log.info("stopped on SIGTERM after step %d", self.step)
+            return EXIT_PREEMPTED
+        if ckpt.outage.active:
+            if retry:  # the newest state, in place of the interval saves
+                self.save()
+        elif ckpt.due(self.step) or self.step == steps:
+            self.save()
+        return None
+
+    # ------------------------------------------------------------------------------------------ in-place recovery
+
+    def _snapshot_meta(self) -> dict:
+        """What a snapshot holds besides the engine's tensors: the rest of the state a resume needs."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng(),
+        }
+
+    def _recover(self, err: BaseException) -> bool:
+        """A peer is gone: regroup in this process and go back to the committed snapshot. False: the state is in
+        no memory (the caller exits for a restart from the disk checkpoint)."""
+        assert self.inplace is not None
+        started = time.monotonic()
+        log.warning("a collective failed after step %d (%s: %s); regrouping in place",
+                    self.step, type(err).__name__, str(err).splitlines()[0][:200])  # fmt: skip
+        self.telemetry.abandon_step()
+        self.inplace.regroup(self.backend)
+        self.mesh = init_distributed(self.dims, backend=self.backend)
+        self.engine.rebind(self.mesh)
+        self.checkpointer.regroup()
+        log.info(
+            "round %d: groups re-formed in %.3f s", self.inplace.membership.round, time.monotonic() - started
+        )
+        return self._restore_in_memory()
+
+    def _restore_in_memory(self) -> bool:
+        """Collective over the new round: every rank back to the newest step all of them hold (a newcomer from
+        the replica its keeper sends). False when there is none."""
+        assert self.inplace is not None
+        started = time.monotonic()
+        step = self.inplace.restore_point()
+        if step is None:
+            log.error(
+                "in-place recovery: the state of rank(s) %s is in no memory (lost with the peer that kept its "
+                "replica); exiting for a restart from the disk checkpoint",
+                self.inplace.membership.replaced,
+            )
+            return False
+        newcomer = self.inplace.membership.newcomer
+        meta = self.inplace.restore(self.engine, step, done=None if newcomer else self.step)
+        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+        self.loader.load_state_dict(meta["loader"])
+        restore_rng(meta["rng"])
+        self._batches = iter(self.loader)
+        log.info("in-place recovery: back at step %d from memory in %.3f s", step, time.monotonic() - started)
+        return True
 
     def _finish(self) -> int:
         """After the last step: its save committed, retrying through an outage until the limit."""
@@ -371,10 +466,12 @@ class Run:
         (the stop flag and the checkpoint flags, see the module docstring)."""
         timer = self.telemetry.timer
         self.faults.slow_down(self.step, timer, rest_of_step=getattr(self, "_last_optimizer_s", 0.0))
-        stop, *checkpoint = sync_flags(
-            timer, (self._stop.requested, *self.checkpointer.outage_flags(time.monotonic()))
-        )
+        flags = (self._stop.requested, *self.checkpointer.outage_flags(time.monotonic()))
+        votes = () if self.inplace is None else (self.inplace.vote(),)
+        (stop, *checkpoint), committed = sync_values(timer, flags, votes)
         self._stop_now, self._checkpoint_flags = stop, tuple(checkpoint)
+        if self.inplace is not None:
+            self.inplace.agreed(committed[0])
 
     def __exit__(self, *exc: object) -> None:
         for close in ("checkpointer", "loader", "telemetry"):
@@ -384,3 +481,13 @@ class Run:
                 except Exception:  # noqa: BLE001 - closing must not hide the run's own error
                     log.exception("closing the %s failed", close)
         destroy_distributed()
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """The error, or one it was raised from (a checkpoint save's collective), is a lost peer's."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if is_peer_failure(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -28,14 +28,16 @@ import socket
 import sys
 
 from trainer.contract import EXIT_USER_ERROR
+from trainer.contract.telemetry import ENV_RECOVERY_MEMBER
 from trainer.contract.training import ConfigError, load_training_config
 
 log = logging.getLogger("trainer.train")
 
 
 def _single_process_env() -> None:
-    """Let `python -m trainer.train` run without torchrun: a world of one on a free local port."""
-    if "RANK" in os.environ:
+    """Let `python -m trainer.train` run without torchrun: a world of one on a free local port. (A spare of
+    in-place recovery has no RANK: it learns it from its assignment.)"""
+    if "RANK" in os.environ or os.environ.get(ENV_RECOVERY_MEMBER):
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if member := os.environ.get(ENV_RECOVERY_MEMBER):
+        # A spare of in-place recovery (started by torchrun on a spare node, whose own world is that node): it
+        # takes a rank of the job's world when it is assigned one. Its member id names it and its local rank.
+        os.environ[ENV_RECOVERY_MEMBER] = f"{member}/{os.environ.get('LOCAL_RANK', '0')}"
+        os.environ.pop("RANK", None)
+        os.environ["WORLD_SIZE"] = str(config.parallel.world_size)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != config.parallel.world_size:
         print(

@@ -69,9 +69,11 @@ class Backend(Protocol):
         env: Mapping[str, str] | None = None,
         names: Sequence[str] | None = None,
         excluded: Collection[str] = (),
+        hot_spares: int | None = None,
     ) -> GangHandle:
         """Start attempt `attempt`: every rank runs `python -m trainer.train config_path *overrides`. `excluded`:
-        machines the gang must avoid (a backend whose node names are machines already left them out)."""
+        machines the gang must avoid (a backend whose node names are machines already left them out).
+        `hot_spares`: in-place recovery with this many spare nodes (None: the restart path)."""
         ...
 
     def attach(self, record: Mapping[str, Any]) -> GangHandle: ...

@@ -51,14 +51,22 @@ import psutil
 
 from controller.backends import exit_cleanup
 from controller.backends.base import EXIT_LOST
+from controller.backends.rank_exec import ENV_RANK_BASE, ENV_WORLD_SIZE
 from controller.backends.stacks import dump_stacks
 from controller.backends.torchrun_log import WorkerExit, node_exits, read_failures, root_causes
 from controller.ingest import JsonlTelemetry
-from trainer.contract.telemetry import ENV_ATTEMPT, ENV_NODE, ENV_TRAINING_JOB
+from trainer.contract.telemetry import (
+    ENV_ATTEMPT,
+    ENV_NODE,
+    ENV_RECOVERY_MEMBER,
+    ENV_RECOVERY_STORE,
+    ENV_TRAINING_JOB,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ENV_GANG = "VLCTL_GANG"  # a token per gang, in every process's environment: the sweep's tag
 NODE_PREFIX = "local-"
+COORDINATOR = "coordinator"  # in-place recovery's per-attempt process (trainer.recovery.coordinator)
 ROOT_EXIT_SECONDS = 20.0  # how long cancel waits for a node's shell to record the exit before killing it
 # torchrun sets these per worker; a controller itself started under torchrun must not pass its own down
 _INHERITED_RANK_ENV = frozenset(
@@ -115,8 +123,11 @@ class LocalBackend:
         env: Mapping[str, str] | None = None,
         names: Sequence[str] | None = None,
         excluded: Collection[str] = (),  # local node names are the machines: node_slots already avoided them
+        hot_spares: int | None = None,
     ) -> Gang:
-        """`names`: the nodes to run on (local-0, local-1, ... by default; a spare replaces an excluded one)."""
+        """`names`: the nodes to run on (local-0, local-1, ... by default; a spare replaces an excluded one).
+        `hot_spares`: in-place recovery (None: the restart path): a recovery coordinator and this many spare
+        nodes start with the gang."""
         if nodes < 1:
             raise ValueError(f"nodes: must be at least 1, got {nodes}")
         names = list(names) if names is not None else node_names(nodes)
@@ -153,44 +164,100 @@ class LocalBackend:
             token=token,
             procs_per_node=procs_per_node,
         )
+        trainer_args = [
+            "-m",
+            "controller.backends.rank_exec",
+            str(logs),
+            self.config.module,
+            str(config_path),
+            *overrides,
+        ]
         try:
-            for rank, name in enumerate(names):
-                torchrun = [
+            if hot_spares is not None:
+                store_port, http_port = _free_port(self.config.host), _free_port(self.config.host)
+                base_env[ENV_RECOVERY_STORE] = f"{self.config.host}:{store_port}"
+                coordinator = [
                     self.config.python,
                     "-m",
-                    "torch.distributed.run",
-                    f"--nnodes={nodes}",
-                    f"--node-rank={rank}",
-                    f"--nproc-per-node={procs_per_node}",
-                    "--rdzv-backend=static",
-                    f"--master-addr={self.config.host}",
-                    f"--master-port={port}",
-                    "--max-restarts=0",
-                    "-m",
-                    "controller.backends.rank_exec",
-                    str(logs),
-                    self.config.module,
-                    str(config_path),
-                    *overrides,
+                    "trainer.recovery.coordinator",
+                    f"--world-size={nodes * procs_per_node}",
+                    f"--state-file={logs / 'coordinator.json'}",
+                    f"--host={self.config.host}",
+                    f"--store-port={store_port}",
+                    f"--http-port={http_port}",
                 ]
-                exit_file = logs / f"node-{name}.exit"
-                script = f'{shlex.join(torchrun)}; rc=$?; echo $rc > "$1.tmp" && mv "$1.tmp" "$1"; exit $rc'
-                with open(logs / f"node-{name}.log", "ab") as agent_log:
-                    proc = subprocess.Popen(
-                        ["/bin/sh", "-c", script, "sh", str(exit_file)],
-                        cwd=self.config.workdir,
-                        env={**base_env, ENV_NODE: name},
-                        stdin=subprocess.DEVNULL,
-                        stdout=agent_log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                gang._add_node(name, proc, exit_file)
+                base_env[ENV_WORLD_SIZE] = str(nodes * procs_per_node)
+                gang.coordinator = self._start(COORDINATOR, coordinator, base_env, logs)
+                gang.coordinator_url = f"http://{self.config.host}:{http_port}"
+                gang.spare_launch = (self, trainer_args, base_env, logs)
+                for _ in range(hot_spares):
+                    gang.start_spare()
+            for index, name in enumerate(names):
+                if hot_spares is None:
+                    torchrun = [
+                        self.config.python,
+                        "-m",
+                        "torch.distributed.run",
+                        f"--nnodes={nodes}",
+                        f"--node-rank={index}",
+                        f"--nproc-per-node={procs_per_node}",
+                        "--rdzv-backend=static",
+                        f"--master-addr={self.config.host}",
+                        f"--master-port={port}",
+                        "--max-restarts=0",
+                        *trainer_args,
+                    ]
+                    gang.nodes.append(self._start(name, torchrun, base_env, logs))
+                else:  # independent nodes: see _start_independent
+                    env = {**base_env, ENV_RANK_BASE: str(index * procs_per_node)}
+                    gang.nodes.append(self._start_independent(name, procs_per_node, trainer_args, env, logs))
         except BaseException:
             gang.cancel(0)
             raise
         exit_cleanup.register(gang)
         return gang
+
+    def _start(self, name: str, argv: Sequence[str], env: Mapping[str, str], logs: Path) -> _Node:
+        """`argv` in a shell of a new session that records its exit status in `node-<name>.exit`."""
+        exit_file = logs / f"node-{name}.exit"
+        script = f'{shlex.join(argv)}; rc=$?; echo $rc > "$1.tmp" && mv "$1.tmp" "$1"; exit $rc'
+        with open(logs / f"node-{name}.log", "ab") as agent_log:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", script, "sh", str(exit_file)],
+                cwd=self.config.workdir,
+                env={**env, ENV_NODE: name},
+                stdin=subprocess.DEVNULL,
+                stdout=agent_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return _Node(name, proc.pid, psutil.Process(proc.pid).create_time(), exit_file, proc)
+
+    def _start_spare(
+        self, name: str, procs_per_node: int, args: Sequence[str], env: Mapping[str, str], logs: Path
+    ) -> _Node:
+        """A hot spare node: an independent node whose workers wait, torch imported, for the coordinator to give
+        them ranks."""
+        return self._start_independent(name, procs_per_node, args, {**env, ENV_RECOVERY_MEMBER: name}, logs)
+
+    def _start_independent(
+        self, name: str, procs_per_node: int, args: Sequence[str], env: Mapping[str, str], logs: Path
+    ) -> _Node:
+        """A node of in-place recovery: a torchrun of its own (standalone: its rendezvous is the node), so that no
+        node waits for another (the static rendezvous's exit barrier held the survivors for minutes after a node
+        was lost) and a node can die and be replaced alone; its workers get their global ranks from ENV_RANK_BASE
+        (controller.backends.rank_exec) and meet the others through the recovery store."""
+        torchrun = [
+            self.config.python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            f"--nproc-per-node={procs_per_node}",
+            "--max-restarts=0",
+            *args,
+        ]
+        return self._start(name, torchrun, env, logs)
 
     def attach(self, record: Mapping[str, Any]) -> Gang:
         return Gang.attach(record)
@@ -250,10 +317,56 @@ class Gang:
     procs_per_node: int = 1  # node i holds global ranks i*P .. i*P+P-1
     nodes: list[_Node] = field(default_factory=list)
     detached: bool = False
+    # In-place recovery (None / empty on the restart path): the attempt's recovery coordinator, the hot spare
+    # nodes not given ranks yet, and each lost node with the spare that took its place.
+    coordinator: _Node | None = None
+    coordinator_url: str | None = None
+    spares: list[_Node] = field(default_factory=list)
+    replaced: dict[str, str] = field(default_factory=dict)
+    spare_launch: tuple[Any, ...] | None = (
+        None  # (backend, trainer args, env, log dir): not after a re-attach
+    )
+    _spare_count: int = 0
 
-    def _add_node(self, name: str, popen: subprocess.Popen, exit_file: Path) -> None:
-        created = psutil.Process(popen.pid).create_time()
-        self.nodes.append(_Node(name, popen.pid, created, exit_file, popen))
+    def start_spare(self) -> str | None:
+        """Start one more hot spare node (in the background: it imports torch and waits); its name, or None when
+        this gang cannot (re-attached by another controller)."""
+        if self.spare_launch is None:
+            return None
+        backend, args, env, logs = self.spare_launch
+        name = f"{self.job_name}-spare-{self._spare_count}"
+        self._spare_count += 1
+        self.spares.append(backend._start_spare(name, self.procs_per_node, args, env, logs))
+        return name
+
+    def live_spares(self) -> list[str]:
+        return [n.name for n in self.spares if self._exit_code(n) is None]
+
+    def promote(self, spare: str, *, replacing: str) -> None:
+        """The spare node took the lost node's ranks: it stands in the lost node's place (the same ranks)."""
+        node = next(n for n in self.spares if n.name == spare)
+        index = next(i for i, n in enumerate(self.nodes) if n.name == replacing)
+        self.spares.remove(node)
+        self.nodes[index] = node
+        self.replaced[replacing] = spare
+
+    def node_end_time(self, name: str) -> float | None:
+        """When the node ended (its exit record's mtime), None while it runs or without a record."""
+        node = next((n for n in self.nodes if n.name == name), None)
+        try:
+            return None if node is None else node.exit_file.stat().st_mtime
+        except OSError:
+            return None
+
+    def stop_spares(self) -> None:
+        """The attempt ended: the spares waiting and the coordinator go too."""
+        extra = [n for n in (*self.spares, self.coordinator) if n is not None]
+        procs = [p for n in extra for p in self._tree(n)]
+        _kill(procs)
+        psutil.wait_procs(procs, timeout=5)
+        for n in extra:
+            if n.popen is not None:
+                n.popen.wait()
 
     @property
     def log_dir(self) -> Path:
@@ -266,34 +379,40 @@ class Gang:
             "run_dir": str(self.run_dir),
             "token": self.token,
             "procs_per_node": self.procs_per_node,
-            "nodes": [
+            "nodes": [_node_record(n) for n in self.nodes],
+            **(
                 {
-                    "name": n.name,
-                    "pid": n.pid,
-                    "pgid": n.pid,
-                    "create_time": n.create_time,
-                    "exit_file": str(n.exit_file),
+                    "coordinator": _node_record(self.coordinator),
+                    "coordinator_url": self.coordinator_url,
+                    "spares": [_node_record(n) for n in self.spares],
+                    "replaced": dict(self.replaced),
                 }
-                for n in self.nodes
-            ],
+                if self.coordinator is not None
+                else {}
+            ),
         }
 
     @classmethod
     def attach(cls, record: Mapping[str, Any]) -> Gang:
         """The gang a previous controller launched, from its `record()`. Attached gangs are not killed on exit."""
+
+        def node(n: Mapping[str, Any]) -> _Node:
+            return _Node(n["name"], int(n["pid"]), float(n["create_time"]), Path(n["exit_file"]))
+
         try:
-            nodes = [
-                _Node(n["name"], int(n["pid"]), float(n["create_time"]), Path(n["exit_file"]))
-                for n in record["nodes"]
-            ]
             gang = cls(
                 job_name=record["job_name"],
                 attempt=int(record["attempt"]),
                 run_dir=Path(record["run_dir"]),
                 token=record["token"],
                 procs_per_node=int(record.get("procs_per_node", 1)),
-                nodes=nodes,
+                nodes=[node(n) for n in record["nodes"]],
             )
+            if "coordinator" in record:
+                gang.coordinator = node(record["coordinator"])
+                gang.coordinator_url = str(record["coordinator_url"])
+                gang.spares = [node(n) for n in record["spares"]]
+                gang.replaced = {str(k): str(v) for k, v in record["replaced"].items()}
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"gang record: missing or invalid field {err}") from err
         gang.detached = True  # the controller that attaches decides; by default a restart must not kill jobs
@@ -371,13 +490,14 @@ class Gang:
 
     def rank_pids(self) -> dict[int, int]:
         out: dict[int, int] = {}
-        for node in self.nodes:
+        for index, node in enumerate(self.nodes):
             for proc in self._tree(node)[1:]:
                 try:
                     env = proc.environ()
-                    # the agent has no RANK; its workers do (and have the agent as parent)
-                    if "RANK" in env and "torch.distributed.run" not in " ".join(proc.cmdline()):
-                        out[int(env["RANK"])] = proc.pid
+                    # the agent has no LOCAL_RANK; its workers do (and have the agent as parent). The global rank
+                    # is the node's place in the gang: a promoted spare's environment has no rank of the job's.
+                    if "LOCAL_RANK" in env and "torch.distributed.run" not in " ".join(proc.cmdline()):
+                        out[index * self.procs_per_node + int(env["LOCAL_RANK"])] = proc.pid
                 except psutil.Error:
                     continue
         return dict(sorted(out.items()))
@@ -436,6 +556,16 @@ class Gang:
 
     def dump_stacks(self) -> dict[int, str]:
         return dump_stacks(self.rank_pids(), self.log_dir)
+
+
+def _node_record(n: _Node) -> dict[str, Any]:
+    return {
+        "name": n.name,
+        "pid": n.pid,
+        "pgid": n.pid,
+        "create_time": n.create_time,
+        "exit_file": str(n.exit_file),
+    }
 
 
 def _kill(procs: Sequence[psutil.Process]) -> None:

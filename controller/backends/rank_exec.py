@@ -25,6 +25,11 @@ import sys
 from pathlib import Path
 
 ENV_MEMORY_LIMIT = "VLCTL_RANK_MEMORY_LIMIT"
+ENV_RECOVERY_MEMBER = "VLCTL_RECOVERY_MEMBER"  # trainer.contract.telemetry's: standard library only here
+# In-place recovery runs each node under a torchrun of its own, whose RANK and WORLD_SIZE are the node's: the
+# node's first global rank and the job's world size come from these, and become the rank's RANK and WORLD_SIZE.
+ENV_RANK_BASE = "VLCTL_RANK_BASE"
+ENV_WORLD_SIZE = "VLCTL_WORLD_SIZE"
 
 
 def main(argv: list[str]) -> None:
@@ -32,7 +37,13 @@ def main(argv: list[str]) -> None:
         print("usage: python -m controller.backends.rank_exec LOG_DIR MODULE [ARGS ...]", file=sys.stderr)
         sys.exit(2)
     log_dir, module, *args = argv
-    path = Path(log_dir) / f"rank-{os.environ.get('RANK', '0')}.log"
+    if (base := os.environ.get(ENV_RANK_BASE)) is not None:  # a node of its own torchrun (in-place recovery)
+        os.environ["RANK"] = str(int(base) + int(os.environ.get("LOCAL_RANK", "0")))
+        os.environ["WORLD_SIZE"] = os.environ[ENV_WORLD_SIZE]
+    if member := os.environ.get(ENV_RECOVERY_MEMBER):  # a hot spare: no rank of the job's yet
+        path = Path(log_dir) / f"spare-{member}-{os.environ.get('LOCAL_RANK', '0')}.log"
+    else:
+        path = Path(log_dir) / f"rank-{os.environ.get('RANK', '0')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()

@@ -100,8 +100,8 @@ def node_exits(
     """The failed ranks of a node that ended with `code` (a shell's status: 128 + N for signal N): its agent's
     summary, or when there is none (the agent itself was killed) one exit per rank of the node with the node's
     status, marked `agent`."""
-    if summary:
-        return [replace(e, node=node) for e in summary]
+    if summary:  # the rank from the node's place: an independent node's torchrun numbers its ranks from 0
+        return [replace(e, node=node, rank=first_rank + e.local_rank) for e in summary]
     returncode = -(code - 128) if 128 < code <= 128 + 64 else code
     return [
         WorkerExit(

@@ -44,6 +44,7 @@ class EventType:
     FAILURE = "Failure"
     DECISION = "Decision"  # a policy decision with its numbers (restart cost, checkpoint interval)
     CONTROLLER = "Controller"  # which controller manages the job (lease takeovers)
+    RECOVERY = "Recovery"  # in-place recovery: a lost node's ranks given to a spare, and its phases when done
 
 
 class Reason:
@@ -71,6 +72,8 @@ class SupervisionReason:
     LAUNCH_FAILED = "LaunchFailed"
     REAPED = "OrphansReaped"
     RANKS_STOPPED = "RanksStopped"
+    IN_PLACE_STARTED = "InPlaceRecoveryStarted"
+    RECOVERED_IN_PLACE = "RecoveredInPlace"
 
 
 _CAMEL_CASE = re.compile(r"[A-Z][A-Za-z0-9]*")

@@ -443,6 +443,7 @@ class FakeBackend:
         env: Mapping[str, str] | None = None,
         names: Sequence[str] | None = None,
         excluded: Collection[str] = (),
+        hot_spares: int | None = None,
     ) -> FakeGang:
         names = list(names) if names is not None else [f"{NODE_PREFIX}{i}" for i in range(nodes)]
         if len(names) != nodes:

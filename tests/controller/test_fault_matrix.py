@@ -256,3 +256,38 @@ def test_checkpoint_storage_unwritable_for_a_minute_costs_no_step(
         if locked_at is not None:
             unlock(root, how)
         run.stop()
+
+
+def test_in_place_recovery_replaces_the_killed_node_with_a_hot_spare_and_the_survivor_keeps_its_pid(
+    data, uninterrupted, tmp_path: Path
+) -> None:
+    """`fault_tolerance.recovery: in-place`: rank 1 SIGKILLed at step 6; its node's ranks go to the hot spare, rank 0
+    goes on in the same process, the attempt never ends, and every loss equals the uninterrupted run's."""
+    spec = _spec("in-place", data, fault_tolerance={"recovery": "in-place", "hot_spares": 1})
+    faults = {
+        "VLCTL_FAULT_CRASH_AT_STEP": "6",
+        "VLCTL_FAULT_CRASH_MODE": "kill",
+        "VLCTL_FAULT_RANK": "1",
+        "VLCTL_FAULT_ONCE_DIR": str(tmp_path / "once"),
+    }
+    run = JobRun(tmp_path, spec, env=faults)
+    try:
+        run.start_controller()
+        survivor = run.rank_pid(0, attempt=1)
+        recovered = run.wait(
+            lambda: next((e for e in run.events() if e.reason == "RecoveredInPlace"), None),
+            timeout=240,
+            what="the in-place recovery",
+        )
+        assert psutil.pid_exists(survivor)  # rank 0 kept its process through the recovery
+        _finish_and_compare(run, uninterrupted)
+        started = next(e for e in run.events() if e.reason == "InPlaceRecoveryStarted")
+        assert started.data["node"] == "local-1" and started.data["ranks"] == [1]
+        # The kill comes at the very start of step 6, as the replica of step 5 leaves for its keeper: the
+        # newest step everyone holds is 5, or 4 when that transfer was cut (the worst case: two steps again).
+        assert recovered.data["steps_lost"] <= 2
+        assert [a.number for a in run.attempts()] == [1]  # no restart: the attempt went on
+        assert not [e for e in run.events() if e.type == "Failure"]
+        print(f"\n[in-place] {recovered.message}")
+    finally:
+        run.stop()

@@ -242,6 +242,22 @@ class Checkpointer:
         self.committed_step = step if self.committed_step is None else max(step, self.committed_step)
         self.outage.committed(step, time.monotonic())
 
+    def regroup(self) -> None:
+        """After in-place recovery re-formed the job's process groups (collective: at the point where a new
+        Checkpointer would be built). A save in flight when a rank was lost cannot commit without it: it ends in
+        an error, logged as not saved; one that committed before counts. The checkpoint group is made anew."""
+        pending, step = self._pending, self._pending_step
+        self._pending, self._pending_step = None, None
+        if pending is not None:
+            try:
+                uri = pending.result()
+            except Exception as e:  # noqa: BLE001 - a save cut by the failure; the next interval saves again
+                log.warning("checkpoint step %s was not saved: the job's groups were re-formed (%s)", step, e)
+            else:
+                if uri is not None and step is not None:
+                    self._committed(step)
+        self.group = CheckpointGroup(timeout_s=self.config.timeout_s)
+
     def close(self) -> None:
         try:
             self.wait()

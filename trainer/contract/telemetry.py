@@ -63,6 +63,11 @@ ENV_METRICS_PORT = "VLCTL_METRICS_PORT"  # 0 picks a free port, reported in ENDP
 ENV_METRICS_BASE_PORT = "VLCTL_METRICS_BASE_PORT"  # rank serves on base + LOCAL_RANK
 
 # Fault injection, read by trainer.faults (for chaos tests of the controller).
+# In-place recovery (trainer/recovery/): the job's recovery store, and a spare's member id (set only for a spare,
+# which learns its rank from its assignment instead of RANK)
+ENV_RECOVERY_STORE = "VLCTL_RECOVERY_STORE"  # host:port of the coordinator's TCPStore
+ENV_RECOVERY_MEMBER = "VLCTL_RECOVERY_MEMBER"
+
 ENV_FAULT_CRASH_AT_STEP = "VLCTL_FAULT_CRASH_AT_STEP"
 ENV_FAULT_CRASH_MODE = "VLCTL_FAULT_CRASH_MODE"  # exit (default) | raise | kill
 ENV_FAULT_HANG_AT_STEP = "VLCTL_FAULT_HANG_AT_STEP"
@@ -78,6 +83,9 @@ EXIT_FAULT_CRASH = 97  # the injected crash (crash mode "exit"): os._exit, no cl
 # sysexits' EX_IOERR). Every rank's last log line then starts with STORAGE_UNAVAILABLE and names the path.
 EXIT_STORAGE_UNAVAILABLE = 74
 STORAGE_UNAVAILABLE = "checkpoint storage unavailable"
+# In-place recovery found the state of some rank in no memory (a rank and the peer keeping its replica both lost):
+# the job goes on from the newest disk checkpoint, as after any other failure.
+EXIT_RECOVERY_FALLBACK = 76
 
 MetricKind = Literal["gauge", "counter"]
 

@@ -143,6 +143,23 @@ class CheckpointSection(_Section):
     )
 
 
+class RecoverySection(_Section):
+    """In-place recovery (trainer/recovery/), used when the launcher starts the job with a recovery store."""
+
+    snapshot_interval_steps: int = Field(
+        1,
+        ge=1,
+        description="an in-memory snapshot of every rank's state (and its replica on a peer) every N steps",
+    )
+    regroup_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how long the survivors of a failure wait for their replacement before they give up (the "
+        "job then restarts from the disk checkpoint)",
+    )
+
+
 class TelemetrySection(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -161,6 +178,7 @@ class TrainingConfig(_Section):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    recovery: RecoverySection = Field(default_factory=RecoverySection)
 
     @model_validator(mode="after")
     def _batch(self) -> TrainingConfig:

@@ -132,6 +132,8 @@ class ParallelEngine:
             raise ValueError(f"rebind: {mesh} does not have this engine's place ({self.mesh})")
         self.mesh = mesh
         self.tp_ref.group = mesh.tp_group
+        for p in self.stage.parameters():  # what a step cut short had accumulated must not reach the next one
+            p.grad = None
         if self.zero is not None:  # its groups are gone; a new engine is built over the new ones
             self.zero.close()
             self.zero = None

@@ -33,6 +33,7 @@ import sys
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 OPEN = "open"  # round-<k>/open: the round's world size, written last
 
@@ -70,16 +71,49 @@ def wait_for_assignment(store: dist.Store, member: str, *, timeout_s: float) -> 
 
 
 def join(
-    store: dist.Store, round_: int, *, rank: int, world_size: int, backend: str, timeout_s: float
-) -> None:
-    """Make this process rank `rank` of round `round_`'s default group (collective with every member)."""
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(round_prefix(round_), store),
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    store: dist.Store,
+    round_: int,
+    *,
+    rank: int,
+    world_size: int,
+    backend: str,
+    timeout_s: float,
+    connect_timeout_s: float = 30.0,
+    attempts: int = 5,
+) -> int:
+    """Make this process rank `rank` of round `round_`'s default group (collective with every member); the
+    attempt that succeeded.
+
+    Each attempt has a prefix of its own (`round-k/try-j/`): the members first all arrive (a counter on the store,
+    so no one starts connecting while another is still on an older attempt), then make the group with a short
+    connect timeout and meet in a barrier. A member whose group could not be made leaves, and so does every member
+    whose barrier then times out; all of them go on to the next attempt together (a connection refused, a peer
+    that never came: the round stays usable). The group's collectives then get `timeout_s`."""
+    for attempt in range(attempts):
+        prefix = f"{round_prefix(round_)}try-{attempt}/"
+        if int(store.add(prefix + "arrived", 1)) == world_size:
+            store.set(prefix + "all", "1")
+        store.wait([prefix + "all"], timedelta(seconds=max(timeout_s, connect_timeout_s)))
+        try:
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(prefix, store),
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=connect_timeout_s),
+            )
+            dist.barrier()
+        except RuntimeError as err:  # DistError and gloo's own errors alike
+            print(
+                f"regroup: round {round_} attempt {attempt} failed on rank {rank} ({str(err).splitlines()[0][:160]})",
+                file=sys.stderr,
+                flush=True,
+            )
+            leave()
+            continue
+        _set_pg_timeout(timedelta(seconds=timeout_s))  # private, but the only way to lengthen a made group's
+        return attempt
+    raise RuntimeError(f"regroup: round {round_}: no group after {attempts} attempts")
 
 
 def leave() -> None:

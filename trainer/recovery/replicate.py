@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .snapshot import RankSnapshots, Slot, checksum
+from .snapshot import RankSnapshots, Slot, SnapshotError, checksum
 
 _STOP = object()
 
@@ -78,8 +78,13 @@ class Replicator:
         """True when every submitted snapshot has been exchanged (or the exchange failed: see `error`)."""
         return self._idle.wait(timeout)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End the thread after what it is doing (without waiting: a transfer cut by a failure ends when the
+        peers' connections close or the group's timeout passes)."""
         self._queue.put(_STOP)
+
+    def close(self) -> None:
+        self.stop()
         self._thread.join()
 
     def _run(self) -> None:
@@ -95,19 +100,13 @@ class Replicator:
 
     def _exchange(self, mine: Slot) -> None:
         to, frm = self._global(self.ring.buddy), self._global(self.ring.source)
-        header = torch.tensor(
-            [mine.step, mine.data.numel(), len(mine.meta), mine.checksum, mine.fingerprint], dtype=torch.int64
-        )
+        header = _header(mine)
         theirs_header = torch.empty(5, dtype=torch.int64)
         self._both(header, to, theirs_header, frm)
         step, nbytes, meta_len, expected, fingerprint = (int(v) for v in theirs_header)
         replica = self.snapshots.replica_slot(nbytes)
         meta_in = torch.empty(meta_len, dtype=torch.uint8)
-        meta_out = (
-            torch.frombuffer(bytearray(mine.meta), dtype=torch.uint8)
-            if mine.meta
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        meta_out = _meta_tensor(mine)
         self._both(mine.data, to, replica.data, frm)
         if meta_out.numel() or meta_in.numel():
             self._both(meta_out, to, meta_in, frm)
@@ -129,3 +128,49 @@ class Replicator:
 
     def _global(self, ring_rank: int) -> int:
         return ring_rank if self.group is None else dist.get_global_rank(self.group, ring_rank)
+
+
+def _header(slot: Slot) -> torch.Tensor:
+    return torch.tensor(
+        [slot.step, slot.data.numel(), len(slot.meta), slot.checksum, slot.fingerprint], dtype=torch.int64
+    )
+
+
+def _meta_tensor(slot: Slot) -> torch.Tensor:
+    return (
+        torch.frombuffer(bytearray(slot.meta), dtype=torch.uint8)
+        if slot.meta
+        else torch.empty(0, dtype=torch.uint8)
+    )
+
+
+def send_slot(slot: Slot, to: int) -> None:
+    """Hand a kept replica to the rank that replaces its owner (after a regroup, on the default group; `to` is a
+    global rank). The receiver calls `receive_slot`."""
+    dist.send(_header(slot), to)
+    dist.send(slot.data, to)
+    if slot.meta:
+        dist.send(_meta_tensor(slot), to)
+
+
+def receive_slot(into: Slot, frm: int, *, fingerprint: int) -> None:
+    """Receive the snapshot `send_slot` sends into `into` (a slot of this rank's own buffers): complete only when
+    its checksum matches and it was taken with this rank's layout; raises SnapshotError otherwise."""
+    into.clear()
+    header = torch.empty(5, dtype=torch.int64)
+    dist.recv(header, frm)
+    step, nbytes, meta_len, expected, theirs = (int(v) for v in header)
+    if nbytes != into.data.numel() or theirs != fingerprint:
+        raise SnapshotError(
+            f"the replica from rank {frm} has {nbytes} bytes and layout {theirs:#x}; this rank's snapshots have "
+            f"{into.data.numel()} bytes and layout {fingerprint:#x}"
+        )
+    dist.recv(into.data, frm)
+    meta = torch.empty(meta_len, dtype=torch.uint8)
+    if meta_len:
+        dist.recv(meta, frm)
+    into.meta = bytes(meta.numpy())
+    if checksum(into.data, into.meta) != expected:
+        raise SnapshotError(f"the replica of step {step} from rank {frm} does not match its checksum")
+    into.checksum, into.fingerprint, into.step = expected, theirs, step
+    into.complete = True

@@ -139,6 +139,10 @@ class RankTelemetry:
         self._micro_steps = 0
         self.timer.start_step(step)
 
+    def abandon_step(self) -> None:
+        """The step in flight ends unrecorded (in-place recovery goes back to a snapshot and does it again)."""
+        self.timer.abandon_step()
+
     def micro_step_done(self) -> None:
         """Call after each micro-batch's backward: refreshes the progress timestamp between steps."""
         self._micro_steps += 1

@@ -96,6 +96,10 @@ class StepTimer:
         self._step = step
         self._start = self._now()
 
+    def abandon_step(self) -> None:
+        """Forget the step in flight (it was cut short by a lost peer and is done again after the recovery)."""
+        self._step, self._open, self._in_collective = None, None, False
+
     def end_step(self) -> StepTimes:
         if self._step is None:
             raise RuntimeError("end_step: no step started")
@@ -192,14 +196,26 @@ def sync_point(timer: StepTimer, group: Any = None, *, flag: bool = False) -> bo
 def sync_flags(timer: StepTimer | None, flags: Sequence[bool], group: Any = None) -> tuple[bool, ...]:
     """`sync_point` carrying several flags in its one all_reduce: each result is True when any rank passed True
     for it. Without a timer it is not timed (a meeting outside a step)."""
+    return sync_values(timer, flags, (), group)[0]
+
+
+def sync_values(
+    timer: StepTimer | None, flags: Sequence[bool], minima: Sequence[int], group: Any = None
+) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    """`sync_flags` that also agrees on integers: each of `minima` becomes the smallest any rank passed (in-place
+    recovery's committed snapshot step). One all_reduce (MAX) for both: a minimum is the maximum of negatives, and
+    float64 holds every integer below 2**53 exactly."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return tuple(bool(f) for f in flags)
+        return tuple(bool(f) for f in flags), tuple(int(m) for m in minima)
     on_gpu = "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    value = torch.tensor(
+        [1.0 if f else 0.0 for f in flags] + [-float(m) for m in minima], dtype=torch.float64, device=device
+    )
     with timer.collective(sync=True) if timer is not None else nullcontext():
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return tuple(bool(v > 0) for v in value.tolist())
+    out = value.tolist()
+    return tuple(bool(v > 0) for v in out[: len(flags)]), tuple(int(-v) for v in out[len(flags) :])

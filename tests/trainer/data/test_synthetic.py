@@ -60,7 +60,9 @@ def test_videos_do_not_depend_on_what_memory_held_before(data: Path) -> None:
     for fill in ("1", "200"):
         dest = data.parent / f"perturbed-{fill}"
         env = {**os.environ, "MALLOC_PERTURB_": fill}
-        subprocess.run([sys.executable, "-c", script, str(dest)], check=True, env=env, cwd=REPO_ROOT, timeout=120)
+        subprocess.run(
+            [sys.executable, "-c", script, str(dest)], check=True, env=env, cwd=REPO_ROOT, timeout=120
+        )
         videos = sorted(dest.glob("*/videos/*.mp4"))
         assert len(videos) == 4
         for path in videos:

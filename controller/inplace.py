@@ -1,0 +1,126 @@
+"""The controller's part in in-place recovery (`fault_tolerance.recovery: in-place`; the ranks' part is
+trainer/recovery/).
+
+When a node of a gang fails, the other nodes' ranks stay: the reconciler asks the attempt's recovery coordinator
+(an HTTP API; the controller never imports torch) to give the lost node's ranks to a hot spare node whose
+processes all wait, promotes that spare into the lost node's place in the gang, records the decision and starts
+a new spare. The coordinator's status then shows when every rank joined the new round and from which step it
+resumed: the recovery's phases (detect, regroup, restore, first step) and the steps lost go into an event.
+
+This module holds the decisions and the timings, pure, and the coordinator's client; the reconciler does the I/O
+around them.
+
+Decisions:
+
+- A whole spare node for a lost node, its members in local-rank order: the ring keeps a node's ranks' replicas
+  on the next node, so a lost node's ranks come back from there, and a spare node's processes share a machine
+  the way the lost ones did.
+- No spare ready (none started yet, or still importing torch), no coordinator, or it refuses: the restart path,
+  as without in-place recovery. The ranks themselves fall back too (EXIT_RECOVERY_FALLBACK) when some state is in
+  no memory.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+COORDINATOR_TIMEOUT_S = 5.0
+
+
+class CoordinatorError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorClient:
+    url: str
+    timeout_s: float = COORDINATOR_TIMEOUT_S
+
+    def status(self) -> dict[str, Any]:
+        return self._call("/v1/status", None)
+
+    def replace(self, ranks: Sequence[int], *, failed_round: int, members: Sequence[str]) -> dict[str, Any]:
+        return self._call(
+            "/v1/replace", {"ranks": list(ranks), "failed_round": failed_round, "members": list(members)}
+        )
+
+    def _call(self, path: str, body: Mapping[str, Any] | None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            try:
+                detail = json.loads(err.read()).get("error", "")
+            except ValueError:
+                detail = ""
+            raise CoordinatorError(f"{path}: HTTP {err.code}: {detail}") from err
+        except (OSError, ValueError) as err:
+            raise CoordinatorError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class Replacement:
+    node: str  # the lost node
+    spare: str  # the spare node that takes its place
+    ranks: tuple[int, ...]
+    members: tuple[str, ...]  # the spare's processes, in local-rank order (one per rank)
+
+
+def plan_replacement(
+    *,
+    failed: Sequence[str],
+    nodes: Sequence[str],
+    procs_per_node: int,
+    live_spares: Sequence[str],
+    waiting: Sequence[str],
+) -> Replacement | None:
+    """The spare node for the one failed node: its every process waiting. None when more than one node failed at
+    once (their replicas may be lost with them: the restart path decides) or no spare node is ready."""
+    if len(failed) != 1 or failed[0] not in nodes:
+        return None
+    node = failed[0]
+    first = nodes.index(node) * procs_per_node
+    ready = set(waiting)
+    for spare in live_spares:
+        members = tuple(f"{spare}/{i}" for i in range(procs_per_node))
+        if all(m in ready for m in members):
+            return Replacement(node, spare, tuple(range(first, first + procs_per_node)), members)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryTimes:
+    detect_s: float | None  # the node's end -> the controller's decision
+    regroup_s: float  # the round opened -> the last rank joined it
+    restore_s: float  # the last join -> the last rank resumed from its snapshot
+    step: int  # the step every rank went back to (steps completed)
+    steps_lost: int | None  # completed steps done again: the most any survivor had done, less `step`
+
+
+def recovery_times(
+    round_status: Mapping[str, Any], *, died_at: float | None, decided_at: float
+) -> RecoveryTimes | None:
+    """The phases of a recovery from its round in the coordinator's status; None until every rank resumed."""
+    joined = [float(v["time"]) for v in round_status.get("joined", {}).values()]
+    resumed = round_status.get("resumed", {})
+    if not joined or not resumed or len(resumed) < len(joined):
+        return None
+    steps = {int(v["step"]) for v in resumed.values()}
+    done = [int(v["done"]) for v in resumed.values() if v.get("done") is not None]
+    last_join, last_resume = max(joined), max(float(v["time"]) for v in resumed.values())
+    return RecoveryTimes(
+        detect_s=None if died_at is None else max(decided_at - died_at, 0.0),
+        regroup_s=max(last_join - float(round_status["opened_at"]), 0.0),
+        restore_s=max(last_resume - last_join, 0.0),
+        step=min(steps),
+        steps_lost=max(max(done) - min(steps), 0) if done else None,
+    )

@@ -1,0 +1,61 @@
+"""The controller's in-place recovery decisions (controller/inplace.py): which spare takes a lost node, and the
+phases of a finished recovery read from the coordinator's status."""
+
+from __future__ import annotations
+
+from controller.inplace import (
+    CoordinatorClient,
+    CoordinatorError,
+    Replacement,
+    plan_replacement,
+    recovery_times,
+)
+
+
+def test_a_lost_node_goes_to_the_first_spare_node_whose_every_process_waits() -> None:
+    plan = plan_replacement(
+        failed=["local-1"],
+        nodes=["local-0", "local-1", "local-2"],
+        procs_per_node=2,
+        live_spares=["s-0", "s-1"],
+        waiting=["s-0/0", "s-1/0", "s-1/1"],  # s-0's second process is still importing torch
+    )
+    assert plan == Replacement("local-1", "s-1", (2, 3), ("s-1/0", "s-1/1"))
+
+
+def test_no_plan_without_a_ready_spare_or_for_two_nodes_at_once() -> None:
+    common = {"nodes": ["local-0", "local-1"], "procs_per_node": 1}
+    assert plan_replacement(failed=["local-1"], live_spares=[], waiting=["s-0/0"], **common) is None
+    assert plan_replacement(failed=["local-1"], live_spares=["s-0"], waiting=[], **common) is None
+    assert (
+        plan_replacement(
+            failed=["local-0", "local-1"], live_spares=["s-0", "s-1"], waiting=["s-0/0", "s-1/0"], **common
+        )  # fmt: skip
+        is None
+    )
+    assert plan_replacement(failed=["elsewhere"], live_spares=["s-0"], waiting=["s-0/0"], **common) is None
+
+
+def test_recovery_times_wait_for_every_rank_and_count_the_steps_done_again() -> None:
+    round_ = {
+        "opened_at": 100.0,
+        "joined": {"0": {"time": 100.02}, "1": {"time": 100.05}},
+        "resumed": {"0": {"time": 101.5, "step": 5, "done": 6}},
+    }
+    assert recovery_times(round_, died_at=99.9, decided_at=99.95) is None  # rank 1 has not resumed
+    round_["resumed"]["1"] = {"time": 101.55, "step": 5, "done": None}  # the newcomer
+    times = recovery_times(round_, died_at=99.9, decided_at=99.95)
+    assert times is not None
+    assert round(times.detect_s, 3) == 0.05 and round(times.regroup_s, 3) == 0.05
+    assert round(times.restore_s, 3) == 1.5 and times.step == 5 and times.steps_lost == 1
+    assert recovery_times(round_, died_at=None, decided_at=99.95).detect_s is None
+
+
+def test_the_client_names_the_path_and_the_cause_when_the_coordinator_is_gone() -> None:
+    client = CoordinatorClient("http://127.0.0.1:9", timeout_s=1)  # the discard port: nothing listens
+    try:
+        client.status()
+    except CoordinatorError as err:
+        assert str(err).startswith("/v1/status: ")
+    else:
+        raise AssertionError("no error")

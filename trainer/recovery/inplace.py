@@ -1,0 +1,275 @@
+"""A rank's part in in-place recovery, as the training runtime (trainer/runtime.py) uses it.
+
+`Membership` is this process's place in the job's rounds (regroup.py's protocol on the coordinator's store): a rank
+started with its RANK joins round 0; a spare registers, waits for an assignment, and joins the round it was given.
+After a failure every survivor leaves, waits for the next round and joins it with the newcomers.
+
+`InPlace` holds the rank's snapshots and their replication, and runs the recovery after a regroup:
+
+1. `restore_point`: every rank says which steps it holds (its own complete snapshots; a newcomer none) and which
+   replica steps it keeps verified; the step to go back to is the newest one that every survivor holds and that
+   the keeper of each lost rank's replica holds for it. None: some state is in no memory (a rank and its keeper
+   both lost): the run falls back to the disk checkpoint (EXIT_RECOVERY_FALLBACK).
+2. Each keeper sends the lost rank's replica to its newcomer (checksum and layout verified on arrival).
+3. Every rank copies that snapshot into its live engine (`recovery.engine.restore_engine`) and the runtime puts
+   the loader position, the RNGs, the step and token counts back from its meta.
+
+Decisions:
+
+- A failure is a collective that raised (`is_peer_failure`): gloo raises within milliseconds when a peer's
+  process dies. A rank blocked on a live peer that is itself leaving learns of it when that peer destroys its
+  groups (its connections close), so one rank's discovery reaches every rank.
+- The restore point is computed after the regroup from what each rank holds, not taken from the last vote: a
+  snapshot replicated after the last vote still counts, and a rank that missed the vote (the failure cut it)
+  cannot make the ranks disagree.
+- The replicator's thread is left to end on its own (its transfer fails when the peer's connections close) and a
+  new one is started over the new groups; its group is made with a timeout so that it always ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from trainer.contract.telemetry import ENV_RECOVERY_MEMBER, ENV_RECOVERY_STORE
+
+from . import regroup
+from .coordinator import COMMITTED, CURRENT, SPARES, replaced_key, report_key, spare_key
+from .engine import engine_meta, engine_state, restore_engine
+from .replicate import Replicator, Ring, receive_slot, send_slot
+from .snapshot import NONE, Layout, RankSnapshots
+
+if TYPE_CHECKING:
+    from trainer.parallel.engine import ParallelEngine
+
+log = logging.getLogger("trainer.recovery")
+
+SPARE_POLL_S = 24 * 3600.0  # a spare's wait for its assignment, in slices (it may wait for days)
+_PEER_FAILURE_WORDS = (
+    "connection",
+    "gloo",
+    "nccl",
+    "peer",
+    "timed out",
+    "timeout",
+    "broken pipe",
+    "not init",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySettings:
+    store_host: str
+    store_port: int
+    member: str | None  # a spare's member id; None for a rank started with its RANK
+    ranks_per_node: int
+    snapshot_interval: int = 1
+    regroup_timeout_s: float = 300.0  # how long a survivor waits for the next round
+    collective_timeout_s: float = 600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **kw: Any) -> RecoverySettings | None:
+        """None when the launcher did not ask for in-place recovery (no recovery store)."""
+        address = env.get(ENV_RECOVERY_STORE)
+        if not address:
+            return None
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{ENV_RECOVERY_STORE}: expected host:port, got {address!r}")
+        return cls(
+            store_host=host,
+            store_port=int(port),
+            member=env.get(ENV_RECOVERY_MEMBER) or None,
+            ranks_per_node=int(env.get("LOCAL_WORLD_SIZE", "1")),
+            **kw,
+        )
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective failed because a peer is gone or its groups were destroyed (not a bug in this rank)."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, (RuntimeError, ValueError)) and any(
+        w in str(err).lower() for w in _PEER_FAILURE_WORDS
+    )
+
+
+class Membership:
+    """This process's place in the job's rounds (see the module docstring)."""
+
+    def __init__(self, settings: RecoverySettings, *, world_size: int):
+        self.settings, self.world_size = settings, world_size
+        self.store = self._connect()
+        self.round = 0
+        self.rank = -1
+        self.newcomer = settings.member is not None
+        self.replaced: list[int] = []
+
+    def _connect(self) -> dist.TCPStore:
+        s = self.settings
+        return dist.TCPStore(
+            s.store_host, s.store_port, is_master=False, timeout=timedelta(seconds=s.regroup_timeout_s)
+        )
+
+    def join_first(self, backend: str) -> int:
+        """Join the job: round 0 for a rank started with its RANK; a spare waits for an assignment. Its rank."""
+        member = self.settings.member
+        if member is None:
+            self.round, self.rank = 0, int(os.environ["RANK"])
+        else:
+            index = int(self.store.add(SPARES, 1)) - 1
+            self.store.set(spare_key(index), json.dumps({"member": member, "pid": os.getpid()}))
+            log.info("spare %s waiting for an assignment", member)
+            while True:
+                try:
+                    self.round, self.rank = regroup.wait_for_assignment(
+                        self.store, member, timeout_s=SPARE_POLL_S
+                    )
+                    break
+                except dist.DistStoreError:
+                    continue
+            os.environ["RANK"] = str(self.rank)  # the telemetry and the logs name the rank
+            log.info("spare %s is rank %d from round %d", member, self.rank, self.round)
+        self._join(backend)
+        return self.rank
+
+    def rejoin(self, backend: str) -> None:
+        """After `regroup.leave()`: wait for the next round, join the newest one open."""
+        regroup.wait_for_round(self.store, self.round + 1, timeout_s=self.settings.regroup_timeout_s)
+        # The newest round open (a second failure may have opened another since), never an older one.
+        self.round = max(self.round + 1, int(self.store.get(CURRENT)))
+        self._join(backend)
+
+    def _join(self, backend: str) -> None:
+        world = regroup.wait_for_round(self.store, self.round, timeout_s=self.settings.regroup_timeout_s)
+        if world != self.world_size:
+            raise RuntimeError(f"round {self.round} has {world} ranks; this job has {self.world_size}")
+        self.replaced = json.loads(self.store.get(replaced_key(self.round)))
+        regroup.join(
+            self.store,
+            self.round,
+            rank=self.rank,
+            world_size=world,
+            backend=backend,
+            timeout_s=self.settings.collective_timeout_s,
+        )
+        self.report("joined")
+
+    def report(self, what: str, **fields: Any) -> None:
+        self.store.set(report_key(self.round, what, self.rank), json.dumps({"time": time.time(), **fields}))
+
+
+class InPlace:
+    """Snapshots, their replicas and the restore after a regroup, for one rank (see the module docstring)."""
+
+    def __init__(self, membership: Membership, engine: ParallelEngine):
+        self.membership = membership
+        settings = membership.settings
+        self.snapshots = RankSnapshots(Layout.of(engine_state(engine)), interval=settings.snapshot_interval)
+        self.ring = Ring(dist.get_rank(), dist.get_world_size(), settings.ranks_per_node)
+        self.replicator: Replicator | None = None
+        if not membership.newcomer:  # a newcomer's replicator starts after its restore, as the survivors' do
+            self._start_replicator()
+
+    def _start_replicator(self) -> None:
+        if self.ring.world < 2:
+            return
+        group = dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=self.membership.settings.collective_timeout_s)
+        )
+        self.replicator = Replicator(self.snapshots, self.ring, group)
+
+    # ------------------------------------------------------------------------------------- every step
+
+    def vote(self) -> int:
+        """This rank's contribution to the committed step (all-reduced with MIN at the sync point)."""
+        return self.snapshots.contribution()
+
+    def agreed(self, committed: int) -> None:
+        """The sync point's result: the committed step."""
+        if committed != self.snapshots.committed and self.membership.rank == 0 and committed != NONE:
+            self.membership.store.set(COMMITTED, str(committed))
+        self.snapshots.agree(committed)
+
+    def after_step(self, step: int, engine: ParallelEngine, meta: Mapping[str, Any]) -> None:
+        """Snapshot the step when due and send it to its keeper at once (every rank takes the same steps; the
+        sooner the replica is whole, the newer the step a failure goes back to)."""
+        slot = self.snapshots.maybe_capture(step, engine_state(engine), {**meta, **engine_meta(engine)})
+        if slot is not None and self.replicator is not None:
+            self.replicator.submit(slot)
+
+    # ------------------------------------------------------------------------------------- recovery
+
+    def regroup(self, backend: str) -> None:
+        """After a failed collective: leave every group and join the next round (same process)."""
+        regroup.leave()
+        if (
+            self.replicator is not None
+        ):  # its thread ends after the transfer in flight, which fails or finishes
+            self.replicator.stop()
+        self.replicator = None
+        self.membership.rejoin(backend)
+
+    def restore_point(self) -> int | None:
+        """Collective over the new world: the newest step every rank can go back to, or None (see the module
+        docstring)."""
+        mine = {
+            "own": [] if self.membership.newcomer else _steps(self.snapshots.own.slots),
+            "replica": _steps(self.snapshots.replica.slots) if self.snapshots.replica else [],
+        }
+        everyone: list[Any] = [None] * self.ring.world
+        dist.all_gather_object(everyone, mine)
+        replaced = set(self.membership.replaced)
+        candidates: set[int] | None = None
+        for rank in range(self.ring.world):
+            if rank in replaced:
+                keeper = Ring(rank, self.ring.world, self.ring.ranks_per_node).buddy
+                held = set() if keeper in replaced else set(everyone[keeper]["replica"])
+            else:
+                held = set(everyone[rank]["own"])
+            candidates = held if candidates is None else candidates & held
+        return max(candidates) if candidates else None
+
+    def restore(self, engine: ParallelEngine, step: int, *, done: int | None) -> Mapping[str, Any]:
+        """Hand the lost ranks' replicas to their newcomers, then go back to `step` on every rank (collective);
+        the snapshot's meta. `done`: the steps this rank had completed when the failure came (None: a newcomer),
+        reported with the step resumed from, so the controller can count the steps done again."""
+        replaced = sorted(self.membership.replaced)
+        me = self.ring.rank
+        for rank in replaced:
+            keeper = Ring(rank, self.ring.world, self.ring.ranks_per_node).buddy
+            if me == keeper:
+                slot = self.snapshots.replica.holding(step) if self.snapshots.replica else None
+                assert slot is not None, "restore_point promised this replica"
+                send_slot(slot, rank)
+            elif me == rank:
+                receive_slot(
+                    self.snapshots.own.free(NONE), keeper, fingerprint=self.snapshots.layout.fingerprint
+                )
+        meta = restore_engine(engine, self.snapshots, step=step)
+        self.snapshots.agree(step)
+        self.snapshots.last_captured = step
+        self.membership.newcomer = False
+        self._start_replicator()
+        # The restored step goes out to the keepers again: a newcomer's keeper has nothing of it yet.
+        slot = self.snapshots.own.holding(step)
+        if slot is not None and self.replicator is not None:
+            self.replicator.submit(slot)
+        self.membership.report("resumed", step=step, done=done)
+        return meta
+
+    @property
+    def host_bytes(self) -> int:
+        return self.snapshots.nbytes
+
+
+def _steps(slots: Any) -> list[int]:
+    return sorted(s.step for s in slots if s.complete)
