@@ -126,8 +126,8 @@ def _config(root: Path, data: list[str], parallel: dict) -> Path:
 
 
 TOPOLOGIES = {
-    # name: (parallel, ranks per node); the last node is lost (its every rank, as when its agent stops them)
-    "dp2-2x1": ({"dp": 2}, 1),
+    # name: (parallel, ranks per node); the last node is lost (its every rank, as when its agent stops them).
+    # dp=2 on 2 nodes x 1 rank runs under a real controller in tests/controller/test_fault_matrix.py.
     "dp2xpp2-2x2": ({"dp": 2, "pp": 2}, 2),
 }
 
