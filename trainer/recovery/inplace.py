@@ -107,17 +107,16 @@ class Membership:
 
     def __init__(self, settings: RecoverySettings, *, world_size: int):
         self.settings, self.world_size = settings, world_size
-        self.store = self._connect()
+        self.store = dist.TCPStore(
+            settings.store_host,
+            settings.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=settings.regroup_timeout_s),
+        )
         self.round = 0
         self.rank = -1
         self.newcomer = settings.member is not None
         self.replaced: list[int] = []
-
-    def _connect(self) -> dist.TCPStore:
-        s = self.settings
-        return dist.TCPStore(
-            s.store_host, s.store_port, is_master=False, timeout=timedelta(seconds=s.regroup_timeout_s)
-        )
 
     def join_first(self, backend: str) -> int:
         """Join the job: round 0 for a rank started with its RANK; a spare waits for an assignment. Its rank."""
@@ -265,10 +264,6 @@ class InPlace:
             self.replicator.submit(slot)
         self.membership.report("resumed", step=step, done=done)
         return meta
-
-    @property
-    def host_bytes(self) -> int:
-        return self.snapshots.nbytes
 
 
 def _steps(slots: Any) -> list[int]:
