@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo learn test test-load test-fast bench lint clean
+.PHONY: venv demo learn test test-load test-fast test-inplace-seeds bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ learn: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The timing-dependent tests (marker `timing`) REPEAT times in a row next to one CPU hog per core: CI machines are loaded.
 test-load: $(STAMP)
@@ -54,6 +54,11 @@ test-load: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Issue 13's acceptance 1: in-place recovery on both topologies, the kill at a step drawn from each of 5 seeds.
+test-inplace-seeds: $(STAMP)
+	VLCTL_INPLACE_SEEDS=$(or $(SEEDS),5) VLCTL_INPLACE_TOPOLOGIES=dp2-2x1,dp2xpp2-2x2 \
+		$(BIN)/python -m pytest -q -s tests/trainer/recovery/test_inplace_run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

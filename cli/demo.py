@@ -1,11 +1,13 @@
 """`vlctl demo`: the whole product in a few minutes on this machine.
 
 It trains the mini Qwen2-VL on synthetic grounding and video data as a job of 2 local nodes under the
-controller, with checkpoints; kills a rank partway (SIGKILL from outside) and lets the controller resume the
-job by itself from the newest committed checkpoint; slows one rank 1.5x from a later step (the trainer's fault
-hook) and lets the straggler detector flag it; then prints a summary: the loss curve, what the model answers on
-held-out images and videos against the truth, the restarts and the checkpoint used, the straggler found, ETTR,
-and where the metrics are.
+controller, with checkpoints and in-place recovery (a hot spare node waits beside the job); kills a rank partway
+(SIGKILL from outside) and lets the controller replace it in place: the other rank keeps its process and goes
+back to the newest in-memory snapshot, the spare takes the lost rank's state from its peer's replica; slows one
+rank 1.5x from a later step (the trainer's fault hook) and lets the straggler detector flag it; then prints a
+summary: the loss curve, what the model answers on held-out images and videos against the truth, the recovery
+(its phases, the steps done again, the survivor's pid before and after), the straggler found, ETTR, and where
+the metrics are.
 
 Everything lives under OUT (default runs/demo): data, run folder, logs, and its own SQLite store, so the demo
 never touches the user's job history. Inspect it afterwards with
@@ -43,9 +45,10 @@ from .output import stderr, stdout
 JOB = "demo"
 STEPS = 80
 INTERVAL = 10
-KILL_AT_STEP = 14  # after the checkpoint at step 10: the resume repeats steps 11..14
-# The straggler detector learns each rank's own speed over 3 windows after the resumed attempt's warm-up
-# (steps 13..42), so the slowdown starts after them: a rank slow from the start has no healthy baseline.
+KILL_AT_STEP = 14  # after the checkpoint at step 10: in place, at most one step is done again
+# The straggler detector learns each rank's own speed over 3 windows after the warm-up (steps 3..32, and the
+# recovery's window is not judged), so the slowdown starts after them: a rank slow from the start has no
+# healthy baseline.
 SLOW_FROM_STEP = 45
 SLOW_FACTOR = 1.5
 SLOW_RANK = 1
@@ -75,6 +78,8 @@ def demo_spec(data: Path, run_dir: Path) -> dict[str, Any]:
         },
         "checkpoint_policy": {"interval": INTERVAL, "min_interval_steps": 1},
         "fault_tolerance": {
+            "recovery": "in-place",
+            "hot_spares": 1,
             "max_restarts": 3,
             "backoff_base_seconds": 1,
             "backoff_max_seconds": 5,
@@ -92,13 +97,22 @@ class Chaos:
     def __init__(self) -> None:
         self.killed_at: float | None = None
         self.killed_pid: int | None = None
+        self.survivors: dict[int, int] = {}  # rank -> pid, just before the kill
+        self.pids_after: dict[int, int] = {}  # rank -> pid, as last seen while the job ran after it
 
     def __call__(self, snapshot: JobView) -> None:
-        if self.killed_at is not None or snapshot.attempt != 1 or (snapshot.step or 0) < KILL_AT_STEP:
+        if self.killed_at is not None:
+            if str(snapshot.phase) == "running" and (
+                pids := {r.rank: r.pid for r in snapshot.ranks or () if r.pid}
+            ):
+                self.pids_after = pids
+            return
+        if snapshot.attempt != 1 or (snapshot.step or 0) < KILL_AT_STEP:
             return
         pid = next((r.pid for r in snapshot.ranks or () if r.rank == KILL_RANK and r.pid), None)
         if pid is None:
             return
+        self.survivors = {r.rank: r.pid for r in snapshot.ranks or () if r.rank != KILL_RANK and r.pid}
         os.kill(pid, signal.SIGKILL)
         self.killed_at, self.killed_pid = time.time(), pid
         stderr.print(
@@ -224,6 +238,7 @@ def _summary(db, run_dir: Path, data: Path, chaos: Chaos, metrics_url: str, star
                 (e.data.get("detection_seconds") for e in events if e.type == "Failure" and e.data), None
             ),
             "killed_at": chaos.killed_at,
+            "recovery": _in_place_recovery(events, chaos, run_dir),
             "metrics_url": metrics_url,
             "ranks_metrics": sorted(str(p) for p in run_dir.glob("metrics-rank*.jsonl")),
         }
@@ -231,6 +246,34 @@ def _summary(db, run_dir: Path, data: Path, chaos: Chaos, metrics_url: str, star
     summary["answers"] = _answers(run_dir, data)
     summary["elapsed_seconds"] = time.time() - started
     return summary
+
+
+def _in_place_recovery(events, chaos: Chaos, run_dir: Path) -> dict[str, Any] | None:
+    """The in-place recovery of the killed rank, as the events and the ranks' records tell it; None if none."""
+    started = next((e for e in events if e.reason == "InPlaceRecoveryStarted"), None)
+    done = next((e for e in events if e.reason == "RecoveredInPlace"), None)
+    if started is None or done is None:
+        return None
+    resumed_at = done.data.get("resumed_at")
+    steps = [
+        json.loads(line)
+        for line in (run_dir / "metrics-rank0.jsonl").read_text().splitlines()
+        if '"step_seconds"' in line
+    ]
+    first = next((x["time"] for x in steps if resumed_at is not None and x["time"] > resumed_at), None)
+    pids = chaos.pids_after
+    return {
+        "spare": started.data.get("spare"),
+        "decided_after": None if chaos.killed_at is None else started.time.timestamp() - chaos.killed_at,
+        "step": done.data.get("step"),
+        "detect": done.data.get("detect_seconds"),
+        "regroup": done.data.get("regroup_seconds"),
+        "restore": done.data.get("restore_seconds"),
+        "first_step": None if first is None or resumed_at is None else first - resumed_at,
+        "total": None if first is None or chaos.killed_at is None else first - chaos.killed_at,
+        "steps_lost": done.data.get("steps_lost"),
+        "survivors": {rank: (pid, pids.get(rank)) for rank, pid in chaos.survivors.items()},
+    }
 
 
 def _loss_curve(path: Path) -> dict[int, float]:
@@ -300,6 +343,26 @@ def _print_summary(s: dict[str, Any]) -> None:
         )
         out.print(
             f"  attempt {a['number']}: {resumed}, reached step {a['last_step']}, ended {a['exit_class']}"
+        )
+    if (r := s["recovery"]) is not None:
+        kept = [f"rank {rank} pid {a}" for rank, (a, b) in r["survivors"].items() if a == b]
+        moved = [f"rank {rank} pid {a} -> {b}" for rank, (a, b) in r["survivors"].items() if a != b]
+
+        def secs(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f} s"
+
+        out.print(
+            f"recovery in place: rank {KILL_RANK} killed, its node given to spare {r['spare']} "
+            f"{secs(r['decided_after'])} later; every rank back at step {r['step']} from memory (regroup "
+            f"{secs(r['regroup'])}, restore {secs(r['restore'])}, then the first step {secs(r['first_step'])}): "
+            f"training again {secs(r['total'])} after the kill, {r['steps_lost']} completed step(s) done again",
+            highlight=False,
+        )
+        out.print(
+            "  the survivors kept running: "
+            + (", ".join(kept) or "none")
+            + (f"; restarted: {', '.join(moved)}" if moved else ""),
+            highlight=False,
         )
     if s["failures"]:
         latency = None

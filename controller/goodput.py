@@ -7,10 +7,12 @@ Decisions:
   submission -> first step of the first attempt: startup; failure -> the controller noticing it: detection;
   detection (or the end of an attempt) -> the next attempt's first step: restart (teardown, backoff, launch,
   checkpoint load, the first step's warm-up); first step -> failure or end: running.
-- Running time is productive except for three deductions measured inside it: blocking checkpoint saves,
+- Running time is productive except for the deductions measured inside it: blocking checkpoint saves,
   straggler slowdown (per window, the slowest rank's own work minus the median rank's, times the steps: what
-  everyone waited for), and recomputed steps (steps repeated after resuming from a checkpoint older than the
-  newest step reached before, priced at the attempt's median step time, or its mean when not given).
+  everyone waited for), recomputed steps (steps repeated after resuming from a checkpoint older than the
+  newest step reached before, priced at the attempt's median step time, or its mean when not given), and
+  in-place recoveries (a lost rank replaced inside the attempt: from its death to every rank back at the
+  snapshot step, plus the steps done again, priced like recomputed steps).
 - Whatever no cause explains (the teardown after a job's final failure, gaps in the records) is `other`, so
   productive + lost + other = wall exactly.
 - Inputs are small typed records the controller builds from its store, not database rows.
@@ -28,6 +30,7 @@ class LostCause(StrEnum):
     DETECTION = "detection"
     RESTART = "restart"
     RECOMPUTED_STEPS = "recomputed_steps"
+    IN_PLACE_RECOVERY = "in_place_recovery"
     CHECKPOINT_STALL = "checkpoint_stall"
     STRAGGLER_SLOWDOWN = "straggler_slowdown"
     OTHER = "other"
@@ -49,6 +52,21 @@ class StepWindow:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class InPlaceRecovery:
+    """A lost rank replaced inside a running attempt (in-place recovery); unix seconds."""
+
+    failed_at: float  # the rank's death as the controller saw it
+    resumed_at: float  # every rank back at the snapshot step
+    steps_lost: int = 0  # completed steps done again
+
+    def __post_init__(self) -> None:
+        if self.resumed_at < self.failed_at:
+            raise ValueError(f"resumed_at: {self.resumed_at} is before failed_at ({self.failed_at})")
+        if self.steps_lost < 0:
+            raise ValueError(f"steps_lost: must be >= 0, got {self.steps_lost}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class AttemptTimeline:
     """One launch of the gang; times in unix seconds."""
 
@@ -64,6 +82,7 @@ class AttemptTimeline:
     step_seconds: float | None = None  # median step time, to price recomputed steps
     checkpoint_stall_seconds: float = 0.0  # training blocked by checkpoint saves
     step_windows: tuple[StepWindow, ...] = ()
+    recoveries: tuple[InPlaceRecovery, ...] = ()  # in-place recoveries inside the attempt's running time
 
     def __post_init__(self) -> None:
         if (self.failed_at is None) != (self.detected_at is None):
@@ -98,6 +117,7 @@ def recorded_timeline(
     last_step: int | None,
     checkpoint_stall_seconds: float,
     straggler_seconds: float,
+    recoveries: tuple[InPlaceRecovery, ...] = (),
 ) -> AttemptTimeline:
     """An AttemptTimeline from what the store recorded, made consistent: times come from different clocks
     (a rank's, torchrun's whole seconds, the controller's), so each is clamped to be no earlier than the one
@@ -122,6 +142,7 @@ def recorded_timeline(
         step_windows=(
             StepWindow(num_steps=1, median_own_work_seconds=0.0, slowest_own_work_seconds=straggler_seconds),
         ),
+        recoveries=recoveries,
     )
 
 
@@ -133,6 +154,7 @@ class Goodput:
     detection_seconds: float
     restart_seconds: float
     recomputed_seconds: float
+    in_place_recovery_seconds: float
     checkpoint_stall_seconds: float
     straggler_seconds: float
     other_seconds: float
@@ -147,6 +169,7 @@ class Goodput:
             LostCause.DETECTION: self.detection_seconds,
             LostCause.RESTART: self.restart_seconds,
             LostCause.RECOMPUTED_STEPS: self.recomputed_seconds,
+            LostCause.IN_PLACE_RECOVERY: self.in_place_recovery_seconds,
             LostCause.CHECKPOINT_STALL: self.checkpoint_stall_seconds,
             LostCause.STRAGGLER_SLOWDOWN: self.straggler_seconds,
             LostCause.OTHER: self.other_seconds,
@@ -180,10 +203,12 @@ def compute_goodput(
             stall = a.checkpoint_stall_seconds
             straggler = sum(w.excess_seconds for w in a.step_windows)
             recomputed = recomputed_seconds(a, best_step, running)
+            in_place, redone = in_place_seconds(a, start=a.first_step_at, stop=stop, running=running)
             lost[LostCause.CHECKPOINT_STALL] += stall
             lost[LostCause.STRAGGLER_SLOWDOWN] += straggler
-            lost[LostCause.RECOMPUTED_STEPS] += recomputed
-            productive += max(0.0, running - stall - straggler - recomputed)
+            lost[LostCause.RECOMPUTED_STEPS] += recomputed + redone
+            lost[LostCause.IN_PLACE_RECOVERY] += in_place
+            productive += max(0.0, running - stall - straggler - recomputed - redone - in_place)
         cursor = stop
         if a.failed_at is not None and a.detected_at is not None and a.failed_at < now:
             detected = min(a.detected_at, now)
@@ -201,10 +226,25 @@ def compute_goodput(
         detection_seconds=lost[LostCause.DETECTION],
         restart_seconds=lost[LostCause.RESTART],
         recomputed_seconds=lost[LostCause.RECOMPUTED_STEPS],
+        in_place_recovery_seconds=lost[LostCause.IN_PLACE_RECOVERY],
         checkpoint_stall_seconds=lost[LostCause.CHECKPOINT_STALL],
         straggler_seconds=lost[LostCause.STRAGGLER_SLOWDOWN],
         other_seconds=lost[LostCause.OTHER],
     )
+
+
+def in_place_seconds(a: AttemptTimeline, *, start: float, stop: float, running: float) -> tuple[float, float]:
+    """The running time in-place recoveries took (a rank's death -> every rank back at the snapshot step, within
+    [start, stop]) and the steps they did again, priced like recomputed steps."""
+    took = sum(max(0.0, min(r.resumed_at, stop) - max(r.failed_at, start)) for r in a.recoveries)
+    steps = sum(r.steps_lost for r in a.recoveries if r.resumed_at <= stop)
+    if not steps:
+        return took, 0.0
+    step_seconds = a.step_seconds
+    if step_seconds is None:
+        done = (a.last_step or 0) - a.resumed_from_step
+        step_seconds = running / done if done > 0 else 0.0
+    return took, min(max(0.0, running - took), steps * step_seconds)
 
 
 def recomputed_seconds(a: AttemptTimeline, best_step: int, running: float) -> float:

@@ -31,7 +31,7 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -203,3 +203,32 @@ def detect_hang(
         stale=tuple(stale),
         first_stalled=first_stalled,
     )
+
+
+# A main thread in one of these frames is waiting on other ranks (a collective, a pipeline transfer, a snapshot
+# replica's exchange), not stuck on its own.
+_WAITING_ON_PEERS = ("torch/distributed/", "deepspeed/comm/", "settle_replicas", "Replicator.drain")
+
+
+def waiting_on_peers(stacks: str) -> bool:
+    """Whether a py-spy dump shows the main thread blocked on other ranks."""
+    main, inside = [], False
+    for line in stacks.splitlines():
+        if line.startswith("Thread "):
+            inside = '"MainThread"' in line
+        elif inside:
+            main.append(line)
+    return any(marker in line for line in main for marker in _WAITING_ON_PEERS)
+
+
+def hang_culprits(
+    first_stalled: Sequence[int], *, stacks: Mapping[int, str], stopped: Collection[int] = ()
+) -> tuple[int, ...]:
+    """The ranks to blame for a hang, sharper than the progress timestamps alone: a step that starts with a
+    collective stops every rank at the same moment, so `first_stalled` may hold the whole job. A stopped process
+    is to blame; otherwise, of the first stalled, those whose main thread is not waiting on other ranks (their
+    stacks show it). When the stacks tell nothing (none, or everyone waits), `first_stalled` as it was."""
+    if stopped:
+        return tuple(sorted(stopped))
+    stuck = tuple(r for r in first_stalled if r in stacks and not waiting_on_peers(stacks[r]))
+    return stuck or tuple(first_stalled)

@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller import states
-from controller.domain.phases import EventType
+from controller.domain.phases import EventType, SupervisionReason
 from controller.failures import Classification, ExitClass
-from controller.goodput import compute_goodput, recorded_timeline
+from controller.goodput import InPlaceRecovery, compute_goodput, recorded_timeline
 from controller.policy import CheckpointIntervalInputs, RestartCost, choose_checkpoint_interval
 from controller.spec import TrainingJobSpec
 from controller.store.models import Attempt, Checkpoint, Event, Job
@@ -182,6 +182,7 @@ def update_goodput(*, session: Session, job: Job, now: float, finished: bool = F
     """Recompute the job's ETTR and lost time by cause from its attempts, and store them."""
     end = job.finished_at.timestamp() if finished and job.finished_at else now
     try:
+        recoveries = in_place_recoveries(session=session, job_id=job.id)
         timelines = [
             recorded_timeline(
                 launched_at=a.started_at.timestamp(),
@@ -193,6 +194,7 @@ def update_goodput(*, session: Session, job: Job, now: float, finished: bool = F
                 last_step=a.last_step,
                 checkpoint_stall_seconds=a.checkpoint_stall_seconds,
                 straggler_seconds=a.straggler_seconds,
+                recoveries=recoveries.get(a.number, ()),
             )
             for a in list_attempts(session=session, job_id=job.id)
         ]
@@ -212,6 +214,29 @@ def update_goodput(*, session: Session, job: Job, now: float, finished: bool = F
         lost_seconds={str(k): v for k, v in g.lost_by_cause().items()},
         ettr=min(1.0, max(0.0, g.ettr)),
     )
+
+
+def in_place_recoveries(*, session: Session, job_id: int) -> dict[int, tuple[InPlaceRecovery, ...]]:
+    """Each attempt's finished in-place recoveries, from their RecoveredInPlace events."""
+    out: dict[int, list[InPlaceRecovery]] = {}
+    rows = session.execute(
+        select(Event.attempt, Event.data).where(
+            Event.job_id == job_id,
+            Event.type == EventType.RECOVERY,
+            Event.reason == SupervisionReason.RECOVERED_IN_PLACE,
+        )
+    )
+    for attempt, data in rows:
+        if attempt is None or not data or data.get("died_at") is None or data.get("resumed_at") is None:
+            continue
+        out.setdefault(int(attempt), []).append(
+            InPlaceRecovery(
+                failed_at=float(data["died_at"]),
+                resumed_at=max(float(data["resumed_at"]), float(data["died_at"])),
+                steps_lost=int(data.get("steps_lost") or 0),
+            )
+        )
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def median(values: list[float | None]) -> float | None:

@@ -97,6 +97,16 @@ def plan_replacement(
     return None
 
 
+def hung_node(first_stalled: Sequence[int], *, nodes: Sequence[str], procs_per_node: int) -> str | None:
+    """The one node that holds every rank that stopped first in a hang (the likely culprits), whose ranks can be
+    killed and replaced in place; None when the culprits span nodes or are unknown (the restart path decides)."""
+    held = {rank // procs_per_node for rank in first_stalled}
+    if len(held) != 1:
+        return None
+    index = held.pop()
+    return nodes[index] if 0 <= index < len(nodes) else None
+
+
 @dataclass(frozen=True, slots=True)
 class RecoveryTimes:
     detect_s: float | None  # the node's end -> the controller's decision
@@ -104,6 +114,7 @@ class RecoveryTimes:
     restore_s: float  # the last join -> the last rank resumed from its snapshot
     step: int  # the step every rank went back to (steps completed)
     steps_lost: int | None  # completed steps done again: the most any survivor had done, less `step`
+    resumed_at: float  # unix seconds: the last rank back at `step`
 
 
 def recovery_times(
@@ -123,4 +134,5 @@ def recovery_times(
         restore_s=max(last_resume - last_join, 0.0),
         step=min(steps),
         steps_lost=max(max(done) - min(steps), 0) if done else None,
+        resumed_at=last_resume,
     )

@@ -61,7 +61,7 @@ from controller.checkpoints import (
 )
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase, SupervisionReason
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
-from controller.hangs import HangVerdict
+from controller.hangs import HangVerdict, hang_culprits
 from controller.history import (
     checkpoint_interval,
     failure_history,
@@ -69,7 +69,13 @@ from controller.history import (
     restart_cost,
     update_goodput,
 )
-from controller.inplace import CoordinatorClient, CoordinatorError, plan_replacement, recovery_times
+from controller.inplace import (
+    CoordinatorClient,
+    CoordinatorError,
+    hung_node,
+    plan_replacement,
+    recovery_times,
+)
 from controller.memory import rank_memory_limit
 from controller.policy import ExclusionCase, decide_exclusion, decide_restart
 from controller.spec import TrainingJobSpec
@@ -473,11 +479,18 @@ class Controller:
         update = live.telemetry.poll(now)
         newly_flagged, windows = live.absorb(update)
         failed_nodes = {n: c for n, c in codes.items() if c is not None and c != 0}
-        if failed_nodes and self._recover_in_place(job_id, spec, live, failed_nodes, now):
+        lost: dict[str, int | None] = dict(failed_nodes)
+        if spec.fault_tolerance.recovery == "in-place" and (
+            early := getattr(live.gang, "lost_workers", None)
+        ):
+            for node in early():  # a rank process gone, its torchrun not yet: decided without waiting for it
+                lost.setdefault(node, None)
+        if lost and self._recover_in_place(job_id, spec, live, lost, now):
             codes = live.gang.poll()  # the spare stands in the lost node's place now
             failed_nodes = {n: c for n, c in codes.items() if c is not None and c != 0}
         if live.recoveries:
             self._follow_in_place(job_id, live, now)
+        self._replenish_spares(job_id, live)
         with self.store.transaction() as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -522,7 +535,9 @@ class Controller:
             self._handle_end(job_id, spec, live, codes=codes, now=now)
         else:
             verdict = live.check_hang(now)
-            if verdict.hung:
+            if verdict.hung and (live.recoveries or now < live.hang_quiet_until):
+                pass  # an in-place recovery is under way: the ranks wait for it, they are not hung
+            elif verdict.hung and not self._kill_hung_in_place(job_id, spec, live, verdict, now):
                 self._handle_hang(job_id, spec, live, verdict, now)
             elif windows and spec.stragglers.action == "exclude-node" and live.flagged:
                 self._consider_exclusion(job_id, spec, live, now)
@@ -530,10 +545,16 @@ class Controller:
     # ------------------------------------------------------------------------------- in-place recovery
 
     def _recover_in_place(
-        self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, failed: Mapping[str, int], now: float
+        self,
+        job_id: int,
+        spec: TrainingJobSpec,
+        live: LiveAttempt,
+        failed: Mapping[str, int | None],
+        now: float,
     ) -> bool:
         """A node failed under `recovery: in-place`: give its ranks to a waiting spare node (see
-        controller/inplace.py). False: the restart path handles the failure."""
+        controller/inplace.py). False: the restart path handles the failure. `failed`: node -> its exit code,
+        None for a node whose rank process is gone while its torchrun still runs."""
         gang = live.gang
         url = getattr(gang, "coordinator_url", None)
         if spec.fault_tolerance.recovery != "in-place" or url is None:
@@ -549,13 +570,18 @@ class Controller:
                 waiting=status["spares_waiting"],
             )
             if plan is None:
-                log.warning("job %s: no spare node ready for %s: restarting", spec.name, ", ".join(failed))
+                if any(c is not None for c in failed.values()):  # not for a node still ending: said once
+                    log.warning(
+                        "job %s: no spare node ready for %s: restarting", spec.name, ", ".join(failed)
+                    )
                 return False
             opened = client.replace(plan.ranks, failed_round=int(status["round"]), members=plan.members)
         except CoordinatorError as err:
             log.warning("job %s: in-place recovery unavailable (%s): restarting", spec.name, err)
             return False
-        died_at = gang.node_end_time(plan.node)
+        code = failed[plan.node]
+        # A node seen failed through its rank process has no end time yet: it was seen this pass.
+        died_at = gang.node_end_time(plan.node) if code is not None else now
         gang.promote(plan.spare, replacing=plan.node)
         live.recoveries.append(
             {
@@ -567,24 +593,79 @@ class Controller:
                 "decided_at": now,
             }
         )
-        replacement = gang.start_spare()
         self._recovery_event(
             job_id,
             live,
             SupervisionReason.IN_PLACE_STARTED,
-            f"node {plan.node} lost (exit code {failed[plan.node]}): its rank(s) "
+            f"node {plan.node} lost ({'a rank process ended' if code is None else f'exit code {code}'}): its rank(s) "
             f"{', '.join(map(str, plan.ranks))} go to spare {plan.spare} in round {opened['round']}; "
-            "the other nodes keep running" + (f"; new spare {replacement} starting" if replacement else ""),
+            "the other nodes keep running",
             {
                 "node": plan.node,
-                "exit_code": failed[plan.node],
+                "exit_code": code,
                 "spare": plan.spare,
                 "ranks": list(plan.ranks),
                 "round": opened["round"],
-                "new_spare": replacement,
             },
         )
         return True
+
+    def _kill_hung_in_place(
+        self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, verdict: HangVerdict, now: float
+    ) -> bool:
+        """A hang under `recovery: in-place` whose first-stalled ranks are all on one node: that node's rank
+        processes are killed (after their stacks are dumped), so that the next pass replaces the node in place
+        like any lost one, and the other ranks keep their processes. False: the restart path handles the hang."""
+        gang = live.gang
+        kill = getattr(gang, "kill_ranks", None)
+        if spec.fault_tolerance.recovery != "in-place" or kill is None:
+            return False
+        texts: dict[int, str] = {}
+        stacks = gang.dump_stacks(texts)
+        culprits = hang_culprits(verdict.first_stalled, stacks=texts, stopped=gang.stopped_ranks())
+        nodes = list(gang.poll())
+        node = hung_node(culprits, nodes=nodes, procs_per_node=spec.resources.procs_per_node)
+        if node is None:
+            return False  # the restart path dumps the stacks again: a second look, minutes apart, is cheap
+        first = nodes.index(node) * spec.resources.procs_per_node
+        ranks = list(range(first, first + spec.resources.procs_per_node))
+        killed = kill(ranks)
+        # The survivors make no progress until the replacement is in: no second verdict before then.
+        live.hang_quiet_until = now + verdict.threshold_seconds
+        self._recovery_event(
+            job_id,
+            live,
+            SupervisionReason.HUNG_RANKS_KILLED,
+            f"{verdict.message}; node {node}'s rank(s) {', '.join(map(str, ranks))} stopped first: killed "
+            f"(pids {', '.join(map(str, killed)) or 'none found'}) to be replaced in place; Python stacks of "
+            f"{len(stacks)} rank(s) written to the job's logs",
+            {
+                "node": node,
+                "ranks": ranks,
+                "pids": killed,
+                "first_stalled": list(verdict.first_stalled),
+                "culprits": list(culprits),
+            },
+        )
+        return True
+
+    def _replenish_spares(self, job_id: int, live: LiveAttempt) -> None:
+        """Start the spare that replaces a promoted one, once the job has completed a step after its recovery: a
+        spare's start-up (the interpreter, torch, the model) takes CPU and memory from the ranks, and started at
+        once it slowed the very steps the recovery was resuming."""
+        due = live.spare_due_after
+        if due is None or (live.progress.last_progress_at or 0.0) <= due:
+            return
+        live.spare_due_after = None
+        started = live.gang.start_spare()
+        if started:
+            self._recovery_event(
+                job_id,
+                live,
+                SupervisionReason.SPARE_STARTED,
+                f"spare {started} starting (the job has trained a step since its recovery)",
+                {"spare": started},
+            )
 
     def _follow_in_place(self, job_id: int, live: LiveAttempt, now: float) -> None:
         """Each pending recovery whose ranks all resumed gets its event: the phases and the steps lost."""
@@ -603,6 +684,9 @@ class Controller:
             if times is None:
                 continue
             live.recoveries.remove(pending)
+            live.spare_due_after = max(live.spare_due_after or 0.0, times.resumed_at)
+            # The ranks' last progress is from before the failure: their first step back is due, not late.
+            live.hang_quiet_until = max(live.hang_quiet_until, now + live.hang.hang_timeout_seconds)
             lost = times.steps_lost
             self._recovery_event(
                 job_id,
@@ -621,6 +705,10 @@ class Controller:
                     "regroup_seconds": times.regroup_s,
                     "restore_seconds": times.restore_s,
                     "steps_lost": lost,
+                    "resumed_at": times.resumed_at,
+                    "died_at": pending["died_at"]
+                    if pending["died_at"] is not None
+                    else pending["decided_at"],
                 },
             )
 

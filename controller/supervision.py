@@ -85,6 +85,10 @@ class LiveAttempt:
     ranks: dict[int, RankState] = field(default_factory=dict)  # rank -> the source's newest state
     # In-place recoveries decided and not yet finished (controller/inplace.py): round, node, spare, times
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    spare_due_after: float | None = None  # unix seconds: a spare is to be started once a step ends after this
+    hang_quiet_until: float = (
+        0.0  # unix seconds: no hang verdict acted on before (an in-place recovery's wait)
+    )
     _detector: StragglerDetector | None = None
     _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     _tokens: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))

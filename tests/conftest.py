@@ -29,8 +29,26 @@ TIMING_MODULES = frozenset(
 )
 
 
+# The files with the longest runs, longest first. `make test` runs two files at a time (pytest-xdist, whole files
+# per worker, in collection order): started first, they overlap with the rest instead of running last and alone
+# (measured: 16 minutes with them in place, the fault matrix alone for the last six).
+HEAVY_MODULES = (
+    "tests/controller/test_fault_matrix.py",
+    "tests/trainer/test_train.py",
+    "tests/controller/test_live_supervision.py",
+    "tests/trainer/recovery/test_inplace_run.py",
+    "tests/controller/test_storage_outage.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = config.rootpath
+
+    def heavy_first(item: pytest.Item) -> int:
+        module = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        return HEAVY_MODULES.index(module) if module in HEAVY_MODULES else len(HEAVY_MODULES)
+
+    items.sort(key=heavy_first)  # stable: each file's tests keep their order
     for item in items:
         module = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
         if (

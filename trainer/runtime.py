@@ -57,6 +57,7 @@ from trainer.parallel.config import EngineConfig, OptimizerConfig
 from trainer.parallel.engine import ParallelEngine
 from trainer.parallel.mesh import ParallelDims, destroy_distributed, init_distributed
 from trainer.recovery.inplace import InPlace, Membership, RecoverySettings, is_peer_failure
+from trainer.recovery.warmup import warm_up
 from trainer.telemetry.mfu import MfuConfig, MfuMeter
 from trainer.telemetry.rank import RankTelemetry, TelemetryConfig
 from trainer.telemetry.timers import sync_flags, sync_values
@@ -82,16 +83,22 @@ class Run:
         )
         self.membership = None if settings is None else Membership(settings, world_size=p.world_size)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if (
-            self.membership is not None
-        ):  # the default group on the recovery store's round (a spare waits here)
+        if self.membership is not None:
+            if self.membership.newcomer:  # warmed before it registers: a registered spare is a ready one
+                took = warm_up(self.backend)
+                if took is not None:
+                    log.info("spare warmed up in %.2f s", took)
+            # The default group on the recovery store's round (a spare waits here for its assignment).
             self.membership.join_first(self.backend)
+        marks = [("joined", time.monotonic())]
         self.dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp)
         self.mesh = init_distributed(self.dims, backend=self.backend)
+        marks.append(("mesh", time.monotonic()))
         self.rank = torch.distributed.get_rank()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
         model = self._build_model()
+        marks.append(("model", time.monotonic()))
         rows_per_rank = cfg.data.rows_per_step // p.dp
         opt = cfg.training
         self.engine = ParallelEngine(
@@ -123,7 +130,9 @@ class Run:
             ),
         )
         del model
+        marks.append(("engine", time.monotonic()))
         self.loader = self._build_loader(model_cfg=self.engine.cfg)
+        marks.append(("loader", time.monotonic()))
         ckpt_uri = (
             cfg.checkpoint.dir
             if "://" in cfg.checkpoint.dir or os.path.isabs(cfg.checkpoint.dir)
@@ -162,6 +171,12 @@ class Run:
             model_parallel_size=p.tp * p.pp,
         )
         self.inplace = None if self.membership is None else InPlace(self.membership, self.engine)
+        marks.append(("rest", time.monotonic()))
+        log.info(
+            "built in %.3f s after joining (%s)",
+            marks[-1][1] - marks[0][1],
+            ", ".join(f"{name} {t - marks[i][1]:.3f}" for i, (name, t) in enumerate(marks[1:])),
+        )
         self.step = 0
         self.tokens_seen = 0
         return self
@@ -467,6 +482,9 @@ class Run:
         timer = self.telemetry.timer
         self.faults.slow_down(self.step, timer, rest_of_step=getattr(self, "_last_optimizer_s", 0.0))
         flags = (self._stop.requested, *self.checkpointer.outage_flags(time.monotonic()))
+        if self.inplace is not None:
+            with timer.collective(sync=True):  # waiting on the peers' replicas, not this rank's own work
+                self.inplace.settle_replicas()
         votes = () if self.inplace is None else (self.inplace.vote(),)
         (stop, *checkpoint), committed = sync_values(timer, flags, votes)
         self._stop_now, self._checkpoint_flags = stop, tuple(checkpoint)

@@ -20,15 +20,17 @@ Running out of host memory (Python's MemoryError, torch's "can't allocate memory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import logging
 import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from trainer.contract import EXIT_USER_ERROR
-from trainer.contract.telemetry import ENV_RECOVERY_MEMBER
+from trainer.contract.telemetry import ENV_LOG_DIR, ENV_RECOVERY_MEMBER
 from trainer.contract.training import ConfigError, load_training_config
 
 log = logging.getLogger("trainer.train")
@@ -102,5 +104,14 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def _record_exit(code: int) -> None:
+    """Say that this rank ends on purpose, with `code` (see ENV_LOG_DIR); best effort."""
+    if folder := os.environ.get(ENV_LOG_DIR):
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"exit-{os.getpid()}").write_text(str(code))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    _record_exit(exit_code)
+    sys.exit(exit_code)

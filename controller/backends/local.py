@@ -34,6 +34,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -327,6 +328,10 @@ class Gang:
         None  # (backend, trainer args, env, log dir): not after a re-attach
     )
     _spare_count: int = 0
+    # A node's rank processes once seen ((pid, create time) each), so that the death of one is seen at once,
+    # before the node's torchrun notices it and exits (about 0.6 s here); in-place gangs only (`lost_workers`).
+    _workers: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    retired: list[_Node] = field(default_factory=list)  # replaced nodes still ending: reaped, never orphaned
 
     def start_spare(self) -> str | None:
         """Start one more hot spare node (in the background: it imports torch and waits); its name, or None when
@@ -343,12 +348,49 @@ class Gang:
         return [n.name for n in self.spares if self._exit_code(n) is None]
 
     def promote(self, spare: str, *, replacing: str) -> None:
-        """The spare node took the lost node's ranks: it stands in the lost node's place (the same ranks)."""
+        """The spare node took the lost node's ranks: it stands in the lost node's place (the same ranks). The
+        lost node's torchrun may still be ending (its worker's death seen first): it is kept to be reaped."""
         node = next(n for n in self.spares if n.name == spare)
         index = next(i for i, n in enumerate(self.nodes) if n.name == replacing)
         self.spares.remove(node)
+        self.retired.append(self.nodes[index])
         self.nodes[index] = node
         self.replaced[replacing] = spare
+        self._workers.pop(replacing, None)
+
+    def kill_ranks(self, ranks: Sequence[int]) -> list[int]:
+        """SIGKILL these ranks' processes (a hung node's, to be replaced in place: SIGKILL ends a stopped process
+        too); the pids killed."""
+        pids = self.rank_pids()
+        killed = []
+        for rank in ranks:
+            if (pid := pids.get(rank)) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        return killed
+
+    def lost_workers(self) -> list[str]:
+        """Running nodes one of whose rank processes died (ended without the trainer's exit record): the node
+        has failed, though its torchrun has not exited yet. A node's workers are looked up until all of them are
+        seen, then only checked."""
+        lost = []
+        for node in self.nodes:
+            if self._exit_code(node) is not None:
+                continue
+            workers = self._workers.get(node.name)
+            if workers is None:
+                found = [(p.pid, p.create_time()) for p in self._tree(node)[1:] if _is_worker(p)]
+                if len(found) == self.procs_per_node:
+                    self._workers[node.name] = found
+                continue
+            # Gone without saying it ended on purpose (the trainer's exit record): killed or crashed.
+            if any(
+                not _alive(pid, created) and not (self.log_dir / f"exit-{pid}").exists()
+                for pid, created in workers
+            ):
+                lost.append(node.name)
+        return lost
 
     def node_end_time(self, name: str) -> float | None:
         """When the node ended (its exit record's mtime), None while it runs or without a record."""
@@ -360,7 +402,7 @@ class Gang:
 
     def stop_spares(self) -> None:
         """The attempt ended: the spares waiting and the coordinator go too."""
-        extra = [n for n in (*self.spares, self.coordinator) if n is not None]
+        extra = [n for n in (*self.spares, *self.retired, self.coordinator) if n is not None]
         procs = [p for n in extra for p in self._tree(n)]
         _kill(procs)
         psutil.wait_procs(procs, timeout=5)
@@ -439,6 +481,7 @@ class Gang:
             return EXIT_LOST
 
     def poll(self) -> dict[str, int | None]:
+        self.retired = [n for n in self.retired if self._exit_code(n) is None]  # reaps the ended ones
         return {n.name: self._exit_code(n) for n in self.nodes}
 
     def worker_exits(self) -> list[WorkerExit]:
@@ -492,12 +535,11 @@ class Gang:
         out: dict[int, int] = {}
         for index, node in enumerate(self.nodes):
             for proc in self._tree(node)[1:]:
+                # The global rank is the node's place in the gang: a promoted spare's environment has no rank
+                # of the job's.
                 try:
-                    env = proc.environ()
-                    # the agent has no LOCAL_RANK; its workers do (and have the agent as parent). The global rank
-                    # is the node's place in the gang: a promoted spare's environment has no rank of the job's.
-                    if "LOCAL_RANK" in env and "torch.distributed.run" not in " ".join(proc.cmdline()):
-                        out[index * self.procs_per_node + int(env["LOCAL_RANK"])] = proc.pid
+                    if _is_worker(proc):
+                        out[index * self.procs_per_node + int(proc.environ()["LOCAL_RANK"])] = proc.pid
                 except psutil.Error:
                     continue
         return dict(sorted(out.items()))
@@ -554,8 +596,17 @@ class Gang:
         self.detached = True
         exit_cleanup.unregister(self)
 
-    def dump_stacks(self) -> dict[int, str]:
-        return dump_stacks(self.rank_pids(), self.log_dir)
+    def dump_stacks(self, texts: dict[int, str] | None = None) -> dict[int, str]:
+        return dump_stacks(self.rank_pids(), self.log_dir, texts=texts)
+
+    def stopped_ranks(self) -> set[int]:
+        """Ranks whose process is stopped (SIGSTOP, a debugger): they cannot be waiting on anyone."""
+        stopped = set()
+        for rank, pid in self.rank_pids().items():
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+                    stopped.add(rank)
+        return stopped
 
 
 def _node_record(n: _Node) -> dict[str, Any]:
@@ -566,6 +617,22 @@ def _node_record(n: _Node) -> dict[str, Any]:
         "create_time": n.create_time,
         "exit_file": str(n.exit_file),
     }
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    """A rank process: torchrun's workers have LOCAL_RANK in their environment, the agent has not."""
+    try:
+        return "LOCAL_RANK" in proc.environ() and "torch.distributed.run" not in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _kill(procs: Sequence[psutil.Process]) -> None:

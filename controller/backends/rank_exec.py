@@ -26,6 +26,7 @@ from pathlib import Path
 
 ENV_MEMORY_LIMIT = "VLCTL_RANK_MEMORY_LIMIT"
 ENV_RECOVERY_MEMBER = "VLCTL_RECOVERY_MEMBER"  # trainer.contract.telemetry's: standard library only here
+ENV_LOG_DIR = "VLCTL_LOG_DIR"  # trainer.contract.telemetry's too
 # In-place recovery runs each node under a torchrun of its own, whose RANK and WORLD_SIZE are the node's: the
 # node's first global rank and the job's world size come from these, and become the rank's RANK and WORLD_SIZE.
 ENV_RANK_BASE = "VLCTL_RANK_BASE"
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> None:
     else:
         path = Path(log_dir) / f"rank-{os.environ.get('RANK', '0')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV_LOG_DIR] = log_dir
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()

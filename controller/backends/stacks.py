@@ -45,8 +45,11 @@ def _append(log: Path, text: str) -> None:
         f.write(text if text.endswith("\n") else text + "\n")
 
 
-def dump_stacks(rank_pids: Mapping[int, int], log_dir: Path) -> dict[int, str]:
-    """Each rank's stacks into `log_dir/rank-<r>.log`; returns how, per rank: py-spy, sigusr1 or unavailable."""
+def dump_stacks(
+    rank_pids: Mapping[int, int], log_dir: Path, *, texts: dict[int, str] | None = None
+) -> dict[int, str]:
+    """Each rank's stacks into `log_dir/rank-<r>.log`; returns how, per rank: py-spy, sigusr1 or unavailable.
+    `texts`, when given, also receives py-spy's dump per rank (for the hang's culprits, controller/hangs.py)."""
     py_spy = py_spy_path()
     done: dict[int, str] = {}
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -65,6 +68,8 @@ def dump_stacks(rank_pids: Mapping[int, int], log_dir: Path) -> dict[int, str]:
                     _append(log, f"==== vlctl: stacks of rank {rank} (pid {pid}) by py-spy at {stamp} ====")
                     _append(log, result.stdout)
                     done[rank] = "py-spy"
+                    if texts is not None:
+                        texts[rank] = result.stdout
                     continue
             except subprocess.TimeoutExpired:
                 pass

@@ -74,6 +74,8 @@ class SupervisionReason:
     RANKS_STOPPED = "RanksStopped"
     IN_PLACE_STARTED = "InPlaceRecoveryStarted"
     RECOVERED_IN_PLACE = "RecoveredInPlace"
+    SPARE_STARTED = "SpareStarted"
+    HUNG_RANKS_KILLED = "HungRanksKilled"
 
 
 _CAMEL_CASE = re.compile(r"[A-Z][A-Za-z0-9]*")

@@ -258,36 +258,66 @@ def test_checkpoint_storage_unwritable_for_a_minute_costs_no_step(
         run.stop()
 
 
-def test_in_place_recovery_replaces_the_killed_node_with_a_hot_spare_and_the_survivor_keeps_its_pid(
+def test_in_place_recovery_replaces_a_killed_node_and_then_a_hung_one_and_the_survivor_keeps_its_pid(
     data, uninterrupted, tmp_path: Path
 ) -> None:
-    """`fault_tolerance.recovery: in-place`: rank 1 SIGKILLed at step 6; its node's ranks go to the hot spare, rank 0
-    goes on in the same process, the attempt never ends, and every loss equals the uninterrupted run's."""
-    spec = _spec("in-place", data, fault_tolerance={"recovery": "in-place", "hot_spares": 1})
+    """`fault_tolerance.recovery: in-place`, two hot spares: rank 1 SIGKILLed at step 6, its node's ranks go to a
+    spare; the rank that replaced it hangs at step 11, and after the hang timeout the controller kills it and
+    gives its ranks to the other spare. Rank 0 goes on in the same process throughout, the attempt never ends,
+    and every loss equals the uninterrupted run's."""
+    spec = _spec(
+        "in-place",
+        data,
+        fault_tolerance={"recovery": "in-place", "hot_spares": 2, "hang_timeout_seconds": 10},
+    )
     faults = {
         "VLCTL_FAULT_CRASH_AT_STEP": "6",
         "VLCTL_FAULT_CRASH_MODE": "kill",
-        "VLCTL_FAULT_RANK": "1",
+        "VLCTL_FAULT_HANG_AT_STEP": "11",
+        "VLCTL_FAULT_RANK": "1",  # the spare that takes rank 1 inherits the hang: it fires once per job
         "VLCTL_FAULT_ONCE_DIR": str(tmp_path / "once"),
     }
     run = JobRun(tmp_path, spec, env=faults)
     try:
         run.start_controller()
         survivor = run.rank_pid(0, attempt=1)
-        recovered = run.wait(
-            lambda: next((e for e in run.events() if e.reason == "RecoveredInPlace"), None),
-            timeout=240,
-            what="the in-place recovery",
+        run.wait(
+            lambda: (
+                len([e for e in run.events() if e.reason == "RecoveredInPlace"]) == 2
+                or str(run.phase()) in ("succeeded", "failed")
+            ),
+            timeout=300,
+            what="both in-place recoveries",
         )
-        assert psutil.pid_exists(survivor)  # rank 0 kept its process through the recovery
+        assert psutil.pid_exists(survivor)  # rank 0 kept its process through both recoveries
         _finish_and_compare(run, uninterrupted)
-        started = next(e for e in run.events() if e.reason == "InPlaceRecoveryStarted")
-        assert started.data["node"] == "local-1" and started.data["ranks"] == [1]
-        # The kill comes at the very start of step 6, as the replica of step 5 leaves for its keeper: the
-        # newest step everyone holds is 5, or 4 when that transfer was cut (the worst case: two steps again).
-        assert recovered.data["steps_lost"] <= 2
+        events = run.events()
+        recovered, after_hang = [e for e in events if e.reason == "RecoveredInPlace"]
+        started = [e for e in events if e.reason == "InPlaceRecoveryStarted"]
+        assert [(e.data["node"], e.data["ranks"]) for e in started] == [
+            ("local-1", [1]),
+            ("in-place-spare-0", [1]),  # the first spare, standing in local-1's place
+        ]
+        assert {e.data["spare"] for e in started} == {"in-place-spare-0", "in-place-spare-1"}
+        hung = next(e for e in events if e.reason == "HungRanksKilled")
+        assert hung.data["node"] == "in-place-spare-0" and hung.data["ranks"] == [1]
+        assert started[0].time < recovered.time < hung.time < started[1].time < after_hang.time
+        assert after_hang.data["steps_lost"] <= 1
+        # `vlctl logs --rank 1` tells rank 1's whole story: each spare that took it writes on in rank-1.log.
+        (rank1_log,) = tmp_path.rglob("attempt-1/rank-1.log")
+        assert (
+            "rank 1 joined round 1" in rank1_log.read_text()
+            and "rank 1 joined round 2" in rank1_log.read_text()
+        )
+        # The kill comes at the very start of step 6, while the snapshot of step 5 is being copied and sent to
+        # its keeper: the newest step everyone holds is 5, or 4 when that transfer was cut; every step's
+        # snapshot is committed by the next step's sync point, so never older (at most one step again).
+        assert recovered.data["steps_lost"] <= 1
         assert [a.number for a in run.attempts()] == [1]  # no restart: the attempt went on
-        assert not [e for e in run.events() if e.type == "Failure"]
+        assert not [e for e in events if e.type == "Failure"]
+        # A promoted spare's replacement starts once the job has trained a step after the recovery.
+        spare = next(e for e in events if e.reason == "SpareStarted")
+        assert spare.time > recovered.time and spare.data["spare"] == "in-place-spare-2"
         print(f"\n[in-place] {recovered.message}")
     finally:
         run.stop()

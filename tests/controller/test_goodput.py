@@ -137,3 +137,28 @@ def test_attempts_out_of_order_and_now_before_submission_are_rejected():
         compute_goodput(submitted_at=0, attempts=[a, AttemptTimeline(launched_at=20)], now=100)
     with pytest.raises(ValueError, match="^now:"):
         compute_goodput(submitted_at=10, attempts=[], now=5)
+
+
+def test_an_in_place_recovery_costs_its_own_time_and_the_steps_it_did_again():
+    from controller.goodput import InPlaceRecovery
+
+    # One attempt: first step at 50, a rank lost at 150 and every rank back at the snapshot at 153, one step
+    # (2 s) done again; a second recovery at 300 still under way when the report is made at 301.
+    attempt = AttemptTimeline(
+        launched_at=10,
+        first_step_at=50,
+        last_step=120,
+        step_seconds=2.0,
+        recoveries=(
+            InPlaceRecovery(failed_at=150, resumed_at=153, steps_lost=1),
+            InPlaceRecovery(failed_at=300, resumed_at=310, steps_lost=1),
+        ),
+    )
+    g = compute_goodput(submitted_at=0, attempts=[attempt], now=301)
+    assert g.in_place_recovery_seconds == pytest.approx(3 + 1)  # the second one counted up to now
+    assert g.recomputed_seconds == pytest.approx(2)  # the unfinished one's step is not known to be lost yet
+    assert g.restart_seconds == 0 and g.detection_seconds == 0
+    assert g.productive_seconds == pytest.approx(251 - 4 - 2)
+    assert total(g) == pytest.approx(301)
+    with pytest.raises(ValueError, match="resumed_at"):
+        InPlaceRecovery(failed_at=10, resumed_at=5)

@@ -168,3 +168,36 @@ def test_config_errors_name_the_field(name):
         HangConfig(**{name: 0})
     with pytest.raises(ValueError, match="^median_step_seconds:"):
         check([1.0], now=2.0, median=-1.0)
+
+
+WAITING = """Process 27720: python -m trainer.train attempt-1.json
+Python v3.11.7
+
+Thread 27720 (idle): "MainThread"
+    all_reduce (torch/distributed/distributed_c10d.py:3252)
+    ParallelEngine.train_step (trainer/parallel/engine.py:242)
+    Run.train_step (trainer/runtime.py:452)
+Thread 27774 (idle): "Thread-1 (serve_forever)"
+    BaseServer.serve_forever (socketserver.py:233)
+"""
+STUCK = """Process 27801: python -m trainer.train attempt-1.json
+
+Thread 27801 (idle): "MainThread"
+    Event.wait (threading.py:629)
+    FaultInjector.before_step (trainer/faults.py:140)
+    Run.train_step (trainer/runtime.py:430)
+Thread 27850 (idle): "snapshot-replicator"
+    isend (torch/distributed/distributed_c10d.py:2500)
+"""
+
+
+def test_the_stacks_tell_the_stuck_rank_from_the_ones_waiting_for_it():
+    """A step that opens with a collective stops every rank at once: the timestamps blame both, the stacks one
+    (a replicator thread inside torch.distributed does not make its stuck main thread a waiting one)."""
+    from controller.hangs import hang_culprits, waiting_on_peers
+
+    assert waiting_on_peers(WAITING) and not waiting_on_peers(STUCK)
+    assert hang_culprits((0, 1), stacks={0: WAITING, 1: STUCK}) == (1,)
+    assert hang_culprits((0, 1), stacks={0: WAITING, 1: WAITING}) == (0, 1)  # nothing learned: as before
+    assert hang_culprits((0, 1), stacks={}) == (0, 1)
+    assert hang_culprits((0, 1), stacks={0: WAITING, 1: STUCK}, stopped={0}) == (0,)  # SIGSTOPped: to blame

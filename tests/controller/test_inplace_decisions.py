@@ -7,6 +7,7 @@ from controller.inplace import (
     CoordinatorClient,
     CoordinatorError,
     Replacement,
+    hung_node,
     plan_replacement,
     recovery_times,
 )
@@ -59,3 +60,12 @@ def test_the_client_names_the_path_and_the_cause_when_the_coordinator_is_gone() 
         assert str(err).startswith("/v1/status: ")
     else:
         raise AssertionError("no error")
+
+
+def test_a_hang_is_replaced_in_place_only_when_its_first_stalled_ranks_share_one_node() -> None:
+    nodes = ["local-0", "local-1", "local-2"]
+    assert hung_node([3], nodes=nodes, procs_per_node=2) == "local-1"
+    assert hung_node([2, 3], nodes=nodes, procs_per_node=2) == "local-1"
+    assert hung_node([1, 2], nodes=nodes, procs_per_node=2) is None  # two nodes: which one is at fault?
+    assert hung_node([], nodes=nodes, procs_per_node=2) is None
+    assert hung_node([9], nodes=nodes, procs_per_node=2) is None

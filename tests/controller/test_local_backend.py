@@ -261,3 +261,48 @@ def test_real_trainer_on_two_nodes(tmp_path: Path) -> None:
     for rank in (0, 1):
         assert (logs / f"rank-{rank}.log").stat().st_size > 0
         assert (run_dir / f"metrics-rank{rank}.endpoint.json").exists()
+
+
+NODE_SHELL = """
+import os, subprocess, sys
+# a node: its "torchrun" (this process) and one rank process, which it waits for
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, "LOCAL_RANK": "0"})
+print(worker.pid, flush=True)
+worker.wait()
+import time; time.sleep(600)  # torchrun still tearing down: the node has not ended yet
+"""
+
+
+def test_a_dead_rank_process_is_seen_before_its_node_ends_and_an_exit_on_purpose_is_not(
+    tmp_path: Path,
+) -> None:
+    """`Gang.lost_workers` (in-place recovery's early detection): a rank process gone without the trainer's exit
+    record marks its node lost while the node's torchrun still runs; one that wrote its record is not."""
+    from controller.backends.local import _Node
+
+    gang = Gang(job_name="early", attempt=1, run_dir=tmp_path, token="t", procs_per_node=1)
+    gang.log_dir.mkdir(parents=True)
+    killed_rank = "import time; time.sleep(600)"
+    clean_rank = (
+        "import os, pathlib, time; time.sleep(1.0); "
+        f"pathlib.Path({str(gang.log_dir)!r}, f'exit-{{os.getpid()}}').write_text('0')"
+    )
+    shells, workers = [], []
+    for i, code in enumerate((killed_rank, clean_rank)):
+        shell = subprocess.Popen([sys.executable, "-c", NODE_SHELL, code], stdout=subprocess.PIPE, text=True)
+        workers.append(int(shell.stdout.readline()))
+        shells.append(shell)
+        proc = psutil.Process(shell.pid)
+        gang.nodes.append(_Node(f"local-{i}", shell.pid, proc.create_time(), tmp_path / f"{i}.exit", shell))
+    try:
+        assert gang.lost_workers() == []  # the first look finds the rank processes
+        assert gang.lost_workers() == []
+        os.kill(workers[0], signal.SIGKILL)
+        assert _until(lambda: gang.lost_workers()) == ["local-0"]
+        _until(lambda: not _alive(workers[1]))  # the other rank ended on purpose
+        assert gang.lost_workers() == ["local-0"]
+        assert gang.poll() == {"local-0": None, "local-1": None}  # neither node has ended
+    finally:
+        for shell in shells:
+            shell.kill()
+            shell.wait()

@@ -236,6 +236,7 @@ def test_jobs_by_phase_and_per_job_values(metrics_url: str) -> None:
     assert value(samples, "job_productive_seconds", **job) == 3000.0
     lost = {dict(k)["cause"]: v for k, v in series(samples, "job_lost_seconds").items()}
     assert lost == {"startup": 600.0, "detection": 300.0, "restart": 1200.0, "recomputed_steps": 0.0} | {
+        "in_place_recovery": 0.0,
         "checkpoint_stall": 0.0,
         "straggler_slowdown": 0.0,
         "other": 0.0,

@@ -67,6 +67,11 @@ ENV_METRICS_BASE_PORT = "VLCTL_METRICS_BASE_PORT"  # rank serves on base + LOCAL
 # which learns its rank from its assignment instead of RANK)
 ENV_RECOVERY_STORE = "VLCTL_RECOVERY_STORE"  # host:port of the coordinator's TCPStore
 ENV_RECOVERY_MEMBER = "VLCTL_RECOVERY_MEMBER"
+# The attempt's log folder (set by the launcher's rank_exec). A rank that ends on purpose (any exit code the
+# trainer returns) leaves `exit-<pid>` there holding the code: a rank process gone without one died (killed,
+# crashed), which the launcher may act on before torchrun reports it. A spare given a rank continues its log in
+# that rank's `rank-<N>.log`.
+ENV_LOG_DIR = "VLCTL_LOG_DIR"
 
 ENV_FAULT_CRASH_AT_STEP = "VLCTL_FAULT_CRASH_AT_STEP"
 ENV_FAULT_CRASH_MODE = "VLCTL_FAULT_CRASH_MODE"  # exit (default) | raise | kill

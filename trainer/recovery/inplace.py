@@ -28,9 +28,11 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,13 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from trainer.contract.telemetry import ENV_RECOVERY_MEMBER, ENV_RECOVERY_STORE
+from trainer.contract.telemetry import ENV_LOG_DIR, ENV_RECOVERY_MEMBER, ENV_RECOVERY_STORE
 
 from . import regroup
 from .coordinator import COMMITTED, CURRENT, SPARES, replaced_key, report_key, spare_key
 from .engine import engine_meta, engine_state, restore_engine
 from .replicate import Replicator, Ring, receive_slot, send_slot
 from .snapshot import NONE, Layout, RankSnapshots
+from .snapshot import fill as snapshot_fill
 
 if TYPE_CHECKING:
     from trainer.parallel.engine import ParallelEngine
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainer.recovery")
 
 SPARE_POLL_S = 24 * 3600.0  # a spare's wait for its assignment, in slices (it may wait for days)
+SETTLE_SLICE_S = 0.05  # how often a rank waiting for a replica asks whether the next round has opened
 _PEER_FAILURE_WORDS = (
     "connection",
     "gloo",
@@ -93,9 +97,13 @@ class RecoverySettings:
         )
 
 
+class PeerLost(RuntimeError):
+    """The coordinator opened the next round while this rank was waiting on a peer outside any collective."""
+
+
 def is_peer_failure(err: BaseException) -> bool:
     """A collective failed because a peer is gone or its groups were destroyed (not a bug in this rank)."""
-    if isinstance(err, dist.DistError):
+    if isinstance(err, (dist.DistError, PeerLost)):
         return True
     return isinstance(err, (RuntimeError, ValueError)) and any(
         w in str(err).lower() for w in _PEER_FAILURE_WORDS
@@ -137,6 +145,7 @@ class Membership:
                     continue
             os.environ["RANK"] = str(self.rank)  # the telemetry and the logs name the rank
             log.info("spare %s is rank %d from round %d", member, self.rank, self.round)
+            _continue_log_as_rank(self.rank)
         self._join(backend)
         return self.rank
 
@@ -148,6 +157,7 @@ class Membership:
         self._join(backend)
 
     def _join(self, backend: str) -> None:
+        started = time.monotonic()
         world = regroup.wait_for_round(self.store, self.round, timeout_s=self.settings.regroup_timeout_s)
         if world != self.world_size:
             raise RuntimeError(f"round {self.round} has {world} ranks; this job has {self.world_size}")
@@ -161,6 +171,11 @@ class Membership:
             timeout_s=self.settings.collective_timeout_s,
         )
         self.report("joined")
+        log.info("rank %d joined round %d in %.3f s", self.rank, self.round, time.monotonic() - started)
+
+    def next_round_open(self) -> bool:
+        """Whether the coordinator has opened a round after this one (a peer was lost). One store round trip."""
+        return self.store.check([regroup.round_prefix(self.round + 1) + regroup.OPEN])
 
     def report(self, what: str, **fields: Any) -> None:
         self.store.set(report_key(self.round, what, self.rank), json.dumps({"time": time.time(), **fields}))
@@ -188,6 +203,26 @@ class InPlace:
 
     # ------------------------------------------------------------------------------------- every step
 
+    def settle_replicas(self) -> None:
+        """Wait until the snapshot taken after the previous step has reached its keeper (and the peer's has
+        arrived here), before the sync point votes. Without this wait a replica still in flight leaves that step
+        uncommitted, `should_capture` skips the next one, and a failure goes back two steps instead of one; with
+        it every step's snapshot is committed at the next sync point, so a failure costs at most the step in
+        flight and the one before it. The exchange overlaps the step's compute; only what is left of it is
+        waited for. A transfer cut by a lost peer ends the wait too (the replicator records its error)."""
+        if self.replicator is None:
+            return
+        # In slices, asking the coordinator between them whether a next round has opened: a transfer to a dead
+        # peer normally fails at once, but one was seen blocked for minutes (the rank then sat here with no
+        # collective to fail and every other rank waited for it in the next round). The controller opens that
+        # round once it has seen a node end, so a wait here never outlives the failure it is waiting on.
+        while not self.replicator.drain(SETTLE_SLICE_S):
+            if self.membership.next_round_open():
+                raise PeerLost(
+                    f"round {self.membership.round + 1} opened while a snapshot replica was in flight: a peer is "
+                    "gone"
+                )
+
     def vote(self) -> int:
         """This rank's contribution to the committed step (all-reduced with MIN at the sync point)."""
         return self.snapshots.contribution()
@@ -199,22 +234,31 @@ class InPlace:
         self.snapshots.agree(committed)
 
     def after_step(self, step: int, engine: ParallelEngine, meta: Mapping[str, Any]) -> None:
-        """Snapshot the step when due and send it to its keeper at once (every rank takes the same steps; the
-        sooner the replica is whole, the newer the step a failure goes back to)."""
-        slot = self.snapshots.maybe_capture(step, engine_state(engine), {**meta, **engine_meta(engine)})
-        if slot is not None and self.replicator is not None:
-            self.replicator.submit(slot)
+        """Snapshot the step when due and send it to its keeper (every rank takes the same steps). The small
+        state is taken here; the tensors are copied by the replicator's thread while the next step computes,
+        then sent, and both are over by the next sync point (`settle_replicas`)."""
+        slot = self.snapshots.maybe_begin(step, {**meta, **engine_meta(engine)})
+        if slot is None:
+            return
+        state = engine_state(engine)
+        copy = functools.partial(snapshot_fill, slot, self.snapshots.layout, state, step=step)
+        if self.replicator is None:
+            copy()
+        else:
+            self.replicator.submit(slot, copy)
 
     # ------------------------------------------------------------------------------------- recovery
 
     def regroup(self, backend: str) -> None:
         """After a failed collective: leave every group and join the next round (same process)."""
-        regroup.leave()
-        if (
-            self.replicator is not None
-        ):  # its thread ends after the transfer in flight, which fails or finishes
+        if self.replicator is not None:
+            # A snapshot copy in flight reads the live state, which the restore is about to write: it ends
+            # first (a copy waits on no peer). Its thread ends after the transfer in flight, which fails or
+            # finishes; nothing it receives after this counts (`Replicator.stop`).
+            self.replicator.prepared()
             self.replicator.stop()
         self.replicator = None
+        regroup.leave()
         self.membership.rejoin(backend)
 
     def restore_point(self) -> int | None:
@@ -243,6 +287,7 @@ class InPlace:
         reported with the step resumed from, so the controller can count the steps done again."""
         replaced = sorted(self.membership.replaced)
         me = self.ring.rank
+        started = time.monotonic()
         for rank in replaced:
             keeper = Ring(rank, self.ring.world, self.ring.ranks_per_node).buddy
             if me == keeper:
@@ -253,7 +298,12 @@ class InPlace:
                 receive_slot(
                     self.snapshots.own.free(NONE), keeper, fingerprint=self.snapshots.layout.fingerprint
                 )
+        sent = time.monotonic()
         meta = restore_engine(engine, self.snapshots, step=step)
+        log.info(
+            "restore of step %d: replicas handed over in %.3f s, engine restored in %.3f s (%.0f MB a snapshot)",
+            step, sent - started, time.monotonic() - sent, self.snapshots.layout.nbytes / 1e6,
+        )  # fmt: skip
         self.snapshots.agree(step)
         self.snapshots.last_captured = step
         self.membership.newcomer = False
@@ -264,6 +314,24 @@ class InPlace:
             self.replicator.submit(slot)
         self.membership.report("resumed", step=step, done=done)
         return meta
+
+
+def _continue_log_as_rank(rank: int) -> None:
+    """A spare given a rank writes on in that rank's log (`rank-<N>.log`, appended: after the lost process's
+    lines), so `vlctl logs --rank N` shows the rank's whole story; its spare log says where it went."""
+    folder = os.environ.get(ENV_LOG_DIR)
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank-{rank}.log")
+    log.info("this spare's log continues in %s", path)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _steps(slots: Any) -> list[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,13 +67,23 @@ class Replicator:
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
+        self._prepared = threading.Event()
+        self._prepared.set()
         self.error: BaseException | None = None  # the exchange failed (a peer died): no replica until regroup
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="snapshot-replicator", daemon=True)
         self._thread.start()
 
-    def submit(self, slot: Slot) -> None:
+    def submit(self, slot: Slot, prepare: Callable[[], None] | None = None) -> None:
+        """Exchange `slot` with the peers; `prepare` (the snapshot's copy, see `snapshot.fill`) runs first, in the
+        thread, and `prepared()` says when it is over."""
         self._idle.clear()
-        self._queue.put(slot)
+        self._prepared.clear()
+        self._queue.put((slot, prepare))
+
+    def prepared(self, timeout: float | None = None) -> bool:
+        """True when the last submitted snapshot's `prepare` is over (its copy no longer reads the live state)."""
+        return self._prepared.wait(timeout)
 
     def drain(self, timeout: float | None = None) -> bool:
         """True when every submitted snapshot has been exchanged (or the exchange failed: see `error`)."""
@@ -81,6 +92,7 @@ class Replicator:
     def stop(self) -> None:
         """End the thread after what it is doing (without waiting: a transfer cut by a failure ends when the
         peers' connections close or the group's timeout passes)."""
+        self._stopped = True
         self._queue.put(_STOP)
 
     def close(self) -> None:
@@ -88,9 +100,15 @@ class Replicator:
         self._thread.join()
 
     def _run(self) -> None:
-        while (slot := self._queue.get()) is not _STOP:
+        while (item := self._queue.get()) is not _STOP:
+            slot, prepare = item
             try:
-                if self.error is None:
+                try:
+                    if prepare is not None:
+                        prepare()
+                finally:
+                    self._prepared.set()
+                if self.error is None and not self._stopped:
                     self._exchange(slot)
             except BaseException as err:  # noqa: BLE001 - reported through `error`, read by the training thread
                 self.error = err
@@ -111,8 +129,10 @@ class Replicator:
         if meta_out.numel() or meta_in.numel():
             self._both(meta_out, to, meta_in, frm)
         replica.meta = bytes(meta_in.numpy())
-        if checksum(replica.data, replica.meta) != expected:
-            return  # left incomplete: never counted, never restored
+        if self._stopped or checksum(replica.data, replica.meta) != expected:
+            # Incomplete: never counted, never restored. Stopped: a transfer that outlived its round (its peers
+            # regrouped without it) must not mark a buffer the next round's replicator may be filling.
+            return
         replica.checksum, replica.fingerprint, replica.step = expected, fingerprint, step
         replica.complete = True  # last: the training thread reads `complete` without a lock
 

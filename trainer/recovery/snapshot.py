@@ -98,7 +98,23 @@ class Slot:
 def capture(slot: Slot, layout: Layout, state: State, meta: Mapping[str, Any], *, step: int) -> None:
     """Copy `state` and `meta` into `slot` as the snapshot of `step`. The slot is not complete until this
     returns: a failure midway leaves it unusable, never half-valid."""
+    begin(slot, meta)
+    fill(slot, layout, state, step=step)
+
+
+def begin(slot: Slot, meta: Mapping[str, Any]) -> None:
+    """The first half of `capture`, at the step boundary: the slot emptied and the small state (`meta`: the data
+    position, the RNGs) serialised, because the training thread changes it as soon as the next step starts."""
     slot.clear()
+    buffer = io.BytesIO()
+    torch.save(dict(meta), buffer)
+    slot.meta = buffer.getvalue()
+
+
+def fill(slot: Slot, layout: Layout, state: State, *, step: int) -> None:
+    """The second half: the tensors copied in and the snapshot sealed. It may run while the next step computes
+    (the weights and the optimizer state change only in that step's optimizer, after its sync point), and must
+    be over before that sync point."""
     for entry in layout.entries:
         local = _local(state[entry.group][entry.name])
         if tuple(local.shape) != entry.shape or local.dtype != entry.dtype:
@@ -106,9 +122,6 @@ def capture(slot: Slot, layout: Layout, state: State, meta: Mapping[str, Any], *
                 f"{entry.group}/{entry.name}: the state no longer matches the snapshot layout"
             )
         copy_into(_view(slot.data, entry), local)  # one memmove for a contiguous CPU tensor
-    buffer = io.BytesIO()
-    torch.save(dict(meta), buffer)
-    slot.meta = buffer.getvalue()
     slot.checksum = checksum(slot.data, slot.meta)
     slot.fingerprint = layout.fingerprint
     slot.step, slot.complete = step, True
@@ -196,12 +209,19 @@ class RankSnapshots:
 
     def maybe_capture(self, step: int, state: State, meta: Mapping[str, Any]) -> Slot | None:
         """Snapshot `step` when due (`should_capture`); the slot written, or None when skipped."""
+        slot = self.maybe_begin(step, meta)
+        if slot is not None:
+            fill(slot, self.layout, state, step=step)
+        return slot
+
+    def maybe_begin(self, step: int, meta: Mapping[str, Any]) -> Slot | None:
+        """`maybe_capture`'s first half (see `begin`); the slot for `fill`, or None when the step is skipped."""
         if not should_capture(
             step, committed=self.committed, last_captured=self.last_captured, interval=self.interval
         ):
             return None
         slot = self.own.free(self.committed)
-        capture(slot, self.layout, state, meta, step=step)
+        begin(slot, meta)
         self.last_captured = step
         return slot
 

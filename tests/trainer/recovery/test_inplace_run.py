@@ -1,11 +1,18 @@
 """In-place recovery of real training processes: `python -m trainer.train` ranks on a recovery coordinator, a rank
 SIGKILLed at a step; the test plays the controller's part (it sees the exit and asks the coordinator to replace the
 rank); the survivor goes on in the same process, the spare takes the lost rank from its keeper's replica, and every
-step's loss equals the uninterrupted run's bit for bit."""
+step's loss equals the uninterrupted run's bit for bit.
+
+`make test` runs one topology (dp=2 x pp=2 on 2 nodes x 2 ranks) with the kill at step 5; dp=2 on 2 nodes x 1 rank
+runs under a real controller in tests/controller/test_fault_matrix.py. Issue 13's acceptance runs both topologies
+here, each with the kill at a step drawn from 5 seeds: `make test-inplace-seeds` (VLCTL_INPLACE_SEEDS=5,
+VLCTL_INPLACE_TOPOLOGIES=dp2-2x1,dp2xpp2-2x2)."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
 import time
@@ -127,30 +134,63 @@ def _config(root: Path, data: list[str], parallel: dict) -> Path:
 
 TOPOLOGIES = {
     # name: (parallel, ranks per node); the last node is lost (its every rank, as when its agent stops them).
-    # dp=2 on 2 nodes x 1 rank runs under a real controller in tests/controller/test_fault_matrix.py.
+    "dp2-2x1": ({"dp": 2}, 1),
     "dp2xpp2-2x2": ({"dp": 2, "pp": 2}, 2),
 }
+RUN_TOPOLOGIES = os.environ.get("VLCTL_INPLACE_TOPOLOGIES", "dp2xpp2-2x2").split(",")
+SEEDS = range(int(os.environ.get("VLCTL_INPLACE_SEEDS", "1")))
 
 
-@pytest.mark.parametrize("topology", list(TOPOLOGIES))
-def test_a_lost_node_is_replaced_by_spares_and_the_survivors_go_on_bitwise(
-    tmp_path: Path, data, topology: str
-) -> None:
-    parallel, per_node = TOPOLOGIES[topology]
+def _kill_step(seed: int) -> int:
+    """Seed 0: step KILL_AT; the others a step drawn from 2 .. STEPS - 2 (before step 2 no snapshot is committed
+    anywhere yet: that is the disk fallback's case, not this test's; after STEPS - 2 nothing is left to resume)."""
+    return KILL_AT if seed == 0 else random.Random(seed).randint(2, STEPS - 2)
+
+
+def _world(parallel: dict) -> int:
     world = 1
     for size in parallel.values():
         world *= size
+    return world
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, data):
+    """Each topology's uninterrupted losses (every step, from the rank that reports them), run once."""
+    runs: dict[str, dict[int, float]] = {}
+
+    def losses_of(topology: str) -> dict[int, float]:
+        if topology not in runs:
+            parallel, per_node = TOPOLOGIES[topology]
+            world, root = _world(parallel), tmp_path_factory.mktemp(f"ref-{topology}")
+            ref = Job(root, _config(root, data, parallel), world=world, per_node=per_node, spares=0)
+            try:
+                codes = ref.wait(list(ref.ranks.values()), timeout=300)
+                assert codes == [0] * world, ref.log("rank-0")[-3000:]
+            finally:
+                ref.close()
+            runs[topology] = losses(
+                root / "run", world - 1
+            )  # the last stage logs the loss (every rank under dp)
+            assert sorted(runs[topology]) == list(range(STEPS))
+        return runs[topology]
+
+    return losses_of
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("topology", RUN_TOPOLOGIES)
+def test_a_lost_node_is_replaced_by_spares_and_the_survivors_go_on_bitwise(
+    tmp_path: Path, data, reference, topology: str, seed: int
+) -> None:
+    parallel, per_node = TOPOLOGIES[topology]
+    world = _world(parallel)
     lost = list(range(world - per_node, world))
-    reference = Job(tmp_path / "ref", _config(tmp_path / "ref", data, parallel), world=world, per_node=per_node,
-                    spares=0)  # fmt: skip
-    try:
-        codes = reference.wait(list(reference.ranks.values()), timeout=300)
-        assert codes == [0] * world, reference.log("rank-0")[-3000:]
-    finally:
-        reference.close()
+    kill_at = _kill_step(seed)
+    expected = reference(topology)
 
     faults = {
-        "VLCTL_FAULT_CRASH_AT_STEP": str(KILL_AT),
+        "VLCTL_FAULT_CRASH_AT_STEP": str(kill_at),
         "VLCTL_FAULT_CRASH_MODE": "kill",
         "VLCTL_FAULT_RANK": str(lost[-1]),
         "VLCTL_FAULT_ONCE_DIR": str(tmp_path / "once"),
@@ -181,9 +221,6 @@ def test_a_lost_node_is_replaced_by_spares_and_the_survivors_go_on_bitwise(
     finally:
         job.close()
 
-    last = world - 1  # the last stage logs the loss (every rank under dp)
-    expected = losses(tmp_path / "ref" / "run", last)
-    assert sorted(expected) == list(range(STEPS))
     for rank in range(world):  # a lost rank's file: its killed process's steps, then its spare's
         got = losses(tmp_path / "job" / "run", rank)
         if got:  # under pp only the last stage reports the loss
@@ -192,13 +229,17 @@ def test_a_lost_node_is_replaced_by_spares_and_the_survivors_go_on_bitwise(
     resumed = {int(r): v["step"] for r, v in round1["resumed"].items()}
     assert set(resumed) == set(range(world)) and len(set(resumed.values())) == 1
     step = resumed[0]
-    # The fault kills at the very start of step KILL_AT, as the replica of the step before leaves for its keeper:
-    # the newest step everyone holds is that one, or the one before when the transfer was cut (the worst case).
-    assert KILL_AT - 2 <= step <= KILL_AT - 1
+    # The fault kills at the very start of step `kill_at`, while the snapshot of the steps done so far is being
+    # copied and sent to its keeper: the newest step everyone holds is that one, or the one before when the
+    # transfer was cut; every snapshot is committed by the next step's sync point, so never older.
+    assert kill_at - 1 <= step <= kill_at
     assert {v.get("done") for v in round1["resumed"].values()} == {
-        KILL_AT,
+        kill_at,
         None,
     }  # survivors' count, newcomers
     assert "back at step" in job.log("rank-0") and "regrouping in place" in job.log("rank-0")
     joined = min(v["time"] for v in round1["joined"].values())
-    print(f"{topology}: kill -> round 1 joined: {joined - killed_at:.3f} s; restored step {step}")
+    print(
+        f"{topology} seed {seed}: killed at step {kill_at}; kill -> round 1 joined: {joined - killed_at:.3f} s; "
+        f"restored step {step} ({kill_at - step} step(s) done again)"
+    )

@@ -3,6 +3,7 @@ placement, and replicas exchanged by real processes over gloo."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import socket
@@ -23,6 +24,7 @@ from trainer.recovery.snapshot import (
     Slot,
     SnapshotError,
     capture,
+    fill,
     restore,
     should_capture,
 )
@@ -168,15 +170,15 @@ def _replicating_rank(rank: int, world: int, port: int, out) -> None:
         replicator = Replicator(snaps, ring, group)
         agreed = []
         for step in range(1, 7):
-            _train(state)
+            # (the step's compute: the previous snapshot is copied and sent meanwhile, in the thread)
+            assert replicator.drain(timeout=60)  # the sync point waits for it (InPlace.settle_replicas)
             vote = torch.tensor([snaps.contribution()], dtype=torch.int64)
-            dist.all_reduce(vote, op=dist.ReduceOp.MIN)  # the sync point
+            dist.all_reduce(vote, op=dist.ReduceOp.MIN)
             snaps.agree(int(vote))
             agreed.append(int(vote))
-            if (slot := snaps.maybe_capture(step, state, {"step": step, "rank": rank})) is not None:
-                replicator.submit(slot)
-            if step % 2:
-                assert replicator.drain(timeout=60)  # on odd steps the exchange finishes before the next
+            _train(state)  # the optimizer: the state changes only after the sync point
+            if (slot := snaps.maybe_begin(step, {"step": step, "rank": rank})) is not None:
+                replicator.submit(slot, functools.partial(fill, slot, snaps.layout, state, step=step))
         assert replicator.drain(timeout=60) and replicator.error is None
         replicator.close()
         newest = snaps.replica.newest_complete()
@@ -207,7 +209,37 @@ def test_three_ranks_keep_each_others_snapshots_and_agree_on_the_committed_step(
         assert error is None, error
         assert same, f"rank {rank}: the replica differs from its source's state"
         assert source == (rank - 1) % world
-        # Every rank saw the same agreed steps; a snapshot still in flight at a sync point holds the next back.
-        assert agreed == results[0][1]
-        assert agreed[0] == NONE and agreed[-1] >= 3
-        assert newest >= agreed[-1]
+        # Every rank saw the same agreed steps, and each sync point committed the step before it: a failure
+        # goes back at most one completed step.
+        assert agreed == [NONE, 1, 2, 3, 4, 5]
+        assert newest == 6
+
+
+class _StuckReplicator:
+    """A replicator whose transfer never ends (a peer that stopped answering)."""
+
+    def drain(self, timeout: float | None = None) -> bool:
+        return False
+
+
+def test_a_rank_waiting_for_a_replica_leaves_when_the_next_round_opens():
+    """settle_replicas waits for the transfer in slices and gives up with PeerLost once the coordinator has
+    opened the next round: a rank blocked outside any collective still learns of the failure."""
+    import threading
+
+    import torch.distributed as dist
+
+    from trainer.recovery import regroup
+    from trainer.recovery.inplace import InPlace, Membership, PeerLost, is_peer_failure
+
+    membership = Membership.__new__(Membership)  # its store and round only: no coordinator to connect to
+    membership.store, membership.round = dist.HashStore(), 3
+    inplace = InPlace.__new__(InPlace)
+    inplace.membership, inplace.replicator = membership, _StuckReplicator()
+    assert not membership.next_round_open()
+    opener = threading.Timer(0.3, membership.store.set, (regroup.round_prefix(4) + regroup.OPEN, "2"))
+    opener.start()
+    with pytest.raises(PeerLost) as err:
+        inplace.settle_replicas()
+    opener.join()
+    assert membership.next_round_open() and is_peer_failure(err.value)
