@@ -61,7 +61,7 @@ from controller.checkpoints import (
 )
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase, SupervisionReason
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
-from controller.hangs import HangVerdict, hang_culprits
+from controller.hangs import PHASE_TRAINING, HangVerdict, hang_culprits
 from controller.history import (
     checkpoint_interval,
     failure_history,
@@ -618,7 +618,9 @@ class Controller:
         like any lost one, and the other ranks keep their processes. False: the restart path handles the hang."""
         gang = live.gang
         kill = getattr(gang, "kill_ranks", None)
-        if spec.fault_tolerance.recovery != "in-place" or kill is None:
+        # Only while training: before the first step no snapshot exists to go back to, and after the last one
+        # the gang is saving and exiting.
+        if spec.fault_tolerance.recovery != "in-place" or kill is None or verdict.phase != PHASE_TRAINING:
             return False
         texts: dict[int, str] = {}
         stacks = gang.dump_stacks(texts)
