@@ -153,6 +153,20 @@ def _status_lines(v: JobView) -> list[tuple[str, str]]:
         lines.append(("stragglers", flagged))
     if v.excluded_nodes:
         lines.append(("excluded", ", ".join(v.excluded_nodes)))
+    if (ip := v.in_place) is not None:
+        if "error" in ip:
+            lines.append(("in-place", str(ip["error"])))
+        else:
+            committed = ip.get("committed_step")
+            spares = ", ".join(f"{s['name']} ({s['state']})" for s in ip.get("spares", [])) or "none"
+            lines.append(
+                (
+                    "in-place",
+                    f"round {ip.get('round')}, snapshot "
+                    + ("none committed yet" if committed is None else f"step {committed} committed")
+                    + f"; spares: {spares}",
+                )
+            )
     if v.run_dir:
         lines.append(("run dir", v.run_dir))
     return lines

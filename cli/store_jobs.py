@@ -8,6 +8,8 @@ directory and stored absolute, and the memory its ranks need (`load_submitted_sp
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,27 @@ from .errors import EXIT_USER_ERROR, CliError
 from .options import confirm
 from .output import stderr
 from .store import load_job, store
+
+
+def in_place_state(record: Mapping[str, Any]) -> dict[str, Any]:
+    """In-place recovery's live state for `vlctl status`, asked of the attempt's recovery coordinator: the round,
+    the newest snapshot step every rank committed, and each hot spare, waiting or still starting."""
+    from controller.inplace import CoordinatorClient, CoordinatorError
+
+    try:
+        status = CoordinatorClient(str(record["coordinator_url"]), timeout_s=2.0).status()
+    except CoordinatorError as err:
+        return {"error": f"the recovery coordinator did not answer ({err})"}
+    waiting = set(status.get("spares_waiting") or [])
+    per_node = int(record.get("procs_per_node", 1))
+    spares = [
+        {
+            "name": n["name"],
+            "state": "waiting" if all(f"{n['name']}/{i}" in waiting for i in range(per_node)) else "starting",
+        }
+        for n in record.get("spares", [])
+    ]
+    return {"round": status.get("round"), "committed_step": status.get("committed_step"), "spares": spares}
 
 
 def load_submitted_spec(file: Path) -> TrainingJobSpec:
@@ -77,8 +100,16 @@ class StoreJobs:
             return read_job_views(rows, ranks=False)
 
     def status(self, name: str) -> JobView:
+        from controller.store.repo import get_current_attempt
+
         with store() as db, db.read() as session:
-            return read_job_view(session, load_job(session, name))
+            job = load_job(session, name)
+            view = read_job_view(session, job)
+            attempt = get_current_attempt(session=session, job=job)
+            record = None if attempt is None or attempt.ended_at is not None else attempt.backend_record
+        if record and record.get("coordinator_url"):
+            view = dataclasses.replace(view, in_place=in_place_state(record))
+        return view
 
     def events(self, name: str) -> list[dict[str, Any]]:
         from controller.store.repo import list_events

@@ -15,13 +15,15 @@ Decisions:
 - A whole spare node for a lost node, its members in local-rank order: the ring keeps a node's ranks' replicas
   on the next node, so a lost node's ranks come back from there, and a spare node's processes share a machine
   the way the lost ones did.
-- No spare ready (none started yet, or still importing torch), no coordinator, or it refuses: the restart path,
-  as without in-place recovery. The ranks themselves fall back too (EXIT_RECOVERY_FALLBACK) when some state is in
+- A spare still starting (importing torch, building its model): the survivors wait in place for it, up to
+  SPARE_READY_WAIT_S. No spare at all, no coordinator, or it refuses: the restart path, as without in-place
+  recovery, and an InPlaceRecoveryDeclined event says why. The ranks themselves fall back too (EXIT_RECOVERY_FALLBACK) when some state is in
   no memory.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import urllib.error
 import urllib.request
@@ -30,10 +32,21 @@ from dataclasses import dataclass
 from typing import Any
 
 COORDINATOR_TIMEOUT_S = 5.0
+# How long a lost node's ranks wait in place for a spare that is still starting (importing torch, building its
+# model) before the attempt restarts instead: about twice a spare's start-up on a loaded 2-core machine.
+SPARE_READY_WAIT_S = 60.0
 
 
 class CoordinatorError(RuntimeError):
     pass
+
+
+class InPlace(enum.Enum):
+    """What the controller made of a lost node under `recovery: in-place`."""
+
+    RECOVERING = "recovering"  # its ranks went to a spare
+    AWAITING_SPARE = "awaiting-spare"  # the survivors wait for a spare still starting
+    DECLINED = "declined"  # the restart path handles it
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +110,72 @@ def plan_replacement(
     return None
 
 
+def adopted_replacement(
+    status: Mapping[str, Any],
+    *,
+    failed: Sequence[str],
+    nodes: Sequence[str],
+    procs_per_node: int,
+    spares: Sequence[str],
+    known_rounds: Sequence[int],
+) -> tuple[Replacement, Mapping[str, Any]] | None:
+    """The replacement the coordinator already made for the failed node and this controller does not know of
+    (a controller killed between asking for it and recording it): the newest round gives exactly the node's
+    ranks to the processes of one spare node that is still a spare here. With it and that round's status; None
+    otherwise (then a new decision is made). Finishing it, instead of asking again, keeps one process per rank:
+    a second spare given the same ranks would leave the first one in a round of its own."""
+    rounds = status.get("rounds") or []
+    if len(failed) != 1 or failed[0] not in nodes or not rounds:
+        return None
+    newest = rounds[-1]
+    if int(newest["round"]) == 0 or int(newest["round"]) in known_rounds:
+        return None
+    first = nodes.index(failed[0]) * procs_per_node
+    ranks = tuple(range(first, first + procs_per_node))
+    if tuple(sorted(int(r) for r in newest["replaced"])) != ranks:
+        return None
+    assignments = {str(m): int(r) for m, r in newest["assignments"].items()}
+    for spare in spares:
+        members = tuple(f"{spare}/{i}" for i in range(procs_per_node))
+        if all(assignments.get(m) == rank for m, rank in zip(members, ranks, strict=True)):
+            return Replacement(failed[0], spare, ranks, members), newest
+    return None
+
+
+def steps_done(round_status: Mapping[str, Any]) -> int | None:
+    """The most steps any rank of a round reported having completed before it went back (None: no report)."""
+    done = [int(v["done"]) for v in round_status.get("resumed", {}).values() if v.get("done") is not None]
+    return max(done, default=None)
+
+
+def unfinished_recovery(
+    started: Sequence[Mapping[str, Any]], recovered_rounds: Sequence[int]
+) -> dict[str, Any] | None:
+    """The recovery a previous controller of the attempt decided and did not see finish, from its events' data
+    (InPlaceRecoveryStarted, in order; the rounds of RecoveredInPlace): the newest round started after the
+    last one recovered, its outage counted from the first failure since then. None when every one finished."""
+    last = max(recovered_rounds, default=0)
+    open_ = [d for d in started if int(d["round"]) > last]
+    if not open_:
+        return None
+    newest = open_[-1]
+    died = [float(d["died_at"]) for d in open_ if d.get("died_at") is not None]
+    return {
+        "round": int(newest["round"]),
+        "node": newest["node"],
+        "spare": newest["spare"],
+        "ranks": list(newest["ranks"]),
+        "died_at": min(died) if died else None,
+        "decided_at": float(newest.get("decided_at") or 0.0),
+    }
+
+
+def starting_spares(*, live_spares: Sequence[str], waiting: Sequence[str], procs_per_node: int) -> list[str]:
+    """Spare nodes alive whose processes do not all wait yet (still starting)."""
+    ready = set(waiting)
+    return [s for s in live_spares if not all(f"{s}/{i}" in ready for i in range(procs_per_node))]
+
+
 def hung_node(first_stalled: Sequence[int], *, nodes: Sequence[str], procs_per_node: int) -> str | None:
     """The one node that holds every rank that stopped first in a hang (the likely culprits), whose ranks can be
     killed and replaced in place; None when the culprits span nodes or are unknown (the restart path decides)."""
@@ -118,15 +197,23 @@ class RecoveryTimes:
 
 
 def recovery_times(
-    round_status: Mapping[str, Any], *, died_at: float | None, decided_at: float
+    round_status: Mapping[str, Any],
+    *,
+    died_at: float | None,
+    decided_at: float,
+    done_before: int | None = None,
 ) -> RecoveryTimes | None:
-    """The phases of a recovery from its round in the coordinator's status; None until every rank resumed."""
+    """The phases of a recovery from its round in the coordinator's status; None until every rank resumed.
+    `done_before`: the most steps a rank had completed when an earlier round, superseded by this one before it
+    resumed, was opened (its ranks then went back once already, and this round's reports start from there)."""
     joined = [float(v["time"]) for v in round_status.get("joined", {}).values()]
     resumed = round_status.get("resumed", {})
     if not joined or not resumed or len(resumed) < len(joined):
         return None
     steps = {int(v["step"]) for v in resumed.values()}
     done = [int(v["done"]) for v in resumed.values() if v.get("done") is not None]
+    if done_before is not None:
+        done.append(done_before)
     last_join, last_resume = max(joined), max(float(v["time"]) for v in resumed.values())
     return RecoveryTimes(
         detect_s=None if died_at is None else max(decided_at - died_at, 0.0),

@@ -70,11 +70,17 @@ from controller.history import (
     update_goodput,
 )
 from controller.inplace import (
+    SPARE_READY_WAIT_S,
     CoordinatorClient,
     CoordinatorError,
+    InPlace,
+    adopted_replacement,
     hung_node,
     plan_replacement,
     recovery_times,
+    starting_spares,
+    steps_done,
+    unfinished_recovery,
 )
 from controller.memory import rank_memory_limit
 from controller.policy import ExclusionCase, decide_exclusion, decide_restart
@@ -485,12 +491,16 @@ class Controller:
         ):
             for node in early():  # a rank process gone, its torchrun not yet: decided without waiting for it
                 lost.setdefault(node, None)
-        if lost and self._recover_in_place(job_id, spec, live, lost, now):
+        if live.recoveries:  # first: a recovery that finished is not taken for one a new failure supersedes
+            self._follow_in_place(job_id, live, now)
+        outcome = self._recover_in_place(job_id, spec, live, lost, now) if lost else InPlace.DECLINED
+        if outcome is InPlace.RECOVERING:
             codes = live.gang.poll()  # the spare stands in the lost node's place now
             failed_nodes = {n: c for n, c in codes.items() if c is not None and c != 0}
-        if live.recoveries:
-            self._follow_in_place(job_id, live, now)
-        self._replenish_spares(job_id, live)
+        elif outcome is InPlace.AWAITING_SPARE:
+            failed_nodes = {}  # the survivors wait in place for the spare: no restart, no hang verdict
+        live.awaiting_spare = {n: t for n, t in live.awaiting_spare.items() if n in lost}
+        self._replenish_spares(job_id, spec, live)
         with self.store.transaction() as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -535,7 +545,7 @@ class Controller:
             self._handle_end(job_id, spec, live, codes=codes, now=now)
         else:
             verdict = live.check_hang(now)
-            if verdict.hung and (live.recoveries or now < live.hang_quiet_until):
+            if verdict.hung and (live.recoveries or live.awaiting_spare or now < live.hang_quiet_until):
                 pass  # an in-place recovery is under way: the ranks wait for it, they are not hung
             elif verdict.hung and not self._kill_hung_in_place(job_id, spec, live, verdict, now):
                 self._handle_hang(job_id, spec, live, verdict, now)
@@ -551,37 +561,84 @@ class Controller:
         live: LiveAttempt,
         failed: Mapping[str, int | None],
         now: float,
-    ) -> bool:
+    ) -> InPlace:
         """A node failed under `recovery: in-place`: give its ranks to a waiting spare node (see
-        controller/inplace.py). False: the restart path handles the failure. `failed`: node -> its exit code,
-        None for a node whose rank process is gone while its torchrun still runs."""
+        controller/inplace.py), wait for one still starting, or decline (the restart path handles the failure).
+        `failed`: node -> its exit code, None for a node whose rank process is gone while its torchrun still
+        runs."""
         gang = live.gang
         url = getattr(gang, "coordinator_url", None)
         if spec.fault_tolerance.recovery != "in-place" or url is None:
-            return False
+            return InPlace.DECLINED
         client = CoordinatorClient(url)
+        nodes = list(gang.poll())
+        final = any(c is not None for c in failed.values())  # a node still ending is decided on next pass
         try:
             status = client.status()
-            plan = plan_replacement(
+            adopted = adopted_replacement(
+                status,
                 failed=sorted(failed),
-                nodes=[n for n in gang.poll()],
+                nodes=nodes,
                 procs_per_node=spec.resources.procs_per_node,
-                live_spares=gang.live_spares(),
-                waiting=status["spares_waiting"],
+                spares=gang.live_spares(),
+                known_rounds=[p["round"] for p in live.recoveries],
             )
-            if plan is None:
-                if any(c is not None for c in failed.values()):  # not for a node still ending: said once
-                    log.warning(
-                        "job %s: no spare node ready for %s: restarting", spec.name, ", ".join(failed)
-                    )
-                return False
-            opened = client.replace(plan.ranks, failed_round=int(status["round"]), members=plan.members)
+            if adopted is not None:
+                plan, opened = adopted
+                decided_at = float(opened["opened_at"])
+            else:
+                plan = plan_replacement(
+                    failed=sorted(failed),
+                    nodes=nodes,
+                    procs_per_node=spec.resources.procs_per_node,
+                    live_spares=gang.live_spares(),
+                    waiting=status["spares_waiting"],
+                )
+                if plan is None and self._await_spare(
+                    job_id,
+                    live,
+                    failed,
+                    status,
+                    now,
+                    procs_per_node=spec.resources.procs_per_node,
+                    final=final,
+                ):
+                    return InPlace.AWAITING_SPARE
+                if plan is None:
+                    if final:
+                        why = (
+                            f"nodes {', '.join(sorted(failed))} were lost together (a rank's snapshot may be "
+                            "lost with the peer that keeps its replica)"
+                            if len(failed) > 1
+                            else f"no spare node was ready for {', '.join(failed)} within {SPARE_READY_WAIT_S:.0f} s"
+                            if set(failed) & set(live.awaiting_spare)
+                            else f"no spare node is ready for {', '.join(failed)} and none could be started"
+                        )
+                        self._decline_in_place(job_id, live, why, failed)
+                    return InPlace.DECLINED
+                opened = client.replace(plan.ranks, failed_round=int(status["round"]), members=plan.members)
+                decided_at = now
         except CoordinatorError as err:
-            log.warning("job %s: in-place recovery unavailable (%s): restarting", spec.name, err)
-            return False
+            if final:
+                self._decline_in_place(
+                    job_id, live, f"the recovery coordinator is unavailable ({err})", failed
+                )
+            return InPlace.DECLINED
         code = failed[plan.node]
         # A node seen failed through its rank process has no end time yet: it was seen this pass.
         died_at = gang.node_end_time(plan.node) if code is not None else now
+        # A recovery still pending whose newcomer was lost before it resumed (or any older round, now
+        # superseded): its ranks moved on to this round, which counts the outage from the first failure.
+        superseded = [p for p in live.recoveries if p["round"] < int(opened["round"])]
+        rounds = {int(r["round"]): r for r in status.get("rounds", [])}
+        done_before = None
+        for pending in superseded:
+            live.recoveries.remove(pending)
+            if pending["died_at"] is not None:
+                died_at = pending["died_at"] if died_at is None else min(died_at, pending["died_at"])
+            for done in (pending.get("done_before"), steps_done(rounds.get(pending["round"], {}))):
+                if done is not None:
+                    done_before = done if done_before is None else max(done_before, done)
         gang.promote(plan.spare, replacing=plan.node)
         live.recoveries.append(
             {
@@ -590,25 +647,87 @@ class Controller:
                 "spare": plan.spare,
                 "ranks": list(plan.ranks),
                 "died_at": died_at,
-                "decided_at": now,
+                "decided_at": decided_at,
+                "done_before": done_before,
             }
         )
+        lost = "a rank process ended" if code is None else f"exit code {code}"
         self._recovery_event(
             job_id,
             live,
             SupervisionReason.IN_PLACE_STARTED,
-            f"node {plan.node} lost ({'a rank process ended' if code is None else f'exit code {code}'}): its rank(s) "
-            f"{', '.join(map(str, plan.ranks))} go to spare {plan.spare} in round {opened['round']}; "
-            "the other nodes keep running",
+            f"node {plan.node} lost ({lost}): its rank(s) {', '.join(map(str, plan.ranks))} go to spare "
+            f"{plan.spare} in round {opened['round']}; the other nodes keep running"
+            + (" (decided before this controller started: finished here)" if adopted is not None else "")
+            + (
+                f"; round(s) {', '.join(str(p['round']) for p in superseded)} superseded before resuming"
+                if superseded
+                else ""
+            ),
             {
                 "node": plan.node,
                 "exit_code": code,
                 "spare": plan.spare,
                 "ranks": list(plan.ranks),
                 "round": opened["round"],
+                "died_at": died_at,
+                "decided_at": decided_at,
+                "adopted": adopted is not None,
+                "superseded": [p["round"] for p in superseded],
             },
         )
-        return True
+        return InPlace.RECOVERING
+
+    def _await_spare(
+        self,
+        job_id: int,
+        live: LiveAttempt,
+        failed: Mapping[str, int | None],
+        status: Mapping[str, Any],
+        now: float,
+        *,
+        procs_per_node: int,
+        final: bool,
+    ) -> bool:
+        """No spare node waits for the one lost node: whether its ranks wait in place for one still starting
+        (up to SPARE_READY_WAIT_S). With no spare at all, only the lost node is started again, as a spare that
+        takes its ranks once it waits."""
+        if len(failed) != 1:
+            return False
+        (node,) = failed
+        gang = live.gang
+        starting = starting_spares(
+            live_spares=gang.live_spares(), waiting=status["spares_waiting"], procs_per_node=procs_per_node
+        )
+        if not starting and final and node not in live.awaiting_spare:
+            started = gang.start_spare()
+            if started is not None:
+                starting = [started]
+                self._recovery_event(
+                    job_id,
+                    live,
+                    SupervisionReason.SPARE_STARTED,
+                    f"spare {started} starting to replace node {node} (no spare was waiting); the other nodes "
+                    "wait in place",
+                    {"spare": started, "replacing": node},
+                )
+        if not starting:
+            return False
+        since = live.awaiting_spare.setdefault(node, now)
+        return now - since < SPARE_READY_WAIT_S
+
+    def _decline_in_place(
+        self, job_id: int, live: LiveAttempt, why: str, failed: Mapping[str, int | None]
+    ) -> None:
+        """The restart path takes this failure: said once, with why, before its Failure event."""
+        log.warning("job %s: in-place recovery not possible: %s; restarting", live.job_name, why)
+        self._recovery_event(
+            job_id,
+            live,
+            SupervisionReason.IN_PLACE_DECLINED,
+            f"in-place recovery not possible: {why}; the attempt restarts from the newest disk checkpoint",
+            {"nodes": sorted(failed), "why": why},
+        )
 
     def _kill_hung_in_place(
         self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt, verdict: HangVerdict, now: float
@@ -623,15 +742,16 @@ class Controller:
         if spec.fault_tolerance.recovery != "in-place" or kill is None or verdict.phase != PHASE_TRAINING:
             return False
         texts: dict[int, str] = {}
-        stacks = gang.dump_stacks(texts)
-        culprits = hang_culprits(verdict.first_stalled, stacks=texts, stopped=gang.stopped_ranks())
+        pids = gang.rank_pids()  # one look for the stacks, the stopped check and the kill
+        stacks = gang.dump_stacks(texts, pids)
+        culprits = hang_culprits(verdict.first_stalled, stacks=texts, stopped=gang.stopped_ranks(pids))
         nodes = list(gang.poll())
         node = hung_node(culprits, nodes=nodes, procs_per_node=spec.resources.procs_per_node)
         if node is None:
             return False  # the restart path dumps the stacks again: a second look, minutes apart, is cheap
         first = nodes.index(node) * spec.resources.procs_per_node
         ranks = list(range(first, first + spec.resources.procs_per_node))
-        killed = kill(ranks)
+        killed = kill(ranks, pids)
         # The survivors make no progress until the replacement is in: no second verdict before then.
         live.hang_quiet_until = now + verdict.threshold_seconds
         self._recovery_event(
@@ -651,15 +771,37 @@ class Controller:
         )
         return True
 
-    def _replenish_spares(self, job_id: int, live: LiveAttempt) -> None:
-        """Start the spare that replaces a promoted one, once the job has completed a step after its recovery: a
-        spare's start-up (the interpreter, torch, the model) takes CPU and memory from the ranks, and started at
-        once it slowed the very steps the recovery was resuming."""
+    def _replenish_spares(self, job_id: int, spec: TrainingJobSpec, live: LiveAttempt) -> None:
+        """Keep `hot_spares` spares. One lost while waiting is replaced at once. The one that replaces a promoted
+        spare starts once the job has completed a step after its recovery: a spare's start-up (the interpreter,
+        torch, the model) takes CPU and memory from the ranks, and started at once it slowed the very steps the
+        recovery was resuming."""
+        gang = live.gang
+        for name, code in getattr(gang, "lost_spares", lambda: [])():
+            started = None
+            if len(gang.live_spares()) < spec.fault_tolerance.hot_spares:
+                started = gang.start_spare()
+            self._recovery_event(
+                job_id,
+                live,
+                SupervisionReason.SPARE_LOST,
+                f"spare {name} ended while waiting (exit code {code}): "
+                + (
+                    f"spare {started} starting in its place"
+                    if started
+                    else "not replaced (this controller re-attached to the gang and cannot start spares)"
+                    if getattr(gang, "spare_launch", None) is None
+                    else "not replaced (the job has its spares)"
+                ),
+                {"spare": name, "exit_code": code, "replacement": started},
+            )
         due = live.spare_due_after
         if due is None or (live.progress.last_progress_at or 0.0) <= due:
             return
         live.spare_due_after = None
-        started = live.gang.start_spare()
+        if len(gang.live_spares()) >= spec.fault_tolerance.hot_spares:
+            return
+        started = gang.start_spare()
         if started:
             self._recovery_event(
                 job_id,
@@ -681,7 +823,10 @@ class Controller:
             return
         for pending in list(live.recoveries):
             times = recovery_times(
-                rounds.get(pending["round"], {}), died_at=pending["died_at"], decided_at=pending["decided_at"]
+                rounds.get(pending["round"], {}),
+                died_at=pending["died_at"],
+                decided_at=pending["decided_at"],
+                done_before=pending.get("done_before"),
             )
             if times is None:
                 continue
@@ -763,8 +908,33 @@ class Controller:
             job_id, spec, gang, number, run_dir, launched_at=started.timestamp(), nodes=nodes, reattach=True
         )
         live.stopped_by_controller = bool(record.get(STOPPED_BY_CONTROLLER))
+        if getattr(gang, "coordinator_url", None) is not None:
+            self._resume_following(job_id, live)
         log.info("job %s: re-attached to attempt %d", spec.name, number)
         return live
+
+    def _resume_following(self, job_id: int, live: LiveAttempt) -> None:
+        """An in-place recovery the previous controller decided and did not see finish is followed on (its
+        RecoveredInPlace event and the goodput ledger), and no hang is called while it is under way."""
+        with self.store.transaction() as session:
+            rows = session.execute(
+                select(Event.reason, Event.data)
+                .where(
+                    Event.job_id == job_id,
+                    Event.attempt == live.attempt,
+                    Event.reason.in_(
+                        [SupervisionReason.IN_PLACE_STARTED, SupervisionReason.RECOVERED_IN_PLACE]
+                    ),
+                )
+                .order_by(Event.seq)
+            ).all()
+        started = [data for reason, data in rows if reason == SupervisionReason.IN_PLACE_STARTED and data]
+        recovered = [int(data["round"]) for reason, data in rows
+                     if reason == SupervisionReason.RECOVERED_IN_PLACE and data]  # fmt: skip
+        pending = unfinished_recovery(started, recovered)
+        if pending is not None:
+            live.recoveries.append(pending)
+            log.info("job %s: following the in-place recovery of round %d", live.job_name, pending["round"])
 
     def _record_progress(self, session: Session, job: Job, live: LiveAttempt, now: float) -> None:
         p = live.progress

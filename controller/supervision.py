@@ -86,6 +86,8 @@ class LiveAttempt:
     # In-place recoveries decided and not yet finished (controller/inplace.py): round, node, spare, times
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     spare_due_after: float | None = None  # unix seconds: a spare is to be started once a step ends after this
+    # A failed node whose replacement waits for a spare still starting: node -> since when (unix seconds).
+    awaiting_spare: dict[str, float] = field(default_factory=dict)
     hang_quiet_until: float = (
         0.0  # unix seconds: no hang verdict acted on before (an in-place recovery's wait)
     )

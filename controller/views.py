@@ -122,6 +122,9 @@ class JobView:
     ranks: tuple[RankView, ...] | None = None
     stragglers: tuple[RankView, ...] = ()  # flagged ranks of the current attempt
     cluster: ClusterObject | None = None
+    # In-place recovery's live state, from the attempt's recovery coordinator (`vlctl status` asks it; None
+    # without one): round, committed_step, spares [{name, state: waiting | starting}], or error.
+    in_place: Mapping[str, Any] | None = None
 
     @property
     def progress(self) -> float | None:
@@ -180,6 +183,7 @@ class JobView:
             "created": _iso(self.created),
             "updated": _iso(self.updated),
             "finished": _iso(self.finished),
+            "in_place": None if self.in_place is None else dict(self.in_place),
             "attempt_started": None if a is None else _iso(a.started),
             "current_attempt": None
             if a is None

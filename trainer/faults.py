@@ -8,6 +8,12 @@ Faults come from a typed `FaultConfig`, or from the environment (`FaultConfig.fr
   (a driver abort, a segfault in a kernel) looks like from outside, with a code that marks it as injected.
   `raise`: an `InjectedCrash` exception: a Python error with a traceback, `finally` blocks run, exit status 1.
   `kill`: SIGKILL to itself, like the kernel's OOM killer: status -9 to the parent (137 in a shell).
+- VLCTL_FAULT_CRASH_IN=WHERE[,WHERE]: where the crash comes (default `step`, as above); each place fires once:
+  `snapshot`: halfway through copying the in-memory snapshot of step N (in-place recovery), so the half-made
+  snapshot is on record when the rank dies (`raise` acts as `exit` there: the copy runs in the replicator's
+  thread, where an exception would not end the rank);
+  `restore`: halfway through this rank's first in-place restore (the replica received, the engine not yet
+  restored); N does not apply. With VLCTL_FAULT_RANK, the spare that takes the rank over inherits it.
 - VLCTL_FAULT_HANG_AT_STEP=N: at the start of step N the training thread waits forever on an event nobody sets.
   The process stays alive and its metrics endpoint (other threads) keeps answering, while the progress timestamp
   stops: what a rank stuck in a collective looks like. With `GracefulStop` installed a SIGTERM is recorded but
@@ -17,7 +23,7 @@ Faults come from a typed `FaultConfig`, or from the environment (`FaultConfig.fr
   it is not scaled), like a throttled GPU; the other ranks wait for it at the sync point.
 - VLCTL_FAULT_RANK=R: only global rank R is affected (default: every rank).
 - VLCTL_FAULT_ONCE_DIR=DIR: each fault fires once per job, not once per process: firing leaves the marker
-  `DIR/{crash,hang,slow}-rank{R}` and a marker already there disarms it. Without it a crash at step N recurs
+  `DIR/{crash,crash-snapshot,crash-restore,hang,slow}-rank{R}` and a marker already there disarms it. Without it a crash at step N recurs
   after every resume from a checkpoint before N.
 
 A fault announces itself with one line on stderr before acting, so a chaos test's logs say what happened.
@@ -39,6 +45,7 @@ from typing import NoReturn
 
 from trainer.contract.telemetry import (
     ENV_FAULT_CRASH_AT_STEP,
+    ENV_FAULT_CRASH_IN,
     ENV_FAULT_CRASH_MODE,
     ENV_FAULT_HANG_AT_STEP,
     ENV_FAULT_ONCE_DIR,
@@ -52,6 +59,7 @@ from trainer.telemetry.timers import StepTimer
 
 log = logging.getLogger("trainer.faults")
 CRASH_MODES = ("exit", "raise", "kill")
+CRASH_PLACES = ("step", "snapshot", "restore")
 
 
 class InjectedCrash(RuntimeError):
@@ -62,6 +70,7 @@ class InjectedCrash(RuntimeError):
 class FaultConfig:
     crash_at_step: int | None = None
     crash_mode: str = "exit"
+    crash_in: tuple[str, ...] = ("step",)  # CRASH_PLACES
     hang_at_step: int | None = None
     slow_factor: float = 1.0  # 1: not slowed
     slow_from_step: int = 0
@@ -73,6 +82,8 @@ class FaultConfig:
             raise ValueError(
                 f"faults.crash_mode: expected one of {', '.join(CRASH_MODES)}, got {self.crash_mode!r}"
             )
+        if bad := [p for p in self.crash_in if p not in CRASH_PLACES]:
+            raise ValueError(f"faults.crash_in: expected {', '.join(CRASH_PLACES)}, got {', '.join(bad)}")
         if not 1.0 <= self.slow_factor < math.inf:
             raise ValueError(f"faults.slow_factor: must be a finite number >= 1, got {self.slow_factor}")
         for name in ("crash_at_step", "hang_at_step", "slow_from_step", "rank"):
@@ -82,7 +93,8 @@ class FaultConfig:
 
     @property
     def active(self) -> bool:
-        return self.crash_at_step is not None or self.hang_at_step is not None or self.slow_factor > 1.0
+        crash = self.crash_at_step is not None or "restore" in self.crash_in
+        return crash or self.hang_at_step is not None or self.slow_factor > 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> FaultConfig:
@@ -108,13 +120,17 @@ class FaultConfig:
             values["slow_from_step"] = start
         if mode := environ.get(ENV_FAULT_CRASH_MODE, "").strip():
             values["crash_mode"] = mode
+        if places := environ.get(ENV_FAULT_CRASH_IN, "").strip():
+            values["crash_in"] = tuple(p.strip() for p in places.split(",") if p.strip())
         if once := environ.get(ENV_FAULT_ONCE_DIR, "").strip():
             values["once_dir"] = Path(once)
         return cls(**values)
 
 
 class FaultInjector:
-    """Call `before_step(step)` at the top of each step and `slow_down(step, timer)` after backward."""
+    """Call `before_step(step)` at the top of each step and `slow_down(step, timer)` after backward; in-place
+    recovery calls `in_snapshot(step)` halfway through a snapshot's copy and `in_restore()` halfway through a
+    restore."""
 
     def __init__(self, config: FaultConfig, *, rank: int):
         self.config = config
@@ -126,18 +142,36 @@ class FaultInjector:
         c = self.config
         if not self._targeted:
             return
-        if c.crash_at_step == step and self._arm("crash"):
-            self._announce(f"crash ({c.crash_mode}) at step {step}")
-            if c.crash_mode == "raise":
-                raise InjectedCrash(f"injected crash at step {step} on rank {self.rank}")
-            if c.crash_mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            os._exit(EXIT_FAULT_CRASH)
+        if "step" in c.crash_in and c.crash_at_step == step and self._arm("crash"):
+            self._crash(f"at step {step}")
         if c.hang_at_step == step and self._arm("hang"):
             self._announce(f"hang at step {step}")
             forever = threading.Event()
             while True:  # a signal handler may wake the wait; a hung rank goes back to waiting
                 forever.wait()
+
+    def in_snapshot(self, step: int) -> None:
+        c = self.config
+        if (
+            self._targeted
+            and "snapshot" in c.crash_in
+            and c.crash_at_step == step
+            and self._arm("crash-snapshot")
+        ):
+            self._crash(f"halfway through the snapshot of step {step}", may_raise=False)
+
+    def in_restore(self, step: int) -> None:
+        if self._targeted and "restore" in self.config.crash_in and self._arm("crash-restore"):
+            self._crash(f"halfway through restoring step {step}")
+
+    def _crash(self, where: str, *, may_raise: bool = True) -> None:
+        c = self.config
+        self._announce(f"crash ({c.crash_mode}) {where}")
+        if c.crash_mode == "raise" and may_raise:
+            raise InjectedCrash(f"injected crash {where} on rank {self.rank}")
+        if c.crash_mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(EXIT_FAULT_CRASH)
 
     def slow_down(self, step: int, timer: StepTimer, *, rest_of_step: float = 0.0) -> float:
         """Sleeps (factor - 1) x the step's own work when slowing applies; returns the seconds slept.

@@ -18,7 +18,7 @@ Decisions:
 * In-place recovery (trainer/recovery/, when the launcher gives a recovery store): after every step the rank's
   state is snapshotted into host memory; the sync point also agrees on the committed snapshot step (MIN). A
   collective that fails because a peer is gone does not end the run: the rank regroups in the same process
-  (`_recover`: new groups, the engine rebound, the checkpoint group anew, the committed snapshot restored with
+  (`_regroup`: new groups, the engine rebound, the checkpoint group anew, the committed snapshot restored with
   the data position and RNGs) and goes on. A spare joins as a newcomer: it builds everything in `__enter__` with
   the collectives the survivors' rebind issues, then restores from the replica its keeper sends. When some rank's
   state is in no memory the run exits EXIT_RECOVERY_FALLBACK and the controller resumes from the disk checkpoint.
@@ -170,7 +170,7 @@ class Run:
             MfuConfig(peak_flops=t.peak_flops, trainable=trainable),
             model_parallel_size=p.tp * p.pp,
         )
-        self.inplace = None if self.membership is None else InPlace(self.membership, self.engine)
+        self.inplace = None if self.membership is None else InPlace(self.membership, self.engine, self.faults)
         marks.append(("rest", time.monotonic()))
         log.info(
             "built in %.3f s after joining (%s)",
@@ -296,23 +296,29 @@ class Run:
     # ------------------------------------------------------------------------------------------ the loop
 
     def train(self) -> int:
-        if self.membership is not None and self.membership.newcomer:
-            if not self._restore_in_memory():
-                return EXIT_RECOVERY_FALLBACK
-        else:
+        # A spare given a rank starts with a restore; so does every rank after a regroup.
+        restore_due = self.membership is not None and self.membership.newcomer
+        if not restore_due:
             self.resume()
         steps = self.config.training.steps
         self._batches = iter(self.loader)
         with GracefulStop() as stop:
             self._stop = stop
-            while self.step < steps:
+            while restore_due or self.step < steps:
                 try:
+                    if restore_due:
+                        if not self._restore_in_memory():
+                            return EXIT_RECOVERY_FALLBACK
+                        restore_due = False
+                        continue
                     code = self._step_and_save(steps)
                 except Exception as err:
                     if self.inplace is None or not _peer_failure(err):
                         raise
-                    if not self._recover(err):
-                        return EXIT_RECOVERY_FALLBACK
+                    # A failure during a recovery (a newcomer lost while restoring, a second rank lost while
+                    # the groups re-form) is met the same way: the next round.
+                    self._regroup(err)
+                    restore_due = True
                     continue
                 if code is not None:
                     return code
@@ -359,22 +365,30 @@ class Run:
             "rng": capture_rng(),
         }
 
-    def _recover(self, err: BaseException) -> bool:
-        """A peer is gone: regroup in this process and go back to the committed snapshot. False: the state is in
-        no memory (the caller exits for a restart from the disk checkpoint)."""
+    def _regroup(self, err: BaseException) -> None:
+        """A peer is gone: leave the round and join the next one in this process, with new groups under the
+        engine and the checkpointer (the restore follows: `_restore_in_memory`). A peer failure while joining
+        (the round was superseded by another loss) moves on to the round after it."""
         assert self.inplace is not None
         started = time.monotonic()
         log.warning("a collective failed after step %d (%s: %s); regrouping in place",
                     self.step, type(err).__name__, str(err).splitlines()[0][:200])  # fmt: skip
         self.telemetry.abandon_step()
-        self.inplace.regroup(self.backend)
-        self.mesh = init_distributed(self.dims, backend=self.backend)
-        self.engine.rebind(self.mesh)
-        self.checkpointer.regroup()
+        while True:
+            try:
+                self.inplace.regroup(self.backend)
+                self.mesh = init_distributed(self.dims, backend=self.backend)
+                self.engine.rebind(self.mesh)
+                self.checkpointer.regroup()
+                break
+            except Exception as again:
+                if not _peer_failure(again):
+                    raise
+                log.warning("round %d failed while forming (%s); joining the next one",
+                            self.inplace.membership.round, str(again).splitlines()[0][:200])  # fmt: skip
         log.info(
             "round %d: groups re-formed in %.3f s", self.inplace.membership.round, time.monotonic() - started
         )
-        return self._restore_in_memory()
 
     def _restore_in_memory(self) -> bool:
         """Collective over the new round: every rank back to the newest step all of them hold (a newcomer from
@@ -386,7 +400,7 @@ class Run:
             log.error(
                 "in-place recovery: the state of rank(s) %s is in no memory (lost with the peer that kept its "
                 "replica); exiting for a restart from the disk checkpoint",
-                self.inplace.membership.replaced,
+                self.inplace.newcomers,
             )
             return False
         newcomer = self.inplace.membership.newcomer

@@ -347,6 +347,17 @@ class Gang:
     def live_spares(self) -> list[str]:
         return [n.name for n in self.spares if self._exit_code(n) is None]
 
+    def lost_spares(self) -> list[tuple[str, int]]:
+        """Spare nodes that ended while waiting (killed, crashed), with their exit codes: no longer spares, kept
+        to be reaped."""
+        lost = []
+        for node in list(self.spares):
+            if (code := self._exit_code(node)) is not None:
+                self.spares.remove(node)
+                self.retired.append(node)
+                lost.append((node.name, code))
+        return lost
+
     def promote(self, spare: str, *, replacing: str) -> None:
         """The spare node took the lost node's ranks: it stands in the lost node's place (the same ranks). The
         lost node's torchrun may still be ending (its worker's death seen first): it is kept to be reaped."""
@@ -358,10 +369,10 @@ class Gang:
         self.replaced[replacing] = spare
         self._workers.pop(replacing, None)
 
-    def kill_ranks(self, ranks: Sequence[int]) -> list[int]:
+    def kill_ranks(self, ranks: Sequence[int], pids: Mapping[int, int] | None = None) -> list[int]:
         """SIGKILL these ranks' processes (a hung node's, to be replaced in place: SIGKILL ends a stopped process
-        too); the pids killed."""
-        pids = self.rank_pids()
+        too); the pids killed. `pids`: a `rank_pids()` the caller already has."""
+        pids = self.rank_pids() if pids is None else pids
         killed = []
         for rank in ranks:
             if (pid := pids.get(rank)) is not None:
@@ -462,13 +473,7 @@ class Gang:
 
     def _root(self, node: _Node) -> psutil.Process | None:
         """The node's root process, unless it is gone (a pid reused by another process counts as gone)."""
-        try:
-            proc = psutil.Process(node.pid)
-            if abs(proc.create_time() - node.create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
-                return proc
-        except psutil.Error:
-            pass
-        return None
+        return _process(node.pid, node.create_time)
 
     def _exit_code(self, node: _Node) -> int | None:
         if node.popen is not None:
@@ -596,13 +601,15 @@ class Gang:
         self.detached = True
         exit_cleanup.unregister(self)
 
-    def dump_stacks(self, texts: dict[int, str] | None = None) -> dict[int, str]:
-        return dump_stacks(self.rank_pids(), self.log_dir, texts=texts)
+    def dump_stacks(
+        self, texts: dict[int, str] | None = None, pids: Mapping[int, int] | None = None
+    ) -> dict[int, str]:
+        return dump_stacks(self.rank_pids() if pids is None else pids, self.log_dir, texts=texts)
 
-    def stopped_ranks(self) -> set[int]:
+    def stopped_ranks(self, pids: Mapping[int, int] | None = None) -> set[int]:
         """Ranks whose process is stopped (SIGSTOP, a debugger): they cannot be waiting on anyone."""
         stopped = set()
-        for rank, pid in self.rank_pids().items():
+        for rank, pid in (self.rank_pids() if pids is None else pids).items():
             with contextlib.suppress(psutil.Error):
                 if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
                     stopped.add(rank)
@@ -627,12 +634,19 @@ def _is_worker(proc: psutil.Process) -> bool:
         return False
 
 
-def _alive(pid: int, created: float) -> bool:
+def _process(pid: int, created: float) -> psutil.Process | None:
+    """The process `pid` started at `created`, unless it ended (a zombie, or its pid reused by another)."""
     try:
         proc = psutil.Process(pid)
-        return abs(proc.create_time() - created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+        if abs(proc.create_time() - created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
     except psutil.Error:
-        return False
+        pass
+    return None
+
+
+def _alive(pid: int, created: float) -> bool:
+    return _process(pid, created) is not None
 
 
 def _kill(procs: Sequence[psutil.Process]) -> None:

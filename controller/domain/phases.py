@@ -76,6 +76,8 @@ class SupervisionReason:
     RECOVERED_IN_PLACE = "RecoveredInPlace"
     SPARE_STARTED = "SpareStarted"
     HUNG_RANKS_KILLED = "HungRanksKilled"
+    SPARE_LOST = "SpareLost"
+    IN_PLACE_DECLINED = "InPlaceRecoveryDeclined"
 
 
 _CAMEL_CASE = re.compile(r"[A-Z][A-Za-z0-9]*")

@@ -1,7 +1,8 @@
 """The fault matrix: real jobs (the mini Qwen2-VL, 2 local nodes, data-parallel), real faults, a real controller
 process. Every run goes to completion and its loss at every step is bitwise equal to an uninterrupted run's.
 The faults: ranks killed (mid-step, during a save, with the newest checkpoint corrupt), a rank stopped (a hang),
-the controller killed, and the checkpoint storage unwritable for a minute.
+the controller killed, the checkpoint storage unwritable for a minute, and, under in-place recovery, a spare,
+a rank mid-snapshot, a newcomer mid-restore, a hung newcomer and the controller lost in one run.
 
 Each test prints the detection latency (from the fault to the controller's Failure event) and the time to the
 first resumed step (from the fault to the first step line the next attempt writes).
@@ -14,8 +15,10 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -258,66 +261,143 @@ def test_checkpoint_storage_unwritable_for_a_minute_costs_no_step(
         run.stop()
 
 
-def test_in_place_recovery_replaces_a_killed_node_and_then_a_hung_one_and_the_survivor_keeps_its_pid(
+def _coordinator_status(run: JobRun) -> dict | None:
+    attempts = [a for a in run.attempts() if a.backend_record and a.backend_record.get("coordinator_url")]
+    if not attempts:
+        return None
+    try:
+        with urllib.request.urlopen(
+            attempts[-1].backend_record["coordinator_url"] + "/v1/status", timeout=5
+        ) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+def _spare_worker(run: JobRun, spare: str) -> psutil.Process:
+    """The trainer process of a hot spare node (its shell's descendant running trainer.train, not its torchrun)."""
+    record = run.attempts()[-1].backend_record
+    (node,) = [n for n in record["spares"] if n["name"] == spare]
+    workers = [
+        p
+        for p in psutil.Process(node["pid"]).children(recursive=True)
+        if "trainer.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in p.cmdline()
+    ]
+    assert len(workers) == 1, workers
+    return workers[0]
+
+
+def test_in_place_recovery_through_a_lost_spare_a_half_made_snapshot_a_lost_newcomer_a_hang_and_a_lost_controller(
     data, uninterrupted, tmp_path: Path
 ) -> None:
-    """`fault_tolerance.recovery: in-place`, two hot spares: rank 1 SIGKILLed at step 6, its node's ranks go to a
-    spare; the rank that replaced it hangs at step 11, and after the hang timeout the controller kills it and
-    gives its ranks to the other spare. Rank 0 goes on in the same process throughout, the attempt never ends,
-    and every loss equals the uninterrupted run's."""
+    """`fault_tolerance.recovery: in-place`, two hot spares; every fault on rank 1's side, rank 0 never leaves
+    its process and the attempt never ends:
+
+    1. spare 0 is SIGKILLed while it waits: the controller starts spare 2 in its place (SpareLost);
+    2. rank 1 dies halfway through copying its snapshot of step 5: the ranks go back to step 4, never to the
+       half-made snapshot (and rank 1's keeper never received a replica of 5);
+    3. spare 1, given rank 1, dies halfway through its restore (two failures in one step): the survivors move on
+       to the next round, where spare 2 takes rank 1 from the same replica (round 1 superseded);
+    4. spare 2 hangs at step 11: after the hang timeout the controller kills it and gives rank 1 to spare 3;
+    5. the controller is SIGKILLed as soon as that recovery starts, and a new one finishes following it.
+
+    Every loss equals the uninterrupted run's bit for bit."""
     spec = _spec(
         "in-place",
         data,
         fault_tolerance={"recovery": "in-place", "hot_spares": 2, "hang_timeout_seconds": 10},
     )
     faults = {
-        "VLCTL_FAULT_CRASH_AT_STEP": "6",
+        "VLCTL_FAULT_CRASH_AT_STEP": "5",
         "VLCTL_FAULT_CRASH_MODE": "kill",
+        "VLCTL_FAULT_CRASH_IN": "snapshot,restore",
         "VLCTL_FAULT_HANG_AT_STEP": "11",
-        "VLCTL_FAULT_RANK": "1",  # the spare that takes rank 1 inherits the hang: it fires once per job
+        "VLCTL_FAULT_RANK": "1",  # each spare that takes rank 1 inherits the faults: each fires once per job
         "VLCTL_FAULT_ONCE_DIR": str(tmp_path / "once"),
     }
     run = JobRun(tmp_path, spec, env=faults)
     try:
         run.start_controller()
         survivor = run.rank_pid(0, attempt=1)
+
+        # 1. Spare 0 dies while it waits for an assignment.
+        run.wait(
+            lambda: "in-place-spare-0/0" in ((_coordinator_status(run) or {}).get("spares_waiting") or []),
+            timeout=240,
+            what="spare 0 waiting",
+            every=0.2,
+        )
+        _spare_worker(run, "in-place-spare-0").kill()
+        run.wait(lambda: any(e.reason == "SpareLost" for e in run.events()), timeout=60, what="SpareLost")
+
+        # `vlctl status` shows the spares and the newest committed snapshot step (asked of the coordinator).
+        shown = subprocess.run(
+            [sys.executable, "-m", "cli", "status", "in-place", "-o", "json"],
+            cwd=train_harness.REPO, env=run.env, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        in_place = json.loads(shown.stdout)["in_place"]
+        assert in_place["round"] == 0 and "committed_step" in in_place, in_place  # none yet, this early
+        names = [s["name"] for s in in_place["spares"]]
+        assert "in-place-spare-0" not in names and "in-place-spare-2" in names, in_place
+        assert {s["state"] for s in in_place["spares"]} <= {"waiting", "starting"}, in_place
+
+        # 2-5 run on their own (the faults are the ranks'); the controller is killed when round 3 starts.
+        def round_started(k: int) -> bool:
+            return any(e.reason == "InPlaceRecoveryStarted" and e.data["round"] == k for e in run.events())
+
+        run.wait(lambda: round_started(3) or str(run.phase()) in ("succeeded", "failed"), timeout=300,
+                 what="the third in-place recovery to start", every=0.02)  # fmt: skip
+        assert psutil.pid_exists(survivor)  # rank 0 kept its process through the recoveries so far
+        run.kill_controller()
+        run.start_controller("ctl-test-2")
         run.wait(
             lambda: (
-                len([e for e in run.events() if e.reason == "RecoveredInPlace"]) == 2
+                any(e.reason == "RecoveredInPlace" and e.data["round"] == 3 for e in run.events())
                 or str(run.phase()) in ("succeeded", "failed")
             ),
             timeout=300,
-            what="both in-place recoveries",
+            what="the third recovery followed to its end by the new controller",
         )
-        assert psutil.pid_exists(survivor)  # rank 0 kept its process through both recoveries
         _finish_and_compare(run, uninterrupted)
         events = run.events()
-        recovered, after_hang = [e for e in events if e.reason == "RecoveredInPlace"]
+        messages = [e.message for e in events]
+        assert [a.number for a in run.attempts()] == [1], messages  # no restart: the attempt went on
+        assert not [e for e in events if e.type == "Failure"], messages
+
+        lost_spare = next(e for e in events if e.reason == "SpareLost")
+        assert lost_spare.data["spare"] == "in-place-spare-0", lost_spare.message
+        assert lost_spare.data["replacement"] == "in-place-spare-2", lost_spare.message
         started = [e for e in events if e.reason == "InPlaceRecoveryStarted"]
-        assert [(e.data["node"], e.data["ranks"]) for e in started] == [
-            ("local-1", [1]),
-            ("in-place-spare-0", [1]),  # the first spare, standing in local-1's place
-        ]
-        assert {e.data["spare"] for e in started} == {"in-place-spare-0", "in-place-spare-1"}
+        assert [(e.data["node"], e.data["spare"], e.data["round"]) for e in started] == [
+            ("local-1", "in-place-spare-1", 1),  # the snapshot-time kill
+            ("in-place-spare-1", "in-place-spare-2", 2),  # its newcomer lost while restoring
+            ("in-place-spare-2", "in-place-spare-3", 3),  # the hung newcomer, killed
+        ], messages
+        assert started[1].data["superseded"] == [1]
+        recovered = {e.data["round"]: e for e in events if e.reason == "RecoveredInPlace"}
+        assert sorted(recovered) == [2, 3], messages
+        # The half-made snapshot of step 5 was never used: back to step 4, one completed step done again,
+        # counted from the first failure (round 1's survivors had done 5 steps).
+        assert recovered[2].data["step"] == 4 and recovered[2].data["steps_lost"] == 1, recovered[2].message
+        assert recovered[2].data["died_at"] <= started[1].time.timestamp()
+        assert recovered[3].data["steps_lost"] <= 1, recovered[3].message
         hung = next(e for e in events if e.reason == "HungRanksKilled")
-        assert hung.data["node"] == "in-place-spare-0" and hung.data["ranks"] == [1]
-        assert started[0].time < recovered.time < hung.time < started[1].time < after_hang.time
-        assert after_hang.data["steps_lost"] <= 1
+        assert hung.data["node"] == "in-place-spare-2" and hung.data["ranks"] == [1]
+        assert not any(psutil.pid_exists(pid) for pid in hung.data["pids"])  # never two processes for rank 1
+        assert started[2].time < recovered[3].time
+        started_spares = [e.data["spare"] for e in events if e.reason == "SpareStarted"]
+        assert started_spares[:1] == ["in-place-spare-3"], messages
+
         # `vlctl logs --rank 1` tells rank 1's whole story: each spare that took it writes on in rank-1.log.
         (rank1_log,) = tmp_path.rglob("attempt-1/rank-1.log")
-        assert (
-            "rank 1 joined round 1" in rank1_log.read_text()
-            and "rank 1 joined round 2" in rank1_log.read_text()
-        )
-        # The kill comes at the very start of step 6, while the snapshot of step 5 is being copied and sent to
-        # its keeper: the newest step everyone holds is 5, or 4 when that transfer was cut; every step's
-        # snapshot is committed by the next step's sync point, so never older (at most one step again).
-        assert recovered.data["steps_lost"] <= 1
-        assert [a.number for a in run.attempts()] == [1]  # no restart: the attempt went on
-        assert not [e for e in events if e.type == "Failure"]
-        # A promoted spare's replacement starts once the job has trained a step after the recovery.
-        spare = next(e for e in events if e.reason == "SpareStarted")
-        assert spare.time > recovered.time and spare.data["spare"] == "in-place-spare-2"
-        print(f"\n[in-place] {recovered.message}")
+        text = rank1_log.read_text()
+        assert "rank 1 crash (kill) halfway through the snapshot of step 5" in text
+        assert "rank 1 crash (kill) halfway through restoring step 4" in text
+        for k in (1, 2, 3):
+            assert f"rank 1 joined round {k}" in text, text[-3000:]
+        # Rank 0 started once and went through every round in that process.
+        rank0 = (rank1_log.parent / "rank-0.log").read_text()
+        assert rank0.count("rank 0 joined round 0 ") == 1 and "rank 0 joined round 3 " in rank0
+        print(f"\n[in-place] {recovered[2].message}\n[in-place, after the hang] {recovered[3].message}")
     finally:
         run.stop()

@@ -7,9 +7,12 @@ from controller.inplace import (
     CoordinatorClient,
     CoordinatorError,
     Replacement,
+    adopted_replacement,
     hung_node,
     plan_replacement,
     recovery_times,
+    steps_done,
+    unfinished_recovery,
 )
 
 
@@ -69,3 +72,51 @@ def test_a_hang_is_replaced_in_place_only_when_its_first_stalled_ranks_share_one
     assert hung_node([1, 2], nodes=nodes, procs_per_node=2) is None  # two nodes: which one is at fault?
     assert hung_node([], nodes=nodes, procs_per_node=2) is None
     assert hung_node([9], nodes=nodes, procs_per_node=2) is None
+
+
+def _round(k: int, replaced: list[int], assignments: dict[str, int], **reports) -> dict:
+    return {"round": k, "replaced": replaced, "assignments": assignments, "opened_at": 100.0 + k, **reports}
+
+
+def test_a_replacement_the_coordinator_made_for_a_dead_controller_is_finished_not_asked_again() -> None:
+    """The controller was killed after the coordinator opened round 1 for local-1 and before it recorded the
+    promotion: the next controller finds the round, and the spare it names is still a spare in its record."""
+    status = {"round": 1, "rounds": [_round(0, [], {}), _round(1, [2, 3], {"s-1/0": 2, "s-1/1": 3})]}
+    common = {"nodes": ["local-0", "local-1"], "procs_per_node": 2}
+    found = adopted_replacement(status, failed=["local-1"], spares=["s-0", "s-1"], known_rounds=[], **common)
+    assert found is not None
+    plan, opened = found
+    assert plan == Replacement("local-1", "s-1", (2, 3), ("s-1/0", "s-1/1")) and opened["round"] == 1
+    # Not when this controller made it, for another node, for a spare no longer a spare, or before any failure.
+    assert adopted_replacement(status, failed=["local-1"], spares=["s-1"], known_rounds=[1], **common) is None
+    assert adopted_replacement(status, failed=["local-0"], spares=["s-1"], known_rounds=[], **common) is None
+    assert adopted_replacement(status, failed=["local-1"], spares=["s-0"], known_rounds=[], **common) is None
+    first = {"round": 0, "rounds": [_round(0, [], {})]}
+    assert adopted_replacement(first, failed=["local-1"], spares=["s-1"], known_rounds=[], **common) is None
+
+
+def test_a_recovery_left_unfinished_by_a_dead_controller_is_followed_from_its_first_failure() -> None:
+    started = [
+        {"round": 1, "node": "n-1", "spare": "s-0", "ranks": [1], "died_at": 10.0, "decided_at": 10.5},
+        {"round": 2, "node": "s-0", "spare": "s-1", "ranks": [1], "died_at": 12.0, "decided_at": 12.2},
+    ]
+    pending = unfinished_recovery(started, recovered_rounds=[])
+    assert pending == {
+        "round": 2, "node": "s-0", "spare": "s-1", "ranks": [1], "died_at": 10.0, "decided_at": 12.2
+    }  # fmt: skip
+    assert unfinished_recovery(started, recovered_rounds=[2]) is None
+    assert unfinished_recovery(started[:1], recovered_rounds=[]) is not None
+
+
+def test_a_superseded_round_counts_the_steps_its_ranks_had_done() -> None:
+    """Round 1's newcomer was lost while restoring: the survivor had done 6 steps and went back to 5; round 2
+    then resumes from 5 with the survivor reporting 5 done. One step was lost, not none."""
+    superseded = _round(1, [1], {"s-0/0": 1}, resumed={"0": {"time": 1.0, "step": 5, "done": 6}})
+    assert steps_done(superseded) == 6 and steps_done(_round(0, [], {})) is None
+    round2 = _round(
+        2, [1], {"s-1/0": 1},
+        joined={"0": {"time": 103.0}, "1": {"time": 103.5}},
+        resumed={"0": {"time": 104.0, "step": 5, "done": 5}, "1": {"time": 104.1, "step": 5}},
+    )  # fmt: skip
+    assert recovery_times(round2, died_at=90.0, decided_at=101.0).steps_lost == 0
+    assert recovery_times(round2, died_at=90.0, decided_at=101.0, done_before=6).steps_lost == 1

@@ -178,6 +178,7 @@ def test_slow_down_is_a_no_op_before_its_step():
         ({"VLCTL_FAULT_SLOW_FACTOR": "0.5"}, "faults.slow_factor"),
         ({"VLCTL_FAULT_CRASH_MODE": "segfault"}, "faults.crash_mode"),
         ({"VLCTL_FAULT_RANK": "-1"}, "faults.rank"),
+        ({"VLCTL_FAULT_CRASH_IN": "step,backward"}, "faults.crash_in: expected step, snapshot, restore"),
     ],
 )
 def test_bad_fault_settings_name_the_variable_or_field(env, message):
@@ -196,6 +197,29 @@ def test_fault_config_from_the_environment():
     config = FaultConfig.from_env(env)
     assert (config.crash_at_step, config.crash_mode, config.hang_at_step) == (12, "kill", None)
     assert (config.slow_factor, config.slow_from_step, config.rank, config.once_dir) == (1.5, 4, 3, None)
+
+
+def test_crash_places_fire_where_they_are_named_and_once_each(tmp_path):
+    """`restore` fires in the first restore whatever its step; `step` no longer fires once only `snapshot` and
+    `restore` are named; each place has its own once-marker, so a snapshot crash and a restore crash of the same
+    rank both happen in one job."""
+    config = FaultConfig.from_env(
+        {
+            "VLCTL_FAULT_CRASH_AT_STEP": "5",
+            "VLCTL_FAULT_CRASH_MODE": "raise",
+            "VLCTL_FAULT_CRASH_IN": "snapshot, restore",
+            "VLCTL_FAULT_ONCE_DIR": str(tmp_path),
+        }
+    )
+    assert config.crash_in == ("snapshot", "restore") and config.active
+    faults = FaultInjector(config, rank=1)
+    faults.before_step(5)  # not at the step's start
+    faults.in_snapshot(4)  # nor in another step's snapshot
+    with pytest.raises(InjectedCrash, match="halfway through restoring step 3"):
+        faults.in_restore(3)
+    FaultInjector(config, rank=1).in_restore(4)  # fired once per job: the marker disarms the next process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crash-restore-rank1"]
+    assert FaultConfig(crash_in=("restore",)).active and not FaultConfig(crash_in=("snapshot",)).active
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from .snapshot import NONE, Layout, RankSnapshots
 from .snapshot import fill as snapshot_fill
 
 if TYPE_CHECKING:
+    from trainer.faults import FaultInjector
     from trainer.parallel.engine import ParallelEngine
 
 log = logging.getLogger("trainer.recovery")
@@ -103,7 +104,7 @@ class PeerLost(RuntimeError):
 
 def is_peer_failure(err: BaseException) -> bool:
     """A collective failed because a peer is gone or its groups were destroyed (not a bug in this rank)."""
-    if isinstance(err, (dist.DistError, PeerLost)):
+    if isinstance(err, (dist.DistError, PeerLost, regroup.RoundSuperseded)):
         return True
     return isinstance(err, (RuntimeError, ValueError)) and any(
         w in str(err).lower() for w in _PEER_FAILURE_WORDS
@@ -184,12 +185,13 @@ class Membership:
 class InPlace:
     """Snapshots, their replicas and the restore after a regroup, for one rank (see the module docstring)."""
 
-    def __init__(self, membership: Membership, engine: ParallelEngine):
-        self.membership = membership
+    def __init__(self, membership: Membership, engine: ParallelEngine, faults: FaultInjector | None = None):
+        self.membership, self.faults = membership, faults
         settings = membership.settings
         self.snapshots = RankSnapshots(Layout.of(engine_state(engine)), interval=settings.snapshot_interval)
         self.ring = Ring(dist.get_rank(), dist.get_world_size(), settings.ranks_per_node)
         self.replicator: Replicator | None = None
+        self.newcomers: list[int] = []
         if not membership.newcomer:  # a newcomer's replicator starts after its restore, as the survivors' do
             self._start_replicator()
 
@@ -241,7 +243,8 @@ class InPlace:
         if slot is None:
             return
         state = engine_state(engine)
-        copy = functools.partial(snapshot_fill, slot, self.snapshots.layout, state, step=step)
+        midway = None if self.faults is None else functools.partial(self.faults.in_snapshot, step)
+        copy = functools.partial(snapshot_fill, slot, self.snapshots.layout, state, step=step, midway=midway)
         if self.replicator is None:
             copy()
         else:
@@ -264,18 +267,21 @@ class InPlace:
     def restore_point(self) -> int | None:
         """Collective over the new world: the newest step every rank can go back to, or None (see the module
         docstring)."""
+        # A newcomer holds nothing of its own: its rank's state comes from its keeper. That is the ranks this
+        # round replaced, and also a newcomer of an earlier round that was lost again before it had restored.
         mine = {
-            "own": [] if self.membership.newcomer else _steps(self.snapshots.own.slots),
+            "own": None if self.membership.newcomer else _steps(self.snapshots.own.slots),
             "replica": _steps(self.snapshots.replica.slots) if self.snapshots.replica else [],
         }
         everyone: list[Any] = [None] * self.ring.world
         dist.all_gather_object(everyone, mine)
-        replaced = set(self.membership.replaced)
+        self.newcomers = [rank for rank in range(self.ring.world) if everyone[rank]["own"] is None]
+        newcomers = set(self.newcomers)
         candidates: set[int] | None = None
         for rank in range(self.ring.world):
-            if rank in replaced:
+            if rank in newcomers:
                 keeper = Ring(rank, self.ring.world, self.ring.ranks_per_node).buddy
-                held = set() if keeper in replaced else set(everyone[keeper]["replica"])
+                held = set() if keeper in newcomers else set(everyone[keeper]["replica"])
             else:
                 held = set(everyone[rank]["own"])
             candidates = held if candidates is None else candidates & held
@@ -285,7 +291,7 @@ class InPlace:
         """Hand the lost ranks' replicas to their newcomers, then go back to `step` on every rank (collective);
         the snapshot's meta. `done`: the steps this rank had completed when the failure came (None: a newcomer),
         reported with the step resumed from, so the controller can count the steps done again."""
-        replaced = sorted(self.membership.replaced)
+        replaced = self.newcomers  # as restore_point found them
         me = self.ring.rank
         started = time.monotonic()
         for rank in replaced:
@@ -299,6 +305,8 @@ class InPlace:
                     self.snapshots.own.free(NONE), keeper, fingerprint=self.snapshots.layout.fingerprint
                 )
         sent = time.monotonic()
+        if self.faults is not None:
+            self.faults.in_restore(step)
         meta = restore_engine(engine, self.snapshots, step=step)
         log.info(
             "restore of step %d: replicas handed over in %.3f s, engine restored in %.3f s (%.0f MB a snapshot)",

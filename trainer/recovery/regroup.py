@@ -30,6 +30,7 @@ Decisions:
 from __future__ import annotations
 
 import sys
+import time
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -53,6 +54,31 @@ def open_round(store: dist.Store, round_: int, *, world_size: int, assignments: 
             raise ValueError(f"assignment of {member}: rank {rank} is outside the world of {world_size}")
         store.set(assignment_key(member), f"{round_}:{rank}")
     store.set(round_prefix(round_) + OPEN, str(world_size))
+
+
+class RoundSuperseded(RuntimeError):
+    """A newer round opened while this rank was still forming an older one's group (a member of it was lost):
+    the rank goes on to the newer round."""
+
+
+ARRIVAL_SLICE_S = 0.5  # how often a rank waiting for its round's members asks whether a newer round opened
+
+
+def _wait_for_members(store: dist.Store, round_: int, key: str, *, timeout_s: float) -> None:
+    """Wait for `key` (every member arrived), in slices: a member lost before arriving never comes, and the
+    controller then opens the next round, which ends this wait (RoundSuperseded) instead of its full timeout."""
+    newer = round_prefix(round_ + 1) + OPEN
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            store.wait([key], timedelta(seconds=max(min(ARRIVAL_SLICE_S, left), 0.01)))
+            return
+        except dist.DistStoreError:
+            if store.check([newer]):
+                raise RoundSuperseded(f"round {round_ + 1} opened while round {round_} was forming") from None
+            if left <= 0:
+                raise
 
 
 def wait_for_round(store: dist.Store, round_: int, *, timeout_s: float) -> int:
@@ -93,7 +119,7 @@ def join(
         prefix = f"{round_prefix(round_)}try-{attempt}/"
         if int(store.add(prefix + "arrived", 1)) == world_size:
             store.set(prefix + "all", "1")
-        store.wait([prefix + "all"], timedelta(seconds=max(timeout_s, connect_timeout_s)))
+        _wait_for_members(store, round_, prefix + "all", timeout_s=max(timeout_s, connect_timeout_s))
         try:
             dist.init_process_group(
                 backend,

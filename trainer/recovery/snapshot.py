@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +111,16 @@ def begin(slot: Slot, meta: Mapping[str, Any]) -> None:
     slot.meta = buffer.getvalue()
 
 
-def fill(slot: Slot, layout: Layout, state: State, *, step: int) -> None:
+def fill(
+    slot: Slot, layout: Layout, state: State, *, step: int, midway: Callable[[], None] | None = None
+) -> None:
     """The second half: the tensors copied in and the snapshot sealed. It may run while the next step computes
     (the weights and the optimizer state change only in that step's optimizer, after its sync point), and must
-    be over before that sync point."""
-    for entry in layout.entries:
+    be over before that sync point. `midway` (fault injection) runs when half the tensors are copied."""
+    half = len(layout.entries) // 2
+    for index, entry in enumerate(layout.entries):
+        if index == half and midway is not None:
+            midway()
         local = _local(state[entry.group][entry.name])
         if tuple(local.shape) != entry.shape or local.dtype != entry.dtype:
             raise SnapshotError(
