@@ -274,10 +274,11 @@ def _coordinator_status(run: JobRun) -> dict | None:
         return None
 
 
-def _spare_worker(run: JobRun, spare: str) -> psutil.Process:
-    """The trainer process of a hot spare node (its shell's descendant running trainer.train, not its torchrun)."""
+def _node_worker(run: JobRun, name: str) -> psutil.Process:
+    """The trainer process of a node or hot spare node of the newest attempt, as its record names it (its
+    shell's descendant running trainer.train, not its torchrun)."""
     record = run.attempts()[-1].backend_record
-    (node,) = [n for n in record["spares"] if n["name"] == spare]
+    (node,) = [n for n in (*record["nodes"], *record["spares"]) if n["name"] == name]
     workers = [
         p
         for p in psutil.Process(node["pid"]).children(recursive=True)
@@ -287,35 +288,38 @@ def _spare_worker(run: JobRun, spare: str) -> psutil.Process:
     return workers[0]
 
 
-def test_in_place_recovery_through_a_lost_spare_a_half_made_snapshot_a_lost_newcomer_a_hang_and_a_lost_controller(
+def test_in_place_recovery_through_lost_spares_ranks_and_controller_then_a_disk_fallback(
     data, uninterrupted, tmp_path: Path
 ) -> None:
-    """`fault_tolerance.recovery: in-place`, two hot spares; every fault on rank 1's side, rank 0 never leaves
-    its process and the attempt never ends:
+    """`fault_tolerance.recovery: in-place`, two hot spares. Rank 0 keeps its process through 1-5:
 
     1. spare 0 is SIGKILLed while it waits: the controller starts spare 2 in its place (SpareLost);
-    2. rank 1 dies halfway through copying its snapshot of step 5: the ranks go back to step 4, never to the
-       half-made snapshot (and rank 1's keeper never received a replica of 5);
-    3. spare 1, given rank 1, dies halfway through its restore (two failures in one step): the survivors move on
-       to the next round, where spare 2 takes rank 1 from the same replica (round 1 superseded);
-    4. spare 2 hangs at step 11: after the hang timeout the controller kills it and gives rank 1 to spare 3;
-    5. the controller is SIGKILLed as soon as that recovery starts, and a new one finishes following it.
+    2. rank 1 dies halfway through copying its snapshot of step 4: the ranks go back to step 3, never to the
+       half-made snapshot (and rank 1's keeper never received a replica of 4);
+    3. spare 1, given rank 1, dies halfway through its restore: the survivors move on to the next round, where
+       spare 2 takes rank 1 from the same replica (round 1 superseded);
+    4. spare 2 hangs at the start of step 5, one step after the failure of step 4: after the hang timeout the
+       controller kills it and gives rank 1 to spare 3, started after the last recovery;
+    5. the controller is SIGKILLed as soon as that recovery starts, and a new one finishes following it;
+    6. once step 8 is checkpointed, rank 0 and rank 1 (each the other's replica keeper) are killed together:
+       no memory holds their state, the in-place path declines and the job restarts from the disk checkpoint.
 
-    Every loss equals the uninterrupted run's bit for bit."""
+    Every loss record, first run and redone alike, equals the uninterrupted run's bit for bit."""
     spec = _spec(
         "in-place",
         data,
         fault_tolerance={"recovery": "in-place", "hot_spares": 2, "hang_timeout_seconds": 10},
     )
     faults = {
-        "VLCTL_FAULT_CRASH_AT_STEP": "5",
+        "VLCTL_FAULT_CRASH_AT_STEP": "4",
         "VLCTL_FAULT_CRASH_MODE": "kill",
         "VLCTL_FAULT_CRASH_IN": "snapshot,restore",
-        "VLCTL_FAULT_HANG_AT_STEP": "11",
+        "VLCTL_FAULT_HANG_AT_STEP": "5",
         "VLCTL_FAULT_RANK": "1",  # each spare that takes rank 1 inherits the faults: each fires once per job
         "VLCTL_FAULT_ONCE_DIR": str(tmp_path / "once"),
     }
     run = JobRun(tmp_path, spec, env=faults)
+    root = run.run_dir() / "checkpoints"
     try:
         run.start_controller()
         survivor = run.rank_pid(0, attempt=1)
@@ -327,7 +331,7 @@ def test_in_place_recovery_through_a_lost_spare_a_half_made_snapshot_a_lost_newc
             what="spare 0 waiting",
             every=0.2,
         )
-        _spare_worker(run, "in-place-spare-0").kill()
+        _node_worker(run, "in-place-spare-0").kill()
         run.wait(lambda: any(e.reason == "SpareLost" for e in run.events()), timeout=60, what="SpareLost")
 
         # `vlctl status` shows the spares and the newest committed snapshot step (asked of the coordinator).
@@ -341,7 +345,7 @@ def test_in_place_recovery_through_a_lost_spare_a_half_made_snapshot_a_lost_newc
         assert "in-place-spare-0" not in names and "in-place-spare-2" in names, in_place
         assert {s["state"] for s in in_place["spares"]} <= {"waiting", "starting"}, in_place
 
-        # 2-5 run on their own (the faults are the ranks'); the controller is killed when round 3 starts.
+        # 2-4 come from the ranks' own faults; the controller is killed when round 3 starts (5).
         def round_started(k: int) -> bool:
             return any(e.reason == "InPlaceRecoveryStarted" and e.data["round"] == k for e in run.events())
 
@@ -350,54 +354,72 @@ def test_in_place_recovery_through_a_lost_spare_a_half_made_snapshot_a_lost_newc
         assert psutil.pid_exists(survivor)  # rank 0 kept its process through the recoveries so far
         run.kill_controller()
         run.start_controller("ctl-test-2")
+
+        # 6. Rank 0 and rank 1 together, right after step 8 is checkpointed (whether or not the new controller
+        # has taken over yet: it finds both nodes failed).
         run.wait(
-            lambda: (
-                any(e.reason == "RecoveredInPlace" and e.data["round"] == 3 for e in run.events())
-                or str(run.phase()) in ("succeeded", "failed")
-            ),
-            timeout=300,
-            what="the third recovery followed to its end by the new controller",
+            lambda: root.exists() and 8 in [c.step for c in list_checkpoints(str(root))],
+            timeout=240,
+            what="step 8 checkpointed",
+            every=0.01,
         )
+        both = [psutil.Process(survivor), _node_worker(run, "in-place-spare-3")]
+        for proc in both:
+            proc.kill()
+        run.wait(lambda: len(run.attempts()) == 2, timeout=240, what="the restart from the disk checkpoint")
+
         _finish_and_compare(run, uninterrupted)
+        records = [json.loads(x) for x in (run.run_dir() / "metrics-rank0.jsonl").read_text().splitlines()]
+        redone = [(r["step"], r["loss"]) for r in records if "loss" in r and "step_seconds" in r]
+        assert all(loss == uninterrupted[step] for step, loss in redone), redone  # every record, bitwise
         events = run.events()
         messages = [e.message for e in events]
-        assert [a.number for a in run.attempts()] == [1], messages  # no restart: the attempt went on
-        assert not [e for e in events if e.type == "Failure"], messages
 
         lost_spare = next(e for e in events if e.reason == "SpareLost")
         assert lost_spare.data["spare"] == "in-place-spare-0", lost_spare.message
         assert lost_spare.data["replacement"] == "in-place-spare-2", lost_spare.message
         started = [e for e in events if e.reason == "InPlaceRecoveryStarted"]
         assert [(e.data["node"], e.data["spare"], e.data["round"]) for e in started] == [
-            ("local-1", "in-place-spare-1", 1),  # the snapshot-time kill
+            ("local-1", "in-place-spare-1", 1),  # the kill halfway through a snapshot
             ("in-place-spare-1", "in-place-spare-2", 2),  # its newcomer lost while restoring
             ("in-place-spare-2", "in-place-spare-3", 3),  # the hung newcomer, killed
         ], messages
         assert started[1].data["superseded"] == [1]
         recovered = {e.data["round"]: e for e in events if e.reason == "RecoveredInPlace"}
         assert sorted(recovered) == [2, 3], messages
-        # The half-made snapshot of step 5 was never used: back to step 4, one completed step done again,
-        # counted from the first failure (round 1's survivors had done 5 steps).
-        assert recovered[2].data["step"] == 4 and recovered[2].data["steps_lost"] == 1, recovered[2].message
+        # The half-made snapshot of step 4 was never used: back to step 3, one completed step done again,
+        # counted from the first failure (round 1's survivors had done 4 steps).
+        assert recovered[2].data["step"] == 3 and recovered[2].data["steps_lost"] == 1, recovered[2].message
         assert recovered[2].data["died_at"] <= started[1].time.timestamp()
         assert recovered[3].data["steps_lost"] <= 1, recovered[3].message
         hung = next(e for e in events if e.reason == "HungRanksKilled")
         assert hung.data["node"] == "in-place-spare-2" and hung.data["ranks"] == [1]
         assert not any(psutil.pid_exists(pid) for pid in hung.data["pids"])  # never two processes for rank 1
         assert started[2].time < recovered[3].time
-        started_spares = [e.data["spare"] for e in events if e.reason == "SpareStarted"]
-        assert started_spares[:1] == ["in-place-spare-3"], messages
+        assert [e.data["spare"] for e in events if e.reason == "SpareStarted"][:1] == ["in-place-spare-3"]
+
+        # 6: declined with the reason, then the restart path: one Failure, attempt 2 from step 8.
+        declined = next(e for e in events if e.reason == "InPlaceRecoveryDeclined")
+        assert declined.data["nodes"] == ["in-place-spare-3", "local-0"], declined.message
+        assert "lost together" in declined.message
+        attempts = run.attempts()
+        assert [a.number for a in attempts] == [1, 2] and attempts[1].resumed_from_step == 8, messages
+        failures = [e for e in events if e.type == "Failure"]
+        assert len(failures) == 1 and failures[0].seq > declined.seq, messages  # (its time is the death's)
 
         # `vlctl logs --rank 1` tells rank 1's whole story: each spare that took it writes on in rank-1.log.
         (rank1_log,) = tmp_path.rglob("attempt-1/rank-1.log")
         text = rank1_log.read_text()
-        assert "rank 1 crash (kill) halfway through the snapshot of step 5" in text
-        assert "rank 1 crash (kill) halfway through restoring step 4" in text
+        assert "rank 1 crash (kill) halfway through the snapshot of step 4" in text
+        assert "rank 1 crash (kill) halfway through restoring step 3" in text
         for k in (1, 2, 3):
             assert f"rank 1 joined round {k}" in text, text[-3000:]
-        # Rank 0 started once and went through every round in that process.
+        # Rank 0 started once in attempt 1 and went through every round in that process.
         rank0 = (rank1_log.parent / "rank-0.log").read_text()
         assert rank0.count("rank 0 joined round 0 ") == 1 and "rank 0 joined round 3 " in rank0
-        print(f"\n[in-place] {recovered[2].message}\n[in-place, after the hang] {recovered[3].message}")
+        print(
+            f"\n[in-place] {recovered[2].message}\n[in-place, after the hang] {recovered[3].message}"
+            f"\n[in-place, both ranks lost] {declined.message}"
+        )
     finally:
         run.stop()
