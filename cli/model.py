@@ -39,6 +39,9 @@ def _info_table(info: dict) -> Table:
             f"memory {m['dtype']}: weights / grads / Adam",
             f"{human_bytes(m['weights'])} / {human_bytes(m['gradients'])} / {human_bytes(m['optimizer'])}",
         )
+    for m in info["memory"]:
+        if "snapshots" in m:  # host memory a rank adds under `recovery: in-place`
+            table.add_row(f"in-place snapshots {m['dtype']} (own + peer's, x2)", human_bytes(m["snapshots"]))
     return table
 
 

@@ -1,7 +1,8 @@
 """The submit-time memory check: a job whose ranks cannot fit in the memory they get is refused before it runs.
 
 The estimate is `trainer.contract.memory.estimate_rank_memory` (what it counts is in its docstring; it errs
-low, so a refusal is certain). It is compared with:
+low, so a refusal is certain; under `recovery: in-place` it counts the rank's snapshots, its own and its peer's,
+double-buffered, and on the local backend the hot spares' processes count as ranks). It is compared with:
 
 - `resources.memory` when the spec declares it: the memory of one node, shared by its `procs_per_node` ranks;
 - else, on the local backend, this machine's memory (the smaller of physical memory and the cgroup's limit):
@@ -30,6 +31,8 @@ _ADVICE = {
     "(training.model.checkpoint_text_layers)",
     "training.model.name": "use a smaller model, more model-parallel ranks (parallel.tp, parallel.pp), "
     "ZeRO-1 over more data-parallel ranks, or GPUs",
+    "fault_tolerance.recovery": "use recovery: restart, or more data-parallel ranks (a snapshot is the rank's "
+    "ZeRO-1 share of the optimizer state, held 4 times: its own and its peer's, each double-buffered)",
 }
 CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
@@ -54,7 +57,8 @@ def host_memory_bytes() -> int:
 def check_memory(spec) -> None:
     """Raise MemoryCheckError when a rank of `spec` (a TrainingJobSpec) cannot fit in the memory it gets."""
     r = spec.resources
-    need = estimate_rank_memory(spec.training, on_gpu=r.gpus_per_node > 0)
+    in_place = spec.fault_tolerance.recovery == "in-place"
+    need = estimate_rank_memory(spec.training, on_gpu=r.gpus_per_node > 0, in_place=in_place)
     if r.memory is not None:
         try:
             have = quantity_bytes(r.memory)
@@ -62,7 +66,9 @@ def check_memory(spec) -> None:
             raise MemoryCheckError(f"resources.memory: {err}") from None
         ranks, where = r.procs_per_node, f"a node (resources.memory = {r.memory})"
     elif spec.backend == "local":
-        have, ranks, where = host_memory_bytes(), r.world_size, "this machine"
+        # A hot spare's processes build the same state as a rank's before they are given one.
+        spares = spec.fault_tolerance.hot_spares * r.procs_per_node if in_place else 0
+        have, ranks, where = host_memory_bytes(), r.world_size + spares, "this machine"
     else:
         return
     if need.total * ranks > have:

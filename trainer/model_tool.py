@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def model_info(spec: str, *, zero_shards: int = 1) -> ModelInfo:
-    from trainer.contract.memory import training_memory
+    from trainer.contract.memory import SNAPSHOT_BUFFERS, snapshot_bytes, training_memory
     from trainer.models.qwen2_vl import load_config, preset
     from trainer.models.qwen2_vl.info import count_parameters
     from trainer.models.qwen2_vl.weights import build_on_meta
@@ -34,7 +34,13 @@ def model_info(spec: str, *, zero_shards: int = 1) -> ModelInfo:
         text=counts.text,
         tied_embeddings=cfg.text.tie_word_embeddings,
         memory=[
-            {"dtype": d, **training_memory(counts.total, param_dtype=d, zero_shards=zero_shards)}
+            {
+                "dtype": d,
+                **training_memory(counts.total, param_dtype=d, zero_shards=zero_shards),
+                # In-place recovery: own snapshot + a peer's replica, each double-buffered (host memory).
+                "snapshots": SNAPSHOT_BUFFERS
+                * snapshot_bytes(counts.total, param_dtype=d, zero_shards=zero_shards),
+            }
             for d in DTYPES
         ],
     )

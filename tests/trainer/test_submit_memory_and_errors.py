@@ -69,6 +69,28 @@ def test_gpu_ranks_count_only_the_host_side():
         check_memory(parse_spec(spec))
 
 
+def test_in_place_snapshots_are_counted_and_named_when_they_do_not_fit():
+    """A snapshot is a rank's ZeRO-1 share of the fp32 master weights and Adam moments (118 MB for `mini` under
+    dp=2, as trainer/recovery measured it), held four times (own and peer's, each double-buffered), and it stays
+    in host memory on a GPU too; a spare's processes count as ranks on this machine."""
+    from controller.memory import check_memory
+    from trainer.contract.memory import SNAPSHOT_BUFFERS, estimate_rank_memory, snapshot_bytes
+
+    assert snapshot_bytes(19_609_984, param_dtype="float32", zero_shards=2) == 117_659_904  # mini's parameters
+    spec = yaml.safe_load((REPO / "examples" / "jobs" / "local-demo.yaml").read_text())
+    spec["resources"].update(gpus_per_node=1)
+    spec["fault_tolerance"] = {**spec.get("fault_tolerance", {}), "recovery": "in-place", "hot_spares": 1}
+    parsed = parse_spec(spec)
+    plain = estimate_rank_memory(parsed.training, on_gpu=True)
+    need = estimate_rank_memory(parsed.training, on_gpu=True, in_place=True)
+    assert plain.snapshots == 0 and need.snapshots > 0 and need.total == plain.total + need.snapshots
+    assert need.snapshots % SNAPSHOT_BUFFERS == 0 and need.field == "fault_tolerance.recovery"
+    spec["resources"]["memory"] = f"{(plain.total + need.snapshots // 2) * spec['resources']['procs_per_node']}"
+    check_memory(parse_spec({**spec, "fault_tolerance": {"recovery": "restart"}}))  # fits without snapshots
+    with pytest.raises(ValueError, match=r"^fault_tolerance\.recovery: .*in-place snapshots .*recovery: restart"):
+        check_memory(parse_spec(spec))
+
+
 def test_a_missing_sample_file_names_where_it_was_looked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from trainer.data.formats import iter_jsonl
 

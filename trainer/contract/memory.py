@@ -76,10 +76,18 @@ class RankMemory:
     step_batches: int
     row_index: int
     runtime: int = RUNTIME_BYTES
+    snapshots: int = 0  # in-place recovery's host memory: SNAPSHOT_BUFFERS x `snapshot_bytes`
 
     @property
     def total(self) -> int:
-        return self.model_state + self.activations + self.step_batches + self.row_index + self.runtime
+        return (
+            self.model_state
+            + self.activations
+            + self.step_batches
+            + self.row_index
+            + self.runtime
+            + self.snapshots
+        )
 
     @property
     def field(self) -> str:
@@ -88,6 +96,7 @@ class RankMemory:
             "training.data.rows_per_step": self.step_batches + self.row_index,
             "training.data.micro_batch_rows": self.activations,
             "training.model.name": self.model_state,
+            "fault_tolerance.recovery": self.snapshots,
         }
         return max(parts, key=parts.__getitem__)
 
@@ -97,6 +106,7 @@ class RankMemory:
             ("model state", self.model_state),
             ("activations", self.activations),
             ("runtime", self.runtime),
+            ("in-place snapshots", self.snapshots),
         ]
         return ", ".join(f"{name} {human_bytes(n)}" for name, n in parts if n)
 
@@ -125,22 +135,53 @@ def training_memory(
     }
 
 
-def estimate_rank_memory(config: TrainingConfig, *, on_gpu: bool = False) -> RankMemory:
-    """The least host memory one rank of `config` needs; `on_gpu`: model state and activations live on a device."""
+# In-place recovery (trainer/recovery/snapshot.py): a rank holds its own snapshot and its peer's replica, each
+# double-buffered so that a half-written one is never the only copy.
+SNAPSHOT_BUFFERS = 4
+
+
+def snapshot_bytes(
+    num_params: int, *, param_dtype: str = "bfloat16", trainable: int | None = None, zero_shards: int = 1
+) -> int:
+    """One in-place snapshot of a rank: its ZeRO-1 share of the fp32 master weights and both Adam moments (12
+    bytes a trainable parameter over `zero_shards`), and the frozen weights whole; the trained weights are left
+    out (re-derived from the master copy: trainer/recovery/engine.py). Measured: 118 MB for `mini` under dp=2,
+    as this gives."""
+    trainable = num_params if trainable is None else trainable
+    return trainable * 12 // zero_shards + (num_params - trainable) * _WIDTH[param_dtype]
+
+
+def estimate_rank_memory(
+    config: TrainingConfig, *, on_gpu: bool = False, in_place: bool = False
+) -> RankMemory:
+    """The least host memory one rank of `config` needs; `on_gpu`: model state and activations live on a device
+    (in-place snapshots stay in host memory); `in_place`: in-place recovery's snapshots are counted."""
     data, p = config.data, config.parallel
     rows_per_rank = data.rows_per_step // p.dp
     in_flight_rows = data.num_workers * LOADER_PREFETCH * data.micro_batch_rows
     step_batches = (rows_per_rank + in_flight_rows) * TOKEN_ARRAYS * 8 * data.row_len
     row_index = rows_per_rank * POSITION_BYTES
     shape = PRESET_SHAPES.get(config.model.name.lower())
-    if on_gpu or shape is None:
+    if shape is None:
         return RankMemory(model_state=0, activations=0, step_batches=step_batches, row_index=row_index)
-
     trainable = {
         1: shape.vision + shape.merger,
         2: shape.total,
         3: shape.text + shape.merger,
     }[config.training.stage]
+    snapshots = 0
+    if in_place:
+        one = snapshot_bytes(
+            shape.total,
+            param_dtype=config.model.dtype,
+            trainable=trainable,
+            zero_shards=p.dp if p.zero_stage == 1 else 1,
+        )
+        snapshots = SNAPSHOT_BUFFERS * one // (p.tp * p.pp)
+    if on_gpu:
+        return RankMemory(
+            model_state=0, activations=0, step_batches=step_batches, row_index=row_index, snapshots=snapshots
+        )
     state = training_memory(
         shape.total,
         param_dtype=config.model.dtype,
@@ -161,5 +202,9 @@ def estimate_rank_memory(config: TrainingConfig, *, on_gpu: bool = False) -> Ran
     logits = tokens * shape.vocab * 4 // p.tp  # the last stage's logits, in fp32 for the loss
     activations = tokens * per_token * _WIDTH[config.model.dtype] * in_flight + logits
     return RankMemory(
-        model_state=model_state, activations=activations, step_batches=step_batches, row_index=row_index
+        model_state=model_state,
+        activations=activations,
+        step_batches=step_batches,
+        row_index=row_index,
+        snapshots=snapshots,
     )
