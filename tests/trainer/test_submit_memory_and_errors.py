@@ -76,7 +76,8 @@ def test_in_place_snapshots_are_counted_and_named_when_they_do_not_fit():
     from controller.memory import check_memory
     from trainer.contract.memory import SNAPSHOT_BUFFERS, estimate_rank_memory, snapshot_bytes
 
-    assert snapshot_bytes(19_609_984, param_dtype="float32", zero_shards=2) == 117_659_904  # mini's parameters
+    mini = 19_609_984  # its parameters
+    assert snapshot_bytes(mini, param_dtype="float32", zero_shards=2) == 117_659_904
     spec = yaml.safe_load((REPO / "examples" / "jobs" / "local-demo.yaml").read_text())
     spec["resources"].update(gpus_per_node=1)
     spec["fault_tolerance"] = {**spec.get("fault_tolerance", {}), "recovery": "in-place", "hot_spares": 1}
@@ -85,9 +86,13 @@ def test_in_place_snapshots_are_counted_and_named_when_they_do_not_fit():
     need = estimate_rank_memory(parsed.training, on_gpu=True, in_place=True)
     assert plain.snapshots == 0 and need.snapshots > 0 and need.total == plain.total + need.snapshots
     assert need.snapshots % SNAPSHOT_BUFFERS == 0 and need.field == "fault_tolerance.recovery"
-    spec["resources"]["memory"] = f"{(plain.total + need.snapshots // 2) * spec['resources']['procs_per_node']}"
+    spec["resources"]["memory"] = (
+        f"{(plain.total + need.snapshots // 2) * spec['resources']['procs_per_node']}"
+    )
     check_memory(parse_spec({**spec, "fault_tolerance": {"recovery": "restart"}}))  # fits without snapshots
-    with pytest.raises(ValueError, match=r"^fault_tolerance\.recovery: .*in-place snapshots .*recovery: restart"):
+    with pytest.raises(
+        ValueError, match=r"^fault_tolerance\.recovery: .*in-place snapshots .*recovery: restart"
+    ):
         check_memory(parse_spec(spec))
 
 
