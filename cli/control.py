@@ -48,11 +48,17 @@ def _controller(
     runs_root: Path | None,
     trainer_module: str = "trainer.train",
     env: dict[str, str] | None = None,
+    lease_seconds: float | None = None,
 ) -> Controller:
     from controller.backends.local import LocalBackend, LocalBackendConfig
     from controller.reconciler import Controller, ControllerConfig
 
-    config = ControllerConfig(poll_seconds=poll_seconds)
+    try:
+        config = ControllerConfig(
+            poll_seconds=poll_seconds, **({} if lease_seconds is None else {"lease_seconds": lease_seconds})
+        )
+    except ValueError as err:
+        raise CliError(f"--{str(err).replace('_', '-')}", EXIT_USER_ERROR) from None
     if controller_id:
         config.controller_id = controller_id
     if runs_root is not None:
@@ -88,6 +94,13 @@ def controller(
             "them); detach: leave them training, the next controller re-attaches"
         ),
     ] = "stop",
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            help="how long this controller's claim on a job outlives its last renewal (each pass renews it): "
+            "another controller takes the job over once it expires"
+        ),
+    ] = 30.0,
 ) -> None:
     """Run the reconcile loop: launch pending jobs, supervise running ones, restart failed ones."""
     if on_exit not in ("stop", "detach"):
@@ -103,6 +116,7 @@ def controller(
             controller_id=controller_id,
             runs_root=runs_root,
             trainer_module=trainer_module,
+            lease_seconds=lease_seconds,
         )
         server = _serve_metrics(db, metrics_host, metrics_port)
         stderr.print(

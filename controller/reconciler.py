@@ -122,6 +122,10 @@ class ControllerConfig:
         for name in ("poll_seconds", "lease_seconds", "checkpoint_scan_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.lease_seconds <= self.poll_seconds:  # each pass renews it
+            raise ValueError(
+                f"lease_seconds: must be more than poll_seconds ({self.poll_seconds:g}), got {self.lease_seconds:g}"
+            )
         if self.max_jobs < 1:
             raise ValueError(f"max_jobs: must be >= 1, got {self.max_jobs}")
         if self.cancel_grace_seconds < 0:

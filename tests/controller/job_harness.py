@@ -106,6 +106,9 @@ class JobRun:
                 "0.3",
                 "--metrics-port",
                 "0",
+                # A controller killed in a test is taken over 10 s after its last pass, not the default 30.
+                "--lease-seconds",
+                "10",
                 "--runs-root",
                 str(self.root / "runs"),
                 "--trainer-module",
