@@ -577,6 +577,20 @@ class Controller:
         client = CoordinatorClient(url)
         nodes = list(gang.poll())
         final = any(c is not None for c in failed.values())  # a node still ending is decided on next pass
+        step = live.progress.step
+        limit = spec.restart_policy().crash_loop_limit
+        if step is not None and live.in_place_failure_steps.count(step) >= limit - 1:
+            # The crash-loop guard, in place: a failure that recovery keeps bringing back at the same step goes
+            # to the restart path, whose own guard counts it (a deterministic crash would otherwise churn spares).
+            if final:
+                self._decline_in_place(
+                    job_id,
+                    live,
+                    f"the job failed at step {step} for the {limit}th time in this attempt (a crash that in-place "
+                    "recovery brings back)",
+                    failed,
+                )
+            return InPlace.DECLINED
         try:
             status = client.status()
             adopted = adopted_replacement(
@@ -644,6 +658,8 @@ class Controller:
                 if done is not None:
                     done_before = done if done_before is None else max(done_before, done)
         gang.promote(plan.spare, replacing=plan.node)
+        per_node = spec.resources.procs_per_node
+        live.reassign([name for name in gang.poll() for _ in range(per_node)])  # reports name the spare now
         live.recoveries.append(
             {
                 "round": int(opened["round"]),
@@ -653,6 +669,7 @@ class Controller:
                 "died_at": died_at,
                 "decided_at": decided_at,
                 "done_before": done_before,
+                "at_step": step,
             }
         )
         lost = "a rank process ended" if code is None else f"exit code {code}"
@@ -835,6 +852,8 @@ class Controller:
             if times is None:
                 continue
             live.recoveries.remove(pending)
+            if pending.get("at_step") is not None:
+                live.in_place_failure_steps.append(int(pending["at_step"]))
             live.spare_due_after = max(live.spare_due_after or 0.0, times.resumed_at)
             # The ranks' last progress is from before the failure: their first step back is due, not late.
             live.hang_quiet_until = max(live.hang_quiet_until, now + live.hang.hang_timeout_seconds)
@@ -873,6 +892,9 @@ class Controller:
             attempt = get_current_attempt(session=session, job=job)
             if attempt is not None and attempt.number == live.attempt:
                 attempt.backend_record = live.gang.record()
+                # The nodes the attempt runs on now (a promoted spare in a lost node's place): `vlctl status`
+                # and a re-attaching controller read them.
+                attempt.nodes = [n["name"] for n in attempt.backend_record.get("nodes", [])] or attempt.nodes
             append_event(
                 session=session,
                 job=job,

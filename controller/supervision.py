@@ -21,9 +21,10 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -86,6 +87,8 @@ class LiveAttempt:
     # In-place recoveries decided and not yet finished (controller/inplace.py): round, node, spare, times
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     spare_due_after: float | None = None  # unix seconds: a spare is to be started once a step ends after this
+    # The newest reported step when each finished in-place recovery's failure was seen (the crash-loop guard).
+    in_place_failure_steps: list[int] = field(default_factory=list)
     # A failed node whose replacement waits for a spare still starting: node -> since when (unix seconds).
     awaiting_spare: dict[str, float] = field(default_factory=dict)
     hang_quiet_until: float = (
@@ -102,6 +105,15 @@ class LiveAttempt:
     def scores(self) -> dict[int, float]:
         assert self._detector is not None
         return {r: float(v) for r, v in enumerate(self._detector.scores) if v == v}  # NaN: not evaluated
+
+    def reassign(self, rank_nodes: Sequence[str]) -> None:
+        """In-place recovery moved ranks to another node: the telemetry and the known states name it."""
+        if (reassign := getattr(self.telemetry, "reassign", None)) is not None:
+            reassign(rank_nodes)
+        self.ranks = {
+            r: dataclasses.replace(s, node=rank_nodes[r]) if r < len(rank_nodes) else s
+            for r, s in self.ranks.items()
+        }
 
     def absorb(self, update: TelemetryUpdate) -> tuple[list[StragglerReport], list[WindowResult]]:
         """Take one poll's telemetry in; returns the ranks newly flagged and the windows that closed."""

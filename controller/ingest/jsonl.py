@@ -103,6 +103,14 @@ class JsonlTelemetry:
             for rank in range(num_ranks):
                 self._seed(rank, seed_bytes)
 
+    def reassign(self, nodes: Sequence[str]) -> None:
+        """The ranks' nodes changed within the attempt (in-place recovery gave a lost node's ranks to a spare):
+        the next reports name the new ones."""
+        if len(nodes) != self.num_ranks:
+            raise ValueError(f"nodes: expected {self.num_ranks} names (one per rank), got {len(nodes)}")
+        self.nodes = tuple(nodes)
+        self._states = {r: replace(s, node=nodes[r]) for r, s in self._states.items()}
+
     def start_attempt(self, attempt: int, *, launched_at: float | None = None) -> None:
         if attempt < 0:
             raise ValueError(f"attempt: must be >= 0, got {attempt}")

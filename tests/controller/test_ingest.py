@@ -77,6 +77,20 @@ def write_checkpoint(
 # ------------------------------------------------------------------------------------------------ JSONL
 
 
+def test_ranks_given_to_a_spare_are_reported_on_the_spare(tmp_path):
+    """In-place recovery promoted a spare into node local-1's place: rank 1's state and its next samples name
+    the spare, not the lost node (a straggler or hang report must point at the machine that runs the rank)."""
+    write_steps(tmp_path, 1, 1, (0, 1))
+    source = JsonlTelemetry(tmp_path, 2, 1, nodes=["local-0", "local-1"])
+    assert source.poll(now=10.0).ranks[1].node == "local-1"
+    source.reassign(["local-0", "spare-0"])
+    write_steps(tmp_path, 1, 1, (2,))
+    update = source.poll(now=11.0)
+    assert update.ranks[1].node == "spare-0" and [s.node for s in update.steps] == ["spare-0"]
+    with pytest.raises(ValueError, match="nodes: expected 2 names"):
+        source.reassign(["spare-0"])
+
+
 def test_jsonl_tail_reads_new_lines_of_the_attempt_only(tmp_path):
     write_steps(tmp_path, 0, 1, range(3), own=9.0)  # the previous attempt's lines: never read
     write_steps(tmp_path, 0, 2, (3, 4))
