@@ -8,7 +8,16 @@ times in a row. Every test marked slow or multiproc is one; the modules below ho
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# In-place recovery of real ranks with the test as the controller, on dp=2 x pp=2 (six processes on two cores):
+# issue 13's acceptance run, `make test-inplace-seeds`. Not in `make test`, which must stay under 15 minutes
+# here: the fault matrix's in-place run covers the path under a real controller (dp=2).
+collect_ignore = (
+    [] if os.environ.get("VLCTL_INPLACE_TOPOLOGIES") else ["trainer/recovery/test_inplace_run.py"]
+)
 
 TIMING_MODULES = frozenset(
     {
@@ -36,7 +45,7 @@ HEAVY_MODULES = (
     "tests/controller/test_fault_matrix.py",
     "tests/trainer/test_train.py",
     "tests/controller/test_live_supervision.py",
-    "tests/trainer/recovery/test_inplace_run.py",
+    "tests/trainer/recovery/test_inplace_run.py",  # with VLCTL_INPLACE_TOPOLOGIES (make test-inplace-seeds)
     "tests/controller/test_storage_outage.py",
 )
 
