@@ -170,6 +170,14 @@ def unfinished_recovery(
     }
 
 
+def in_place_crash_loop(failure_steps: Sequence[int], step: int | None, *, limit: int) -> bool:
+    """Whether a failure seen at `step` would be the `limit`-th at that step among the attempt's finished in-place
+    recoveries (`failure_steps`: the newest reported step when each one's failure was seen): a crash that
+    recovery keeps bringing back, for the restart path's own crash-loop guard. Failures at other steps are the
+    ordinary ones of a long run, however many."""
+    return step is not None and list(failure_steps).count(step) >= limit - 1
+
+
 def starting_spares(*, live_spares: Sequence[str], waiting: Sequence[str], procs_per_node: int) -> list[str]:
     """Spare nodes alive whose processes do not all wait yet (still starting)."""
     ready = set(waiting)

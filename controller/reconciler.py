@@ -76,6 +76,7 @@ from controller.inplace import (
     InPlace,
     adopted_replacement,
     hung_node,
+    in_place_crash_loop,
     plan_replacement,
     recovery_times,
     starting_spares,
@@ -579,7 +580,7 @@ class Controller:
         final = any(c is not None for c in failed.values())  # a node still ending is decided on next pass
         step = live.progress.step
         limit = spec.restart_policy().crash_loop_limit
-        if step is not None and live.in_place_failure_steps.count(step) >= limit - 1:
+        if in_place_crash_loop(live.in_place_failure_steps, step, limit=limit):
             # The crash-loop guard, in place: a failure that recovery keeps bringing back at the same step goes
             # to the restart path, whose own guard counts it (a deterministic crash would otherwise churn spares).
             if final:

@@ -9,6 +9,7 @@ from controller.inplace import (
     Replacement,
     adopted_replacement,
     hung_node,
+    in_place_crash_loop,
     plan_replacement,
     recovery_times,
     steps_done,
@@ -120,3 +121,12 @@ def test_a_superseded_round_counts_the_steps_its_ranks_had_done() -> None:
     )  # fmt: skip
     assert recovery_times(round2, died_at=90.0, decided_at=101.0).steps_lost == 0
     assert recovery_times(round2, died_at=90.0, decided_at=101.0, done_before=6).steps_lost == 1
+
+
+def test_a_failure_brought_back_at_the_same_step_is_a_crash_loop_only_at_the_limit() -> None:
+    """Two finished recoveries of failures seen at step 7: a third there goes to the restart path (limit 3); a
+    long run's failures at different steps never do."""
+    assert not in_place_crash_loop([7], 7, limit=3)
+    assert in_place_crash_loop([7, 7], 7, limit=3)
+    assert not in_place_crash_loop([3, 7, 11, 15, 19], 23, limit=3)
+    assert not in_place_crash_loop([7, 7], None, limit=3)  # no step reported yet: nothing to compare
