@@ -32,21 +32,21 @@ from .store import load_job, store
 def in_place_state(record: Mapping[str, Any]) -> dict[str, Any]:
     """In-place recovery's live state for `vlctl status`, asked of the attempt's recovery coordinator: the round,
     the newest snapshot step every rank committed, and each hot spare, waiting or still starting."""
-    from controller.inplace import CoordinatorClient, CoordinatorError
+    from controller.inplace import CoordinatorClient, CoordinatorError, starting_spares
 
     try:
         status = CoordinatorClient(str(record["coordinator_url"]), timeout_s=2.0).status()
     except CoordinatorError as err:
         return {"error": f"the recovery coordinator did not answer ({err})"}
-    waiting = set(status.get("spares_waiting") or [])
-    per_node = int(record.get("procs_per_node", 1))
-    spares = [
-        {
-            "name": n["name"],
-            "state": "waiting" if all(f"{n['name']}/{i}" in waiting for i in range(per_node)) else "starting",
-        }
-        for n in record.get("spares", [])
-    ]
+    names = [n["name"] for n in record.get("spares", [])]
+    starting = set(
+        starting_spares(
+            live_spares=names,
+            waiting=status.get("spares_waiting") or [],
+            procs_per_node=int(record.get("procs_per_node", 1)),
+        )
+    )
+    spares = [{"name": n, "state": "starting" if n in starting else "waiting"} for n in names]
     return {"round": status.get("round"), "committed_step": status.get("committed_step"), "spares": spares}
 
 
