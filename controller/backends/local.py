@@ -391,9 +391,14 @@ class Gang:
                 continue
             workers = self._workers.get(node.name)
             if workers is None:
-                found = [(p.pid, p.create_time()) for p in self._tree(node)[1:] if _is_worker(p)]
+                tree = self._tree(node)
+                found = [(p.pid, p.create_time()) for p in tree[1:] if _is_worker(p)]
                 if len(found) == self.procs_per_node:
                     self._workers[node.name] = found
+                elif self._dead_child(tree):
+                    # A worker that died before this gang first looked (a controller that attached after the
+                    # kill): its torchrun has not reaped it yet, and may take seconds to notice under load.
+                    lost.append(node.name)
                 continue
             # Gone without saying it ended on purpose (the trainer's exit record): killed or crashed.
             if any(
@@ -402,6 +407,26 @@ class Gang:
             ):
                 lost.append(node.name)
         return lost
+
+    def _dead_child(self, tree: Sequence[psutil.Process]) -> bool:
+        """A child of the node's torchrun that ended unreaped (a zombie) without the trainer's exit record: a
+        rank killed or crashed (torchrun's children are its workers; a rank's own children are not looked at)."""
+        agents = set()
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                if "torch.distributed.run" in proc.cmdline():
+                    agents.add(proc.pid)
+        for proc in tree:
+            try:
+                if (
+                    proc.status() == psutil.STATUS_ZOMBIE
+                    and proc.ppid() in agents
+                    and not (self.log_dir / f"exit-{proc.pid}").exists()
+                ):
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     def node_end_time(self, name: str) -> float | None:
         """When the node ended (its exit record's mtime), None while it runs or without a record."""

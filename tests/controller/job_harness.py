@@ -255,7 +255,22 @@ class JobRun:
                     f"the controller exited ({self.controller.returncode}) waiting for {what}"
                 )
             time.sleep(every)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (job: {self.phase()})")
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s waiting for {what} (job: {self.phase()})\n{self.story()}"
+        )
+
+    def story(self, *, lines: int = 12) -> str:
+        """What a failed wait needs to be understood from CI's output alone: the job's events and the last lines
+        of each rank's log in the newest attempt's folder, and of each controller's log."""
+        out = [f"{e.time:%H:%M:%S.%f} {e.reason}: {e.message}" for e in self.events()]
+        attempts = sorted(
+            (self.run_dir() / "logs").glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])
+        )
+        logs = sorted(attempts[-1].glob("*.log")) if attempts else []
+        for path in [*logs, *sorted(self.root.glob("controller-*.log"))]:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            out += [f"--- {path.name}", *tail]
+        return "\n".join(out)
 
     def wait_step(self, step: int, timeout: float = 240, every: float = 0.05) -> None:
         self.wait(lambda: self.step() >= step, timeout=timeout, what=f"step {step}", every=every)

@@ -380,6 +380,7 @@ def test_in_place_recovery_through_lost_spares_ranks_and_controller_then_a_disk_
             what="step 8 checkpointed",
             every=0.01,
         )
+        assert psutil.pid_exists(survivor), f"rank 0's process ended before step 8 was saved\n{run.story()}"
         both = [psutil.Process(survivor), _node_worker(run, "in-place-spare-3")]
         for proc in both:
             proc.kill()

@@ -306,3 +306,46 @@ def test_a_dead_rank_process_is_seen_before_its_node_ends_and_an_exit_on_purpose
         for shell in shells:
             shell.kill()
             shell.wait()
+
+
+UNREAPING_NODE = """
+import os, subprocess, sys, time
+# a node whose "torchrun" (argv names it) has not reaped its rank process yet: a dead rank stays a zombie
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, "LOCAL_RANK": "0"})
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_rank_that_died_before_a_re_attached_controller_first_looked_is_lost(tmp_path: Path) -> None:
+    """A controller that attaches after a rank was killed never saw that rank's process: its node is lost while
+    its torchrun, slow to notice under load (over a second seen), still holds the dead rank unreaped. A rank that
+    ended on purpose (its exit record) and one still running are not lost."""
+    from controller.backends.local import _Node
+
+    gang = Gang(job_name="late", attempt=1, run_dir=tmp_path, token="t", procs_per_node=1)
+    gang.log_dir.mkdir(parents=True)
+    ranks = {
+        "local-0": "import time; time.sleep(600)",  # killed below
+        "local-1": "import time; time.sleep(600)",  # runs on
+        "local-2": f"import os, pathlib; pathlib.Path({str(gang.log_dir)!r}, f'exit-{{os.getpid()}}').write_text('0')",
+    }
+    shells, workers = [], {}
+    for i, (name, code) in enumerate(ranks.items()):
+        argv = [sys.executable, "-c", UNREAPING_NODE, code, "torch.distributed.run"]
+        shell = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        workers[name] = int(shell.stdout.readline())
+        shells.append(shell)
+        gang.nodes.append(
+            _Node(name, shell.pid, psutil.Process(shell.pid).create_time(), tmp_path / f"{i}.exit", shell)
+        )
+    try:
+        os.kill(workers["local-0"], signal.SIGKILL)
+        zombie = lambda pid: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # noqa: E731
+        _until(lambda: zombie(workers["local-0"]) and zombie(workers["local-2"]))
+        assert gang.lost_workers() == ["local-0"]  # the first look: no rank process of local-0 was ever seen
+        assert gang.poll() == {"local-0": None, "local-1": None, "local-2": None}
+    finally:
+        for shell in shells:
+            shell.kill()
+            shell.wait()
