@@ -812,7 +812,7 @@ class Controller:
                     f"spare {started} starting in its place"
                     if started
                     else "not replaced (this controller re-attached to the gang and cannot start spares)"
-                    if getattr(gang, "spare_launch", None) is None
+                    if not getattr(gang, "can_start_spares", False)
                     else "not replaced (the job has its spares)"
                 ),
                 {"spare": name, "exit_code": code, "replacement": started},
@@ -895,7 +895,10 @@ class Controller:
                 attempt.backend_record = live.gang.record()
                 # The nodes the attempt runs on now (a promoted spare in a lost node's place): `vlctl status`
                 # and a re-attaching controller read them.
-                attempt.nodes = [n["name"] for n in attempt.backend_record.get("nodes", [])] or attempt.nodes
+                attempt.nodes = [
+                    n["name"] if isinstance(n, dict) else str(n)  # the local backend's records, or slot names
+                    for n in attempt.backend_record.get("nodes", [])
+                ] or attempt.nodes
             append_event(
                 session=session,
                 job=job,

@@ -115,8 +115,8 @@ class FaultTolerance(_Section):
     recovery: Literal["restart", "in-place"] = Field(
         "restart",
         description="restart: a failure stops every rank and the job resumes from the newest disk checkpoint; "
-        "in-place: the survivors stay, hot spares take the lost node's ranks from in-memory snapshots (local "
-        "backend; falls back to restart when a state is in no memory)",
+        "in-place: the survivors stay, hot spares take the lost node's ranks from in-memory snapshots (falls "
+        "back to restart when a state is in no memory)",
     )
     hot_spares: int = Field(
         1,
@@ -165,16 +165,11 @@ class TrainingJobSpec(_Section):
                 f"equal resources.nodes x resources.procs_per_node = {r.nodes} x {r.procs_per_node} "
                 f"= {r.world_size}"
             )
-        if self.fault_tolerance.recovery == "in-place":
-            if self.backend != "local":
-                raise ValueError(
-                    "fault_tolerance.recovery: in-place runs on the local backend only for now; use restart"
-                )
-            if p.world_size < 2:
-                raise ValueError(
-                    "fault_tolerance.recovery: in-place needs at least 2 ranks (a snapshot's replica is kept by a "
-                    "peer); use restart"
-                )
+        if self.fault_tolerance.recovery == "in-place" and p.world_size < 2:
+            raise ValueError(
+                "fault_tolerance.recovery: in-place needs at least 2 ranks (a snapshot's replica is kept by a "
+                "peer); use restart"
+            )
         if p.tp > r.procs_per_node and r.procs_per_node > 0:
             raise ValueError(
                 f"training.parallel.tp ({p.tp}) must fit in one node "

@@ -34,10 +34,16 @@ Decisions:
   `EndpointTelemetry` finds endpoints through the trainer's endpoint files (`trainer.contract.telemetry`);
   `PodEndpointTelemetry` writes those files from the pod list and lets it scrape.
 - Stack dumps need `pods/exec`, which the operator's role does not grant: `dump_stacks` returns none.
+- In-place recovery (`hot_spares` given): the attempt also has the coordinator's pod and Service and spare pods
+  (`k8s.render`). The gang maps slots to pods by name (`<job>-a<k>-<slot>`), so a spare promoted into a lost
+  slot's place needs no label change (no `patch` in the role) and an operator that takes over finds the same
+  mapping in the record, with the template new spares are made from. The coordinator's API is reached at its
+  pod's IP, like the ranks' metrics.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -60,7 +66,7 @@ from controller.ingest import EndpointTelemetry, PrometheusTelemetry, TelemetryU
 from controller.spec import TrainingJobSpec
 from k8s import render
 from k8s.api import KubeApi, api_error, parse_time
-from trainer.contract.telemetry import ENDPOINT_FILE
+from trainer.contract.telemetry import ENDPOINT_FILE, ENV_RECOVERY_MEMBER
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +198,8 @@ class KubernetesBackend:
         excluded: Collection[str] = (),
         hot_spares: int | None = None,
     ) -> KubernetesGang:
-        if hot_spares is not None:  # the spec refuses it at submit; a stored older spec must not get this far
-            raise ValueError("fault_tolerance.recovery: in-place runs on the local backend only for now")
+        """`hot_spares` not None: in-place recovery, with the coordinator's pod and Service and that many spare
+        pods started with the gang."""
         b = self.binding(job_name)
         r = b.spec.resources
         if (nodes, procs_per_node) != (r.nodes, r.procs_per_node):
@@ -208,10 +214,8 @@ class KubernetesBackend:
             config = json.loads(Path(config_path).read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"{config_path}: cannot read the attempt's configuration ({err})") from None
-        objects = render.render_job(
-            b.spec,
+        pods = dict(
             namespace=b.namespace,
-            attempt=attempt,
             resume_from=resume_point(config),
             excluded_nodes=sorted(set(excluded)),
             image=self.image,
@@ -220,12 +224,21 @@ class KubernetesBackend:
             queue=self.queue,
             env_secrets=b.env_secrets,
         )
+        objects = render.render_job(b.spec, attempt=attempt, hot_spares=hot_spares, **pods)
         objects[0]["data"][render.CONFIG_FILE] = yaml.safe_dump(pod_config(config, b.spec), sort_keys=False)
+
+        def extend(pod: dict[str, Any]) -> None:
+            container = pod["spec"]["containers"][0]
+            container["command"] += list(overrides)
+            container["env"] += [{"name": k, "value": str(v)} for k, v in (env or {}).items()]
+
         for obj in objects:
-            if obj["kind"] == "Pod":
-                container = obj["spec"]["containers"][0]
-                container["command"] += list(overrides)
-                container["env"] += [{"name": k, "value": str(v)} for k, v in (env or {}).items()]
+            if obj["kind"] == "Pod" and (obj["metadata"]["labels"].get(render.LABEL_ROLE) != "coordinator"):
+                extend(obj)
+        template = None
+        if hot_spares is not None:  # the spares started later (a lost one's replacement) are made from it
+            template = render.spare_pod(b.spec, attempt=attempt, spare=0, hot_spares=hot_spares, **pods)
+            extend(template)
         gang = KubernetesGang(
             kube=self.kube,
             namespace=b.namespace,
@@ -238,13 +251,21 @@ class KubernetesBackend:
             kinds=self.kinds,
             clock=self.clock,
             cancel_poll_seconds=self.cancel_poll_seconds,
+            spare_template=template,
         )
         try:
             for obj in objects:
                 created = self._create(obj, b, job_name, attempt)
-                if obj["kind"] == "Pod":
-                    index = int(obj["metadata"]["labels"][render.LABEL_NODE_INDEX])
-                    gang.pod_uids[names[index]] = created["metadata"]["uid"]
+                if obj["kind"] != "Pod":
+                    continue
+                labels = obj["metadata"]["labels"]
+                if render.LABEL_NODE_INDEX in labels:
+                    gang.pod_uids[names[int(labels[render.LABEL_NODE_INDEX])]] = created["metadata"]["uid"]
+                elif labels.get(render.LABEL_ROLE) == "spare":
+                    slot = gang.slot_of(obj["metadata"]["name"])
+                    gang.pod_uids[slot] = created["metadata"]["uid"]
+                    gang.spares.append(slot)
+                    gang.spare_count += 1
         except BaseException:
             gang.cancel(0)
             raise
@@ -297,6 +318,10 @@ class KubernetesBackend:
                 clock=self.clock,
                 cancel_poll_seconds=self.cancel_poll_seconds,
                 pod_uids=dict(record.get("pod_uids") or {}),
+                spares=[str(n) for n in record.get("spares") or []],
+                spare_count=int(record.get("spare_count") or 0),
+                replaced={str(k): str(v) for k, v in (record.get("replaced") or {}).items()},
+                spare_template=record.get("spare_template"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"gang record: missing or invalid field {err}") from err
@@ -354,7 +379,7 @@ class KubernetesBackend:
             job_name=job_name,
             attempt=attempt,
             num_ranks=num_ranks,
-            procs_per_node=b.spec.resources.procs_per_node,
+            rank_nodes=rank_nodes,
             base_port=render.metrics_base_port(b.spec),
             folder=Path(run_dir) / "vlctl" / f"endpoints-attempt-{attempt}",
         )
@@ -377,13 +402,21 @@ class KubernetesGang:
     clock: Callable[[], float] = time.time
     cancel_poll_seconds: float = 0.5
     pod_uids: dict[str, str] = field(default_factory=dict)  # slot -> uid of the pod created for it
+    # In-place recovery (None / empty on the restart path): the spare pods' slots not given ranks yet, how many
+    # spares were ever started (the next one's number), each lost slot with the spare that took its place, and
+    # the pod a new spare is made from (in the record: an operator that took over starts spares too).
+    spares: list[str] = field(default_factory=list)
+    spare_count: int = 0
+    replaced: dict[str, str] = field(default_factory=dict)
+    spare_template: dict[str, Any] | None = None
     _final: dict[str, int] = field(default_factory=dict)  # slot -> exit code, once known
     _exits: dict[str, tuple[float, list[WorkerExit]]] = field(
         default_factory=dict
     )  # slot -> (finished, exits)
+    _coordinator_ip: str | None = None
 
     def record(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "namespace": self.namespace,
             "job_name": self.job_name,
             "attempt": self.attempt,
@@ -393,20 +426,32 @@ class KubernetesGang:
             "kinds": list(self.kinds),
             "pod_uids": dict(self.pod_uids),
         }
+        if self.spare_template is not None:
+            record |= {
+                "spares": list(self.spares),
+                "spare_count": self.spare_count,
+                "replaced": dict(self.replaced),
+                "spare_template": self.spare_template,
+            }
+            if self._coordinator_ip is not None:
+                record["coordinator_url"] = self.coordinator_url
+        return record
 
     @property
     def selector(self) -> str:
         return render.attempt_selector(self.job_name, self.attempt)
 
-    def _pods(self) -> dict[int, dict[str, Any]]:
-        pods = self.kube.list("Pod", self.namespace, self.selector)
-        out = {}
-        for pod in pods:
-            try:
-                out[int(pod["metadata"]["labels"][render.LABEL_NODE_INDEX])] = pod
-            except (KeyError, ValueError):
-                continue
-        return out
+    def slot_of(self, pod_name: str) -> str:
+        """`n<index>` or `s<k>` from the pod's name (`<job>-a<attempt>-<slot>`)."""
+        return pod_name.removeprefix(f"{self.job_name}-a{self.attempt}-")
+
+    def _pods(self) -> dict[str, dict[str, Any]]:
+        """The attempt's node and spare pods by slot."""
+        return {
+            self.slot_of(pod["metadata"]["name"]): pod
+            for pod in self.kube.list("Pod", self.namespace, self.selector)
+            if (pod["metadata"].get("labels") or {}).get(render.LABEL_ROLE) != "coordinator"
+        }
 
     def poll(self) -> dict[str, int | None]:
         pods = self._pods()
@@ -416,7 +461,7 @@ class KubernetesGang:
             if slot in self._final:
                 codes[slot] = self._final[slot]
                 continue
-            pod = pods.get(index)
+            pod = pods.get(slot)
             if pod is not None and slot not in self.pod_uids:
                 self.pod_uids[slot] = pod["metadata"]["uid"]  # attached by labels: adopt what is there
             code = self._exit_code(slot, pod, now)
@@ -426,6 +471,101 @@ class KubernetesGang:
                     self._read_exits(slot, index, pod, code)
             codes[slot] = code
         return codes
+
+    # ----------------------------------------------------------------------------------- in-place recovery
+
+    @property
+    def can_start_spares(self) -> bool:
+        return self.spare_template is not None
+
+    @property
+    def coordinator_url(self) -> str | None:
+        """The coordinator's API at its pod's IP (the operator runs in the cluster), once the pod runs; None on
+        the restart path or before."""
+        if self.spare_template is None:
+            return None
+        if self._coordinator_ip is None:
+            name = render.coordinator_name(self.job_name, self.attempt)
+            try:
+                pod = self.kube.read("Pod", self.namespace, name)
+            except ApiException as err:
+                log.warning("job %s: reading the coordinator's pod: %s", self.job_name, api_error(err))
+                return None
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip or (pod.get("status") or {}).get("phase") != "Running":
+                return None
+            self._coordinator_ip = f"[{ip}]" if ":" in ip else ip
+        return f"http://{self._coordinator_ip}:{render.COORDINATOR_HTTP_PORT}"
+
+    def live_spares(self) -> list[str]:
+        pods = self._pods()
+        now = self.clock()
+        return [slot for slot in self.spares if self._exit_code(slot, pods.get(slot), now) is None]
+
+    def lost_spares(self) -> list[tuple[str, int]]:
+        """Spare pods that ended while waiting (failed, deleted, evicted), with their exit codes: no longer
+        spares."""
+        pods = self._pods()
+        now = self.clock()
+        lost = []
+        for slot in list(self.spares):
+            if (code := self._exit_code(slot, pods.get(slot), now)) is not None:
+                self.spares.remove(slot)
+                lost.append((slot, code))
+        return lost
+
+    def start_spare(self) -> str | None:
+        """Create one more spare pod (`s<k>`), from the attempt's template; its slot, None on the restart path."""
+        if self.spare_template is None:
+            return None
+        slot = f"{render.SPARE_PREFIX}{self.spare_count}"
+        pod = copy.deepcopy(self.spare_template)
+        name = render.slot_pod_name(self.job_name, self.attempt, slot)
+        pod["metadata"]["name"] = pod["spec"]["hostname"] = name
+        for var in pod["spec"]["containers"][0]["env"]:
+            if var["name"] == ENV_RECOVERY_MEMBER:
+                var["value"] = slot
+        self.spare_count += 1  # a create that failed leaves its number unused: names are never reused
+        created = self.kube.create(pod)
+        self.pod_uids[slot] = created["metadata"]["uid"]
+        self.spares.append(slot)
+        log.info("job %s attempt %d: spare pod %s created", self.job_name, self.attempt, name)
+        return slot
+
+    def promote(self, spare: str, *, replacing: str) -> None:
+        """The spare pod took the lost slot's ranks and stands in its place; the lost pod is left as it ended
+        (its log stays readable) and goes with the attempt. No other pod is touched."""
+        index = self.names.index(replacing)
+        self.spares.remove(spare)
+        self.names[index] = spare
+        self.replaced[replacing] = spare
+        self._exits.pop(replacing, None)  # recovered from: never the root cause of a later failure
+
+    def kill_ranks(self, ranks: Sequence[int], pids: Mapping[int, int] | None = None) -> list[int]:
+        """A hung node's ranks: its pod is deleted at once (grace 0: SIGKILL, which ends a stopped process
+        too). Processes live in pods: no pids to return."""
+        for slot in sorted({self.names[r // self.procs_per_node] for r in ranks}):
+            name = render.slot_pod_name(self.job_name, self.attempt, slot)
+            self.kube.delete("Pod", self.namespace, name, grace_seconds=0)
+            log.warning("job %s attempt %d: hung pod %s deleted", self.job_name, self.attempt, name)
+        return []
+
+    def stopped_ranks(self, pids: Mapping[int, int] | None = None) -> set[int]:
+        return set()  # a process's state is out of the operator's sight
+
+    def node_end_time(self, name: str) -> float | None:
+        """When the slot's pod's container ended (its own clock), None while it runs."""
+        pod = self._pods().get(name)
+        ended = parse_time((_terminated(pod) or {}).get("finishedAt")) if pod is not None else None
+        return _clamp(ended.timestamp(), self.launched_at, self.clock()) if ended is not None else None
+
+    def stop_spares(self) -> None:
+        """The attempt ended: its spare pods and the coordinator go now (the nodes' pods stay for their logs)."""
+        names = [render.slot_pod_name(self.job_name, self.attempt, s) for s in self.spares]
+        names.append(render.coordinator_name(self.job_name, self.attempt))
+        for name in names:
+            self.kube.delete("Pod", self.namespace, name, grace_seconds=0)
+        self.spares.clear()
 
     def _exit_code(self, slot: str, pod: dict[str, Any] | None, now: float) -> int | None:
         if pod is None or pod["metadata"]["uid"] != self.pod_uids.get(slot):
@@ -445,7 +585,10 @@ class KubernetesGang:
         if pod["metadata"].get("deletionTimestamp") or phase == "Unknown":
             return EXIT_LOST  # drained, evicted or its node stopped reporting: the gang is broken either way
         timeout = self.scheduling_timeout_seconds
-        if phase == "Pending" and timeout is not None and now - self.launched_at > timeout:
+        # A spare created after the launch (a replacement) has its own time to be scheduled.
+        created = parse_time(pod["metadata"].get("creationTimestamp"))
+        since = max(self.launched_at, created.timestamp()) if created is not None else self.launched_at
+        if phase == "Pending" and timeout is not None and now - since > timeout:
             if not pod["spec"].get("nodeName"):
                 log.warning(
                     "job %s attempt %d: %s not scheduled after %.0f s",
@@ -495,8 +638,10 @@ class KubernetesGang:
     def rank_pids(self) -> dict[int, int]:
         return {}
 
-    def dump_stacks(self) -> dict[int, str]:
-        return {}
+    def dump_stacks(
+        self, texts: dict[int, str] | None = None, pids: Mapping[int, int] | None = None
+    ) -> dict[int, str]:
+        return {}  # needs pods/exec, which the operator's role does not grant
 
     def cancel(self, grace_seconds: float) -> None:
         try:
@@ -561,14 +706,15 @@ class PodEndpointTelemetry:
         job_name: str,
         attempt: int,
         num_ranks: int,
-        procs_per_node: int,
+        rank_nodes: Sequence[str],
         base_port: int,
         folder: Path,
     ):
+        """`rank_nodes`: each rank's slot (`n<index>`, or the spare that took a lost slot's ranks)."""
         self.kube = kube
         self.namespace = namespace
         self.job_name = job_name
-        self.procs_per_node = procs_per_node
+        self.rank_nodes = list(rank_nodes)
         self.base_port = base_port
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -594,12 +740,11 @@ class PodEndpointTelemetry:
             ip = status.get("podIP")
             if status.get("phase") != "Running" or not ip or pod["metadata"].get("deletionTimestamp"):
                 continue
-            index = int(pod["metadata"]["labels"][render.LABEL_NODE_INDEX])
+            slot = pod["metadata"]["name"].removeprefix(f"{self.job_name}-a{self.attempt}-")
             host = f"[{ip}]" if ":" in ip else ip
-            for local_rank in range(self.procs_per_node):
-                rank = index * self.procs_per_node + local_rank
-                if rank < self._inner.num_ranks:
-                    urls[rank] = f"http://{host}:{self.base_port + local_rank}/metrics"
+            ranks = [r for r, node in enumerate(self.rank_nodes) if node == slot][: self._inner.num_ranks]
+            for local_rank, rank in enumerate(ranks):
+                urls[rank] = f"http://{host}:{self.base_port + local_rank}/metrics"
         for rank in set(self._published) - set(urls):
             (self.folder / ENDPOINT_FILE.format(rank=rank)).unlink(missing_ok=True)
             del self._published[rank]
@@ -611,6 +756,10 @@ class PodEndpointTelemetry:
             tmp.write_text(json.dumps({"url": url, "attempt": self.attempt}))
             tmp.replace(path)
             self._published[rank] = url
+
+    def reassign(self, rank_nodes: Sequence[str]) -> None:
+        """In-place recovery gave a lost slot's ranks to a spare pod: their endpoints are the spare's now."""
+        self.rank_nodes = list(rank_nodes)
 
     def start_attempt(self, attempt: int, *, launched_at: float | None = None) -> None:
         self._inner.start_attempt(attempt, launched_at=launched_at)

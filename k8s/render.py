@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import yaml
 
+from controller.backends.rank_exec import ENV_RANK_BASE, ENV_WORLD_SIZE
 from controller.spec import TrainingJobSpec
 from trainer.contract.checkpoint import parse_step_dirname
 from trainer.contract.telemetry import (
@@ -47,6 +48,8 @@ from trainer.contract.telemetry import (
     ENV_METRICS_BASE_PORT,
     ENV_METRICS_HOST,
     ENV_NODE,
+    ENV_RECOVERY_MEMBER,
+    ENV_RECOVERY_STORE,
     ENV_TRAINING_JOB,
 )
 
@@ -67,6 +70,13 @@ ENV_NODE_INDEX = "VLCTL_NODE_INDEX"
 
 CONTAINER_NAME = "trainer"
 RENDEZVOUS_PORT = 29500
+# In-place recovery: the attempt's recovery coordinator (its TCPStore, where the ranks re-form their groups, and
+# the HTTP API the operator asks for new rounds) in a pod of its own behind a ClusterIP Service.
+COORDINATOR_STORE_PORT = 29600
+COORDINATOR_HTTP_PORT = 29601
+COORDINATOR_STATE_FILE = "/workspace/coordinator.json"
+LABEL_ROLE = "vlctl.dev/role"  # node, spare or coordinator: the pods of an in-place attempt
+SPARE_PREFIX = "s"  # hot spare pods are <job>-a<attempt>-s<k>; node pods -n<index>
 RENDEZVOUS_PORT_NAME = "rendezvous"
 METRICS_BASE_PORT = 9500  # the spec's telemetry.base_port when it sets one
 METRICS_PORT_PREFIX = "metrics-"
@@ -116,6 +126,26 @@ def pod_name(job: str, attempt: int, node_index: int) -> str:
     if not _DNS1123_LABEL.match(name):
         raise ValueError(f"pod name {name!r} is not a DNS-1123 label: the job name {job!r} is invalid")
     return name
+
+
+def slot_pod_name(job: str, attempt: int, slot: str) -> str:
+    """The pod of a slot: `n<index>` (a node) or `s<k>` (a hot spare); ValueError as `pod_name`."""
+    name = f"{job}-a{attempt}-{slot}"
+    if len(name) > 63 or not _DNS1123_LABEL.match(name):
+        raise ValueError(
+            f"pod name {name!r} is not a DNS-1123 label of at most 63 characters: shorten the job name {job!r}"
+        )
+    return name
+
+
+def coordinator_name(job: str, attempt: int) -> str:
+    """The in-place recovery coordinator's pod and Service."""
+    return f"{job}-a{attempt}-coordinator"
+
+
+def coordinator_store(job: str, attempt: int, namespace: str) -> str:
+    """host:port of the coordinator's store for the ranks, through its Service's DNS name."""
+    return f"{coordinator_name(job, attempt)}.{namespace}.svc:{COORDINATOR_STORE_PORT}"
 
 
 def rendezvous_host(job: str, attempt: int, namespace: str) -> str:
@@ -205,6 +235,28 @@ def torchrun_command(
     ]
 
 
+def in_place_command(spec: TrainingJobSpec, *, overrides: Sequence[str]) -> list[str]:
+    """A node or spare pod under in-place recovery: a torchrun of its own (standalone), so that a pod can die and
+    be replaced alone; its ranks get their global ranks from VLCTL_RANK_BASE through rank_exec (a spare's from
+    the coordinator) and meet the others through the coordinator's store. rank_exec's log folder `-` keeps the
+    ranks' output on the container's (kubectl logs)."""
+    return [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={spec.resources.procs_per_node}",
+        "--max-restarts=0",
+        "-m",
+        "controller.backends.rank_exec",
+        "-",
+        "trainer.train",
+        f"{CONFIG_DIR}/{CONFIG_FILE}",
+        *overrides,
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ objects
 
 
@@ -257,8 +309,9 @@ def volcano_pod_group(
     attempt: int,
     owner: Mapping[str, Any] | None,
     queue: str | None,
+    hot_spares: int | None = None,
 ) -> dict[str, Any]:
-    group_spec: dict[str, Any] = {"minMember": spec.resources.nodes}
+    group_spec: dict[str, Any] = {"minMember": gang_size(spec, hot_spares)}
     if queue:
         group_spec["queue"] = queue
     return {
@@ -271,17 +324,44 @@ def volcano_pod_group(
     }
 
 
-def _env(spec: TrainingJobSpec, *, attempt: int, node_index: int) -> list[dict[str, Any]]:
+def gang_size(spec: TrainingJobSpec, hot_spares: int | None) -> int:
+    """The pods that must run together: the nodes, and under in-place recovery the hot spares and the
+    coordinator (a gang scheduler must not start the ranks without what replaces a lost one)."""
+    return spec.resources.nodes + (0 if hot_spares is None else hot_spares + 1)
+
+
+def _env(
+    spec: TrainingJobSpec,
+    *,
+    namespace: str,
+    attempt: int,
+    node_index: int | None,
+    in_place: bool = False,
+    member: str | None = None,
+) -> list[dict[str, Any]]:
+    """`node_index` None: a hot spare, `member` its name with the coordinator."""
     env: list[dict[str, Any]] = [
         {"name": ENV_TRAINING_JOB, "value": spec.name},
         {"name": ENV_ATTEMPT, "value": str(attempt)},
-        {"name": ENV_NODE_INDEX, "value": str(node_index)},
+    ]
+    if node_index is not None:
+        env.append({"name": ENV_NODE_INDEX, "value": str(node_index)})
+    env += [
         # The Kubernetes node, so a straggler's `node` label is what node exclusion keeps the job off.
         {"name": ENV_NODE, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": ENV_METRICS_HOST, "value": "0.0.0.0"},
         {"name": ENV_METRICS_BASE_PORT, "value": str(metrics_base_port(spec))},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if in_place:
+        env += [
+            {"name": ENV_RECOVERY_STORE, "value": coordinator_store(spec.name, attempt, namespace)},
+            {"name": ENV_WORLD_SIZE, "value": str(spec.resources.world_size)},
+        ]
+        if node_index is not None:
+            env.append({"name": ENV_RANK_BASE, "value": str(node_index * spec.resources.procs_per_node)})
+        else:
+            env.append({"name": ENV_RECOVERY_MEMBER, "value": str(member)})
     if spec.resources.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})  # DeepSpeed would look for CUDA otherwise
     return env
@@ -311,24 +391,39 @@ def _container(
     spec: TrainingJobSpec,
     *,
     image: str,
+    namespace: str,
     attempt: int,
-    node_index: int,
+    node_index: int | None,
     master: str,
     overrides: Sequence[str],
     env_secrets: Sequence[str],
+    in_place: bool = False,
+    member: str | None = None,
 ) -> dict[str, Any]:
     ports = [
         {"name": name, "containerPort": port, "protocol": "TCP"} for name, port in metrics_ports(spec).items()
     ]
-    if node_index == 0:  # pod 0's agent hosts the rendezvous store
+    if node_index == 0 and not in_place:  # pod 0's agent hosts the rendezvous store
         ports.insert(0, {"name": RENDEZVOUS_PORT_NAME, "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+    command = (
+        in_place_command(spec, overrides=overrides)
+        if in_place
+        else torchrun_command(spec, node_index=int(node_index or 0), master=master, overrides=overrides)
+    )
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": torchrun_command(spec, node_index=node_index, master=master, overrides=overrides),
+        "command": command,
         "workingDir": WORKDIR,
-        "env": _env(spec, attempt=attempt, node_index=node_index),
+        "env": _env(
+            spec,
+            namespace=namespace,
+            attempt=attempt,
+            node_index=node_index,
+            in_place=in_place,
+            member=member,
+        ),
         "ports": ports,
         "resources": _resources(spec),
         "volumeMounts": [
@@ -336,18 +431,33 @@ def _container(
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "workspace", "mountPath": WORKDIR},
         ],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _container_security(),
     }
     if env_secrets:
         container["envFrom"] = [{"secretRef": {"name": name}} for name in env_secrets]
     return container
+
+
+def _container_security() -> dict[str, Any]:
+    """Non-root, no privilege escalation, no capabilities (a fresh dict per object: YAML dumps no aliases)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _affinity(spec: TrainingJobSpec, *, attempt: int, excluded_nodes: Sequence[str]) -> dict[str, Any]:
@@ -365,7 +475,13 @@ def _affinity(spec: TrainingJobSpec, *, attempt: int, excluded_nodes: Sequence[s
         affinity["podAntiAffinity"] = {
             "requiredDuringSchedulingIgnoredDuringExecution": [
                 {
-                    "labelSelector": {"matchLabels": attempt_labels(spec.name, attempt)},
+                    # Not the in-place coordinator's pod: it needs no machine of its own.
+                    "labelSelector": {
+                        "matchLabels": attempt_labels(spec.name, attempt),
+                        "matchExpressions": [
+                            {"key": LABEL_ROLE, "operator": "NotIn", "values": ["coordinator"]}
+                        ],
+                    },
                     "topologyKey": "kubernetes.io/hostname",
                 }
             ]
@@ -378,7 +494,7 @@ def node_pod(
     *,
     namespace: str,
     attempt: int,
-    node_index: int,
+    node_index: int | None,
     resume_from: tuple[int, str] | None,
     excluded_nodes: Sequence[str],
     image: str,
@@ -386,10 +502,26 @@ def node_pod(
     gang: GangScheduler,
     queue: str | None,
     env_secrets: Sequence[str],
+    hot_spares: int | None = None,
+    spare: int | None = None,
 ) -> dict[str, Any]:
+    """Node `node_index`'s pod; under in-place recovery (`hot_spares` not None) `node_index` None and `spare` k
+    render hot spare k, which waits with torch imported and the model built until the coordinator gives it a
+    lost node's ranks."""
     job = spec.name
-    name = pod_name(job, attempt, node_index)
-    labels = {**attempt_labels(job, attempt), LABEL_NODE_INDEX: str(node_index)}
+    in_place = hot_spares is not None
+    if node_index is None:
+        if not in_place or spare is None:
+            raise ValueError("spare: a pod without a node index is a hot spare of an in-place job")
+        slot = f"{SPARE_PREFIX}{spare}"
+        name = slot_pod_name(job, attempt, slot)
+        labels = {**attempt_labels(job, attempt), LABEL_ROLE: "spare"}
+    else:
+        slot = None
+        name = pod_name(job, attempt, node_index)
+        labels = {**attempt_labels(job, attempt), LABEL_NODE_INDEX: str(node_index)}
+        if in_place:
+            labels[LABEL_ROLE] = "node"
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics"}
     if resume_from is not None:
         annotations |= {ANNOTATION_RESUME_STEP: str(resume_from[0]), ANNOTATION_RESUME_URI: resume_from[1]}
@@ -400,22 +532,19 @@ def node_pod(
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(),
         "containers": [
             _container(
                 spec,
                 image=image,
+                namespace=namespace,
                 attempt=attempt,
                 node_index=node_index,
                 master=rendezvous_host(job, attempt, namespace),
                 overrides=resume_overrides(resume_from),
                 env_secrets=env_secrets,
+                in_place=in_place,
+                member=slot,
             )
         ],
         "volumes": [
@@ -428,14 +557,109 @@ def node_pod(
         pod_spec["affinity"] = affinity
     if spec.resources.gpus_per_node:
         pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    if gang == "volcano":
-        pod_spec["schedulerName"] = "volcano"
-        annotations[VOLCANO_GROUP_ANNOTATION] = pod_group_name(job, attempt)
-    elif gang == "kueue":
-        labels |= {KUEUE_QUEUE_LABEL: str(queue), KUEUE_GROUP_LABEL: pod_group_name(job, attempt)}
-        annotations[KUEUE_GROUP_COUNT_ANNOTATION] = str(spec.resources.nodes)
+    _join_gang(
+        spec, pod_spec, labels, annotations, attempt=attempt, gang=gang, queue=queue, hot_spares=hot_spares
+    )
     metadata = _meta(name, namespace, labels, owner)
     metadata["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def _join_gang(
+    spec: TrainingJobSpec,
+    pod_spec: dict[str, Any],
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    *,
+    attempt: int,
+    gang: GangScheduler,
+    queue: str | None,
+    hot_spares: int | None,
+) -> None:
+    """A pod of the attempt's gang: Volcano's scheduler and group, or Kueue's queue and pod group."""
+    if gang == "volcano":
+        pod_spec["schedulerName"] = "volcano"
+        annotations[VOLCANO_GROUP_ANNOTATION] = pod_group_name(spec.name, attempt)
+    elif gang == "kueue":
+        labels |= {KUEUE_QUEUE_LABEL: str(queue), KUEUE_GROUP_LABEL: pod_group_name(spec.name, attempt)}
+        annotations[KUEUE_GROUP_COUNT_ANNOTATION] = str(gang_size(spec, hot_spares))
+
+
+def coordinator_service(
+    spec: TrainingJobSpec, *, namespace: str, attempt: int, owner: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The coordinator's stable address for the ranks (its pod's IP is known only once it runs)."""
+    labels = attempt_labels(spec.name, attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(coordinator_name(spec.name, attempt), namespace, labels, owner),
+        "spec": {
+            "selector": {**labels, LABEL_ROLE: "coordinator"},
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "store", "port": COORDINATOR_STORE_PORT, "targetPort": COORDINATOR_STORE_PORT},
+                {"name": "api", "port": COORDINATOR_HTTP_PORT, "targetPort": COORDINATOR_HTTP_PORT},
+            ],
+        },
+    }
+
+
+def coordinator_pod(
+    spec: TrainingJobSpec,
+    *,
+    namespace: str,
+    attempt: int,
+    image: str,
+    owner: Mapping[str, Any] | None,
+    gang: GangScheduler,
+    queue: str | None,
+    hot_spares: int,
+) -> dict[str, Any]:
+    """The attempt's recovery coordinator: the store where the ranks re-form their groups and the API the
+    operator opens rounds with. Small (one CPU process, no GPU), on any machine."""
+    job = spec.name
+    name = coordinator_name(job, attempt)
+    labels = {**attempt_labels(job, attempt), LABEL_ROLE: "coordinator"}
+    annotations: dict[str, str] = {}
+    container = {
+        "name": "coordinator",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [
+            "python",
+            "-m",
+            "trainer.recovery.coordinator",
+            f"--world-size={spec.resources.world_size}",
+            f"--state-file={COORDINATOR_STATE_FILE}",
+            "--host=0.0.0.0",
+            f"--store-port={COORDINATOR_STORE_PORT}",
+            f"--http-port={COORDINATOR_HTTP_PORT}",
+        ],
+        "workingDir": WORKDIR,
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "ports": [
+            {"name": "store", "containerPort": COORDINATOR_STORE_PORT, "protocol": "TCP"},
+            {"name": "api", "containerPort": COORDINATOR_HTTP_PORT, "protocol": "TCP"},
+        ],
+        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": [{"name": "workspace", "mountPath": WORKDIR}],
+        "securityContext": _container_security(),
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [{"name": "workspace", "emptyDir": {}}],
+    }
+    _join_gang(
+        spec, pod_spec, labels, annotations, attempt=attempt, gang=gang, queue=queue, hot_spares=hot_spares
+    )
+    metadata = _meta(name, namespace, labels, owner)
+    if annotations:
+        metadata["annotations"] = annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
@@ -454,8 +678,11 @@ def render_job(
     gang: GangScheduler = "none",
     queue: str | None = None,
     env_secrets: Sequence[str] = (),
+    hot_spares: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every object of one attempt, in creation order: ConfigMap, Service, [PodGroup], Pods by node index.
+    Under in-place recovery (`hot_spares` not None) also the coordinator's Service (after the headless one)
+    and pod (first of the pods), and `hot_spares` spare pods after the nodes'.
 
     `resume_from` is (step, checkpoint uri) to resume from, None to let the trainer follow the spec;
     `owner` the TrainingJob's apiVersion/kind/name/uid; `env_secrets` Secret names for `envFrom`.
@@ -464,6 +691,10 @@ def render_job(
     _check_arguments(
         spec, namespace=namespace, attempt=attempt, image=image, owner=owner, gang=gang, queue=queue
     )
+    if hot_spares is not None:
+        if isinstance(hot_spares, bool) or not isinstance(hot_spares, int) or hot_spares < 0:
+            raise ValueError(f"hot_spares: must be an int >= 0, got {hot_spares!r}")
+        slot_pod_name(spec.name, attempt, "coordinator")  # the coordinator's pod: the attempt's longest name
     for name in env_secrets:
         if not _DNS1123_SUBDOMAIN.match(name):
             raise ValueError(f"env_secrets: {name!r} is not a valid Secret name")
@@ -471,9 +702,26 @@ def render_job(
         config_map(spec, namespace=namespace, attempt=attempt, owner=owner),
         headless_service(spec, namespace=namespace, attempt=attempt, owner=owner),
     ]
+    if hot_spares is not None:
+        objects.append(coordinator_service(spec, namespace=namespace, attempt=attempt, owner=owner))
     if gang == "volcano":
         objects.append(
-            volcano_pod_group(spec, namespace=namespace, attempt=attempt, owner=owner, queue=queue)
+            volcano_pod_group(
+                spec, namespace=namespace, attempt=attempt, owner=owner, queue=queue, hot_spares=hot_spares
+            )
+        )
+    if hot_spares is not None:
+        objects.append(
+            coordinator_pod(
+                spec,
+                namespace=namespace,
+                attempt=attempt,
+                image=image,
+                owner=owner,
+                gang=gang,
+                queue=queue,
+                hot_spares=hot_spares,
+            )
         )
     objects += [
         node_pod(
@@ -488,10 +736,34 @@ def render_job(
             gang=gang,
             queue=queue,
             env_secrets=env_secrets,
+            hot_spares=hot_spares,
         )
         for i in range(spec.resources.nodes)
     ]
+    objects += [
+        spare_pod(
+            spec,
+            namespace=namespace,
+            attempt=attempt,
+            spare=k,
+            resume_from=resume_from,
+            excluded_nodes=excluded_nodes,
+            image=image,
+            owner=owner,
+            gang=gang,
+            queue=queue,
+            env_secrets=env_secrets,
+            hot_spares=int(hot_spares),
+        )
+        for k in range(hot_spares or 0)
+    ]
     return objects
+
+
+def spare_pod(spec: TrainingJobSpec, *, spare: int, hot_spares: int, **pod: Any) -> dict[str, Any]:
+    """Hot spare `spare` (`s<spare>`) of an in-place attempt; the replacements started later are rendered here
+    too, so they match the attempt's first spares."""
+    return node_pod(spec, node_index=None, spare=spare, hot_spares=hot_spares, **pod)
 
 
 def check_gang(gang: str, queue: str | None) -> None:

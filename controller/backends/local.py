@@ -333,6 +333,10 @@ class Gang:
     _workers: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     retired: list[_Node] = field(default_factory=list)  # replaced nodes still ending: reaped, never orphaned
 
+    @property
+    def can_start_spares(self) -> bool:
+        return self.spare_launch is not None
+
     def start_spare(self) -> str | None:
         """Start one more hot spare node (in the background: it imports torch and waits); its name, or None when
         this gang cannot (re-attached by another controller)."""

@@ -1,7 +1,8 @@
 """`python -m controller.backends.rank_exec LOG_DIR MODULE [ARGS ...]`: the first thing each rank runs.
 
 torchrun starts this in place of the training module. It points the process's stdout and stderr at
-`LOG_DIR/rank-<RANK>.log` (RANK is the global rank torchrun set) and then execs `python -m MODULE ARGS`.
+`LOG_DIR/rank-<RANK>.log` (RANK is the global rank torchrun set; LOG_DIR `-`: left alone, as in a pod whose
+output is its log) and then execs `python -m MODULE ARGS`.
 
 Decisions:
 
@@ -41,6 +42,16 @@ def main(argv: list[str]) -> None:
     if (base := os.environ.get(ENV_RANK_BASE)) is not None:  # a node of its own torchrun (in-place recovery)
         os.environ["RANK"] = str(int(base) + int(os.environ.get("LOCAL_RANK", "0")))
         os.environ["WORLD_SIZE"] = os.environ[ENV_WORLD_SIZE]
+    if log_dir != "-":  # `-`: the output stays torchrun's (a pod's, which `kubectl logs` reads)
+        _redirect(log_dir)
+    if limit := os.environ.get(ENV_MEMORY_LIMIT):
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        cap = int(limit) if hard == resource.RLIM_INFINITY else min(int(limit), hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+
+
+def _redirect(log_dir: str) -> None:
     if member := os.environ.get(ENV_RECOVERY_MEMBER):  # a hot spare: no rank of the job's yet
         path = Path(log_dir) / f"spare-{member}-{os.environ.get('LOCAL_RANK', '0')}.log"
     else:
@@ -53,11 +64,6 @@ def main(argv: list[str]) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    if limit := os.environ.get(ENV_MEMORY_LIMIT):
-        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        cap = int(limit) if hard == resource.RLIM_INFINITY else min(int(limit), hard)
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
-    os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
 
 if __name__ == "__main__":

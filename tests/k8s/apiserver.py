@@ -22,7 +22,8 @@ What it implements, the way the real server does:
 - Errors are `Status` objects (kind Status, reason, code, details).
 
 What it does not: authentication, admission, defaulting, schema validation, server-side apply, and there is no
-kubelet: pods keep the status tests give them (`set_pod_status`), and a deleted pod is gone at once.
+kubelet: pods keep the status tests give them (`set_pod_status`), and a deleted pod is gone at once. (A test
+that needs pods to run starts `kubelet.LocalKubelet` beside it.)
 
 Test helpers: `inject` (the next N matching requests answer an error, or wait until released), `set_pod_status`,
 `set_pod_log`, `compact` (forget the watch history: the next resumed watch gets 410), `requests` (every request
@@ -66,6 +67,7 @@ RESOURCES = (
     Resource("", "v1", "pods", "Pod"),
     Resource("", "v1", "services", "Service"),
     Resource("", "v1", "configmaps", "ConfigMap", status_subresource=False),
+    Resource("", "v1", "secrets", "Secret", status_subresource=False),
     Resource("", "v1", "events", "Event", status_subresource=False),
     Resource("", "v1", "nodes", "Node", namespaced=False),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", status_subresource=False),

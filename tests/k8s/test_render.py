@@ -405,3 +405,58 @@ def test_rendering_is_deterministic(example: dict[str, Any]) -> None:
     assert render(example, attempt=2, gang="volcano") == render(example, attempt=2, gang="volcano")
     shuffled = render(example, attempt=2, excluded_nodes=list(reversed(EXCLUDED)))
     assert shuffled == render(example, attempt=2)
+
+
+@pytest.mark.parametrize("gang", ["volcano", "kueue", "none"])
+def test_in_place_attempts_add_the_coordinator_and_spare_pods(example: dict[str, Any], gang: str) -> None:
+    """`recovery: in-place`: the coordinator's Service and pod, the nodes' pods each a torchrun of its own with
+    its first global rank, and the hot spares, all counted in the gang; every object validates."""
+    spec = spec_from_object(example)
+    objects = render(example, attempt=2, gang=gang, hot_spares=2)
+    name, nodes, per_node = spec.name, spec.resources.nodes, spec.resources.procs_per_node
+    head = ["ConfigMap", "Service", "Service", *(["PodGroup"] if gang == "volcano" else [])]
+    assert [o["kind"] for o in objects] == head + ["Pod"] * (1 + nodes + 2)
+    for obj in objects:
+        if obj["kind"] == "PodGroup":
+            jsonschema.validate(obj, PODGROUP_SCHEMA)
+            assert obj["spec"]["minMember"] == nodes + 2 + 1
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    coordinator, *workers = pods(objects)
+    roles = [p["metadata"]["labels"]["vlctl.dev/role"] for p in pods(objects)]
+    assert roles == ["coordinator"] + ["node"] * nodes + ["spare", "spare"]
+    assert [p["metadata"]["name"] for p in workers[nodes:]] == [f"{name}-a2-s0", f"{name}-a2-s1"]
+    service = [o for o in objects if o["kind"] == "Service"][1]
+    assert service["metadata"]["name"] == coordinator["metadata"]["name"] == f"{name}-a2-coordinator"
+    assert service["spec"]["selector"]["vlctl.dev/role"] == "coordinator"
+    command = coordinator["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "trainer.recovery.coordinator"]
+    assert f"--world-size={nodes * per_node}" in command
+    assert "resources" in coordinator["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in json.dumps(coordinator)  # needs no machine of the ranks'
+    store = f"{name}-a2-coordinator.{NAMESPACE}.svc:29600"
+    for i, pod in enumerate(workers):
+        container = pod["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["VLCTL_RECOVERY_STORE"] == store and env["VLCTL_WORLD_SIZE"] == str(nodes * per_node)
+        assert (
+            "--standalone" in container["command"] and "controller.backends.rank_exec" in container["command"]
+        )
+        assert "checkpoint.resume_step=400" in container["command"]  # the attempt's resume point, spares too
+        if i < nodes:
+            assert env["VLCTL_RANK_BASE"] == str(i * per_node) and "VLCTL_RECOVERY_MEMBER" not in env
+        else:
+            assert env["VLCTL_RECOVERY_MEMBER"] == f"s{i - nodes}" and "VLCTL_RANK_BASE" not in env
+            assert "vlctl.dev/node-index" not in pod["metadata"]["labels"]
+    for pod in pods(objects):
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        if gang == "kueue":
+            count = pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"]
+            assert count == str(nodes + 2 + 1)
+    if spec.resources.gpus_per_node:  # the GPU nodes' anti-affinity leaves the coordinator out
+        term = workers[0]["spec"]["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term[0]["labelSelector"]["matchExpressions"][0]["values"] == ["coordinator"]
+    assert render(example, attempt=1, gang=gang) == render(example, attempt=1, gang=gang, hot_spares=None)

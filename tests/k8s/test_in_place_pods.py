@@ -1,0 +1,243 @@
+"""In-place recovery on Kubernetes, for real: the operator against the API stand-in, whose pods a stand-in kubelet
+(tests/k8s/kubelet.py) runs as local processes that train the mini model, with checkpoints in S3 (moto).
+
+One job, one kill: the rank process of node pod n1 is SIGKILLed from outside. The operator gives n1's rank to the
+hot spare pod s0, which restores it from rank 0's in-memory replica; every other pod keeps running (same uid, never
+recreated), n1's pod is left as it failed, a new spare pod s1 is created after the recovery, and the job succeeds
+in its first attempt with every loss record bitwise equal to the first run's of the same step."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from apiserver import FakeApiServer
+from kubelet import LocalKubelet
+from test_operator import (  # noqa: F401 - api, db and start_operator: the operator tests' fixtures
+    NAMESPACE,
+    OperatorThread,
+    api,
+    create_job,
+    db,
+    pods,
+    start_operator,
+    status,
+    store_events,
+    store_job,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
+import train_harness  # noqa: E402
+from job_harness import training_section  # noqa: E402
+
+from controller.store.session import Store  # noqa: E402
+from k8s.crd import ANNOTATION_ENV_SECRETS  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheader:DeprecationWarning")
+
+STEPS = 10
+KILL_AFTER_STEP = 3
+T = TypeVar("T")
+
+
+def wait_for(
+    check: Callable[[], T], *, timeout: float, what: str, poll: float = 0.2, story: Callable[[], str] = str
+) -> T:
+    """Polls slowly: the test shares 2 cores with the ranks it waits for."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{story()}")
+        time.sleep(poll)
+    return value
+
+
+def phase(store: Store, name: str) -> str:
+    job = store_job(store, name)
+    return "" if job is None else str(job.phase)
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """A moto S3 server; the operator (this process) and the pods (through a Secret) use it."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True).mkdir("ckpt")
+    yield env
+    server.stop()
+
+
+def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F811 - fixtures
+    api: FakeApiServer,  # noqa: F811
+    db: Store,  # noqa: F811
+    start_operator: Callable[..., OperatorThread],  # noqa: F811
+    s3: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    data = train_harness.make_data(tmp_path / "data")
+    api.put_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds", "namespace": NAMESPACE},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in s3.items()},
+        }
+    )
+    name = "inplace"
+    training = training_section(data, tmp_path / "data-cache", steps=STEPS, interval=4)
+    training["checkpoint"]["dir"] = f"s3://ckpt/{name}-{uuid.uuid4().hex[:8]}"
+    obj = {
+        "apiVersion": "vlctl.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "annotations": {ANNOTATION_ENV_SECRETS: "s3-creds"},
+        },
+        "spec": {
+            "backend": "kubernetes",
+            "resources": {"nodes": 2, "procs_per_node": 1},
+            "training": training,
+            "fault_tolerance": {
+                "recovery": "in-place",
+                "hot_spares": 1,
+                "max_restarts": 2,
+                "backoff_base_seconds": 0.5,
+                "backoff_max_seconds": 1,
+                "hang_timeout_seconds": 120,
+                "startup_timeout_seconds": 300,
+            },
+        },
+    }
+    kubelet = LocalKubelet(
+        api,
+        tmp_path / "kubelet",
+        namespace=NAMESPACE,
+        env={"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")},
+    ).start()
+
+    def story() -> str:
+        """The job's events, the kubelet's errors, each pod's phase and the end of its log."""
+        out = [f"{e.reason}: {e.message}" for e in store_events(db, name)] + kubelet.errors
+        for pod in api.objects("pods", NAMESPACE):
+            out.append(f"--- {pod['metadata']['name']} {(pod.get('status') or {}).get('phase')}")
+            log = kubelet.pod_dir(pod["metadata"]["name"]) / "container.log"
+            out += log.read_text(errors="replace").splitlines()[-8:] if log.exists() else []
+        return "\n".join(out)
+
+    try:
+        start_operator(poll_seconds=0.2)
+        create_job(api, obj)
+        wait_for(
+            lambda: len(pods(api, name, 1)) == 4,
+            timeout=30,
+            what="the coordinator, 2 nodes and a spare",
+            story=story,
+        )
+        wait_for(
+            lambda: all((p.get("status") or {}).get("phase") == "Running" for p in pods(api, name, 1)),
+            timeout=30,
+            what="the pods running",
+            story=story,
+        )
+        before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(api, name, 1)}
+        assert sorted(before) == [f"{name}-a1-{s}" for s in ("coordinator", "n0", "n1", "s0")]
+        group = api.objects("services", NAMESPACE)
+        assert f"{name}-a1-coordinator" in [s["metadata"]["name"] for s in group]
+
+        def step() -> int:
+            job = store_job(db, name)
+            return -1 if job is None or job.current_step is None else job.current_step
+
+        wait_for(
+            lambda: step() >= KILL_AFTER_STEP,
+            timeout=240,
+            what=f"step {KILL_AFTER_STEP}",
+            poll=0.2,
+            story=story,
+        )
+        killed_pid = kubelet.kill_worker(f"{name}-a1-n1")
+        wait_for(
+            lambda: store_events(db, name, "RecoveredInPlace") or phase(db, name) == "failed",
+            timeout=180,
+            what="the in-place recovery",
+            poll=0.2,
+            story=story,
+        )
+        during = {p["metadata"]["name"]: p for p in pods(api, name, 1)}
+        wait_for(
+            lambda: phase(db, name) in ("succeeded", "failed"),
+            timeout=240,
+            what="the end of the job",
+            poll=0.5,
+            story=story,
+        )
+        job = store_job(db, name)
+        events = store_events(db, name)
+        messages = [f"{e.reason}: {e.message}" for e in events]
+        assert phase(db, name) == "succeeded", (messages, kubelet.errors)
+        assert job.current_attempt == 1 and not [e for e in events if e.type == "Failure"], messages
+
+        (started,) = [e for e in events if e.reason == "InPlaceRecoveryStarted"]
+        (recovered,) = [e for e in events if e.reason == "RecoveredInPlace"]
+        assert (started.data["node"], started.data["spare"]) == ("n1", "s0"), started.message
+        assert recovered.data["steps_lost"] <= 1, recovered.message
+        # The snapshot step it resumed from: the newest all ranks had committed when n1 died.
+        assert recovered.data["step"] >= KILL_AFTER_STEP - 1, recovered.message
+
+        # Replaced alone: right after the recovery every pod that was there still is, with its uid (none was
+        # recreated), n1's as it failed; the only pod created since is the spare that replaces s0.
+        assert {n: during[n]["metadata"]["uid"] for n in before} == before, sorted(during)
+        assert during[f"{name}-a1-n1"]["status"]["phase"] == "Failed"
+        assert {n for n in during if n not in before} <= {f"{name}-a1-s1"}, sorted(during)
+        # At the end the coordinator and the unused spare went with the attempt; the nodes' pods stay for their logs.
+        after = {p["metadata"]["name"]: p for p in pods(api, name, 1)}
+        assert sorted(after) == [f"{name}-a1-{s}" for s in ("n0", "n1", "s0")], sorted(after)
+        assert {n: after[n]["metadata"]["uid"] for n in after} == {n: before[n] for n in after}
+        assert after[f"{name}-a1-n0"]["status"]["phase"] == "Succeeded"
+        assert after[f"{name}-a1-s0"]["status"]["phase"] == "Succeeded"  # it finished rank 1's training
+        assert [n for n in kubelet.started if n.endswith(("-n0", "-n1", "-s0"))] == [
+            f"{name}-a1-{s}" for s in ("n0", "n1", "s0")
+        ]  # each started once
+        assert {e.data["spare"] for e in events if e.reason == "SpareStarted"} == {"s1"}
+
+        # Rank 0 (pod n0, never restarted) wrote every step; the step done again equals its first run's.
+        run_dir = next((kubelet.pod_dir(f"{name}-a1-n0")).rglob("metrics-rank0.jsonl"))
+        records = [json.loads(x) for x in run_dir.read_text().splitlines()]
+        losses: dict[int, list[float]] = {}
+        for r in records:
+            if "loss" in r and "step_seconds" in r:
+                losses.setdefault(r["step"], []).append(r["loss"])
+        assert sorted(losses) == list(range(STEPS)), sorted(losses)
+        redone = {s: v for s, v in losses.items() if len(v) > 1}
+        assert len(redone) <= 1 and all(len(set(v)) == 1 for v in redone.values()), redone
+        assert status(api, name).get("phase") == "Succeeded"
+        print(
+            f"\n[k8s in-place] rank 1 (pid {killed_pid}, pod n1) killed after step {KILL_AFTER_STEP}: "
+            f"{recovered.message}; pods {sorted(before)} kept their uids"
+        )
+    finally:
+        kubelet.stop()
