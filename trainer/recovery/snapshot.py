@@ -17,7 +17,7 @@ Decisions:
   not hold the step the ranks may have to go back to, so a snapshot half-written when a rank dies is never a
   restore point (it is not `complete`, and its checksum would not match anyway).
 - Which step the ranks go back to is agreed, not guessed: at each step's sync point every rank contributes the
-  newest step for which both its own snapshot is complete and the replica it keeps for its peer is verified, and
+  newest step for which both its own snapshot is complete and the replica it keeps for its peer has arrived, and
   the minimum over all ranks is the *committed* step, the same on every rank. A buffer holding the committed step
   is never overwritten. A new snapshot is taken only when the previous one is committed everywhere
   (`should_capture`), a decision every rank makes from the same agreed numbers, so the ranks skip the same steps
@@ -86,7 +86,7 @@ class Slot:
 
     data: torch.Tensor  # uint8, flat
     step: int = NONE
-    complete: bool = False  # every byte written (own copy) or received and its checksum matched (replica)
+    complete: bool = False  # every byte written (own copy) or received (replica; its checksum checked on use)
     meta: bytes = b""
     checksum: int = 0
     fingerprint: int = 0
