@@ -188,6 +188,15 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
             story=story,
         )
         during = {p["metadata"]["name"]: p for p in pods(api, name, 1)}
+        # Rank 1's metrics are scraped from the spare pod now (the endpoint the operator publishes for it).
+        spare_ip = during[f"{name}-a1-s0"]["status"]["podIP"]
+        endpoint = tmp_path / "runs" / name / "vlctl" / "endpoints-attempt-1" / "metrics-rank1.endpoint.json"
+        wait_for(
+            lambda: endpoint.exists() and f"//{spare_ip}:" in endpoint.read_text(),
+            timeout=30,
+            what="rank 1's endpoint on the spare pod",
+            story=story,
+        )
         wait_for(
             lambda: phase(db, name) in ("succeeded", "failed"),
             timeout=240,
