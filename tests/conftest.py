@@ -29,6 +29,7 @@ TIMING_MODULES = frozenset(
         "tests/controller/test_rank_memory.py",
         "tests/k8s/test_monitoring.py",  # a real Prometheus scraping
         "tests/k8s/test_operator.py",
+        "tests/k8s/test_in_place_pods.py",  # pods run by a stand-in kubelet, a rank killed in one
         "tests/trainer/data/test_storage.py",  # S3 retries, rate caps and stalls
         "tests/trainer/data/test_video_cache.py",  # a writer killed mid-write
         "tests/trainer/test_checkpoint_outage.py",
@@ -47,6 +48,7 @@ HEAVY_MODULES = (
     "tests/controller/test_live_supervision.py",
     "tests/trainer/recovery/test_inplace_run.py",  # with VLCTL_INPLACE_TOPOLOGIES (make test-inplace-seeds)
     "tests/controller/test_storage_outage.py",
+    "tests/k8s/test_in_place_pods.py",
 )
 
 

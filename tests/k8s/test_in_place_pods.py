@@ -153,13 +153,13 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
         create_job(api, obj)
         wait_for(
             lambda: len(pods(api, name, 1)) == 4,
-            timeout=30,
+            timeout=120,
             what="the coordinator, 2 nodes and a spare",
             story=story,
         )
         wait_for(
             lambda: all((p.get("status") or {}).get("phase") == "Running" for p in pods(api, name, 1)),
-            timeout=30,
+            timeout=120,
             what="the pods running",
             story=story,
         )
@@ -193,7 +193,7 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
         endpoint = tmp_path / "runs" / name / "vlctl" / "endpoints-attempt-1" / "metrics-rank1.endpoint.json"
         wait_for(
             lambda: endpoint.exists() and f"//{spare_ip}:" in endpoint.read_text(),
-            timeout=30,
+            timeout=120,
             what="rank 1's endpoint on the spare pod",
             story=story,
         )
