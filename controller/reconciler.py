@@ -496,6 +496,8 @@ class Controller:
         ):
             for node in early():  # a rank process gone, its torchrun not yet: decided without waiting for it
                 lost.setdefault(node, None)
+        if live.coordinator_exit is None and (ended := getattr(live.gang, "coordinator_exit", None)):
+            self._notice_coordinator(job_id, live, ended())
         if live.recoveries:  # first: a recovery that finished is not taken for one a new failure supersedes
             self._follow_in_place(job_id, live, now)
         outcome = self._recover_in_place(job_id, spec, live, lost, now) if lost else InPlace.DECLINED
@@ -578,6 +580,15 @@ class Controller:
         client = CoordinatorClient(url)
         nodes = list(gang.poll())
         final = any(c is not None for c in failed.values())  # a node still ending is decided on next pass
+        if live.coordinator_exit is not None:
+            if final:
+                self._decline_in_place(
+                    job_id,
+                    live,
+                    f"the recovery coordinator ended (exit code {live.coordinator_exit})",
+                    failed,
+                )
+            return InPlace.DECLINED
         step = live.progress.step
         limit = spec.restart_policy().crash_loop_limit
         if in_place_crash_loop(live.in_place_failure_steps, step, limit=limit):
@@ -699,6 +710,21 @@ class Controller:
             },
         )
         return InPlace.RECOVERING
+
+    def _notice_coordinator(self, job_id: int, live: LiveAttempt, code: int | None) -> None:
+        """The recovery coordinator ended while the ranks train: said once. They train on (they need its store
+        only to re-form their groups), and the next failure takes the restart path."""
+        if code is None:
+            return
+        live.coordinator_exit = code
+        self._recovery_event(
+            job_id,
+            live,
+            SupervisionReason.COORDINATOR_LOST,
+            f"the recovery coordinator ended (exit code {code}): the ranks train on without in-place recovery; "
+            "a failure in this attempt restarts the job from its newest disk checkpoint",
+            {"exit_code": code},
+        )
 
     def _await_spare(
         self,

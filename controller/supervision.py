@@ -91,6 +91,7 @@ class LiveAttempt:
     in_place_failure_steps: list[int] = field(default_factory=list)
     # A failed node whose replacement waits for a spare still starting: node -> since when (unix seconds).
     awaiting_spare: dict[str, float] = field(default_factory=dict)
+    coordinator_exit: int | None = None  # the recovery coordinator's exit code once seen ended
     hang_quiet_until: float = (
         0.0  # unix seconds: no hang verdict acted on before (an in-place recovery's wait)
     )

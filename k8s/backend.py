@@ -497,6 +497,22 @@ class KubernetesGang:
             self._coordinator_ip = f"[{ip}]" if ":" in ip else ip
         return f"http://{self._coordinator_ip}:{render.COORDINATOR_HTTP_PORT}"
 
+    def coordinator_exit(self) -> int | None:
+        """The coordinator pod's exit code once it ended or went (EXIT_LOST), None while it runs or starts."""
+        if self.spare_template is None:
+            return None
+        name = render.coordinator_name(self.job_name, self.attempt)
+        try:
+            pod = self.kube.read("Pod", self.namespace, name)
+        except ApiException as err:
+            return EXIT_LOST if err.status == 404 else None
+        if pod["metadata"].get("deletionTimestamp"):
+            return EXIT_LOST
+        phase = (pod.get("status") or {}).get("phase")
+        if phase not in ("Failed", "Succeeded", "Unknown"):
+            return None
+        return int((_terminated(pod) or {}).get("exitCode") or EXIT_LOST)
+
     def live_spares(self) -> list[str]:
         pods = self._pods()
         now = self.clock()

@@ -370,6 +370,11 @@ class Run:
         engine and the checkpointer (the restore follows: `_restore_in_memory`). A peer failure while joining
         (the round was superseded by another loss) moves on to the round after it."""
         assert self.inplace is not None
+        if self.inplace.membership.coordinator_lost:
+            raise RuntimeError(
+                f"a collective failed after step {self.step} and the recovery coordinator is gone: no round can "
+                "form; ending so the job restarts from its disk checkpoint"
+            ) from err
         started = time.monotonic()
         log.warning("a collective failed after step %d (%s: %s); regrouping in place",
                     self.step, type(err).__name__, str(err).splitlines()[0][:200])  # fmt: skip
@@ -384,6 +389,12 @@ class Run:
             except Exception as again:
                 if not _peer_failure(again):
                     raise
+                self.inplace.membership.next_round_open()  # a probe: is the coordinator's store still there?
+                if self.inplace.membership.coordinator_lost:
+                    raise RuntimeError(
+                        f"round {self.inplace.membership.round} could not form and the recovery coordinator is "
+                        "gone; ending so the job restarts from its disk checkpoint"
+                    ) from again
                 log.warning("round %d failed while forming (%s); joining the next one",
                             self.inplace.membership.round, str(again).splitlines()[0][:200])  # fmt: skip
         log.info(

@@ -351,6 +351,10 @@ class Gang:
     def live_spares(self) -> list[str]:
         return [n.name for n in self.spares if self._exit_code(n) is None]
 
+    def coordinator_exit(self) -> int | None:
+        """The recovery coordinator's exit code once it ended (killed, crashed), None while it runs."""
+        return None if self.coordinator is None else self._exit_code(self.coordinator)
+
     def lost_spares(self) -> list[tuple[str, int]]:
         """Spare nodes that ended while waiting (killed, crashed), with their exit codes: no longer spares, kept
         to be reaped."""

@@ -78,6 +78,7 @@ class SupervisionReason:
     HUNG_RANKS_KILLED = "HungRanksKilled"
     SPARE_LOST = "SpareLost"
     IN_PLACE_DECLINED = "InPlaceRecoveryDeclined"
+    COORDINATOR_LOST = "CoordinatorLost"
 
 
 _CAMEL_CASE = re.compile(r"[A-Z][A-Za-z0-9]*")

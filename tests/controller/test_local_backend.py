@@ -349,3 +349,25 @@ def test_a_rank_that_died_before_a_re_attached_controller_first_looked_is_lost(t
         for shell in shells:
             shell.kill()
             shell.wait()
+
+
+def test_the_coordinator_s_end_is_seen_with_its_exit_code(tmp_path: Path) -> None:
+    """`Gang.coordinator_exit`: None while the in-place coordinator runs (and on the restart path, which has
+    none), its exit code once it ended, as the reconciler's CoordinatorLost event reports it."""
+    from controller.backends.local import _Node
+
+    gang = Gang(job_name="c", attempt=1, run_dir=tmp_path, token="t", procs_per_node=1)
+    assert gang.coordinator_exit() is None  # no coordinator: the restart path
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    gang.coordinator = _Node(
+        "coordinator", proc.pid, psutil.Process(proc.pid).create_time(), tmp_path / "c.exit", proc
+    )
+    try:
+        assert gang.coordinator_exit() is None
+        proc.kill()
+        assert (
+            _until(lambda: gang.coordinator_exit() is not None) and gang.coordinator_exit() == -signal.SIGKILL
+        )
+    finally:
+        proc.kill()
+        proc.wait()

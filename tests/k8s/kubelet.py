@@ -106,6 +106,12 @@ class LocalKubelet:
                     return child.pid
         raise AssertionError(f"pod {pod}: no rank process found")
 
+    def kill_container(self, pod: str) -> None:
+        """SIGKILL the pod's whole container (its process group), as an OOM kill or a crashed node would."""
+        with self._lock:
+            run = self.running[pod]
+        os.killpg(run.proc.pid, signal.SIGKILL)
+
     def pod_dir(self, pod: str) -> Path:
         return self.root / pod
 

@@ -1,10 +1,16 @@
 """In-place recovery on Kubernetes, for real: the operator against the API stand-in, whose pods a stand-in kubelet
 (tests/k8s/kubelet.py) runs as local processes that train the mini model, with checkpoints in S3 (moto).
 
-One job, one kill: the rank process of node pod n1 is SIGKILLed from outside. The operator gives n1's rank to the
-hot spare pod s0, which restores it from rank 0's in-memory replica; every other pod keeps running (same uid, never
-recreated), n1's pod is left as it failed, a new spare pod s1 is created after the recovery, and the job succeeds
-in its first attempt with every loss record bitwise equal to the first run's of the same step."""
+One job, three kills from outside:
+
+1. node pod n1's rank process: the operator gives n1's rank to the hot spare pod s0, which restores it from rank
+   0's in-memory replica; every other pod keeps running (same uid, never recreated), n1's pod is left as it
+   failed, and a new spare pod s1 is created after the recovery;
+2. the coordinator's pod: the ranks train on without it (`CoordinatorLost`);
+3. node pod n0's rank process: with no coordinator, in-place recovery is declined with that reason and the job
+   restarts from its newest disk checkpoint.
+
+The job succeeds, and every loss record of rank 0 in both attempts equals the others of its step bit for bit."""
 
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ from k8s.crd import ANNOTATION_ENV_SECRETS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheader:DeprecationWarning")
 
-STEPS = 10
+STEPS = 14
 KILL_AFTER_STEP = 3
 T = TypeVar("T")
 
@@ -197,9 +203,20 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
             what="rank 1's endpoint on the spare pod",
             story=story,
         )
+        # 2. The coordinator's pod dies: the ranks train on without it; the next loss takes the restart path.
+        kubelet.kill_container(f"{name}-a1-coordinator")
+        wait_for(
+            lambda: store_events(db, name, "CoordinatorLost"),
+            timeout=120,
+            what="CoordinatorLost",
+            story=story,
+        )
+        lost_at = step()
+        wait_for(lambda: step() > lost_at, timeout=120, what="a step without the coordinator", story=story)
+        kubelet.kill_worker(f"{name}-a1-n0")
         wait_for(
             lambda: phase(db, name) in ("succeeded", "failed"),
-            timeout=240,
+            timeout=300,
             what="the end of the job",
             poll=0.5,
             story=story,
@@ -208,7 +225,6 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
         events = store_events(db, name)
         messages = [f"{e.reason}: {e.message}" for e in events]
         assert phase(db, name) == "succeeded", (messages, kubelet.errors)
-        assert job.current_attempt == 1 and not [e for e in events if e.type == "Failure"], messages
 
         (started,) = [e for e in events if e.reason == "InPlaceRecoveryStarted"]
         (recovered,) = [e for e in events if e.reason == "RecoveredInPlace"]
@@ -216,37 +232,42 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
         assert recovered.data["steps_lost"] <= 1, recovered.message
         # The snapshot step it resumed from: the newest all ranks had committed when n1 died.
         assert recovered.data["step"] >= KILL_AFTER_STEP - 1, recovered.message
+        assert {e.data["spare"] for e in events if e.reason == "SpareStarted" and e.attempt == 1} == {"s1"}
 
         # Replaced alone: right after the recovery every pod that was there still is, with its uid (none was
         # recreated), n1's as it failed; the only pod created since is the spare that replaces s0.
         assert {n: during[n]["metadata"]["uid"] for n in before} == before, sorted(during)
         assert during[f"{name}-a1-n1"]["status"]["phase"] == "Failed"
         assert {n for n in during if n not in before} <= {f"{name}-a1-s1"}, sorted(during)
-        # At the end the coordinator and the unused spare went with the attempt; the nodes' pods stay for their logs.
-        after = {p["metadata"]["name"]: p for p in pods(api, name, 1)}
-        assert sorted(after) == [f"{name}-a1-{s}" for s in ("n0", "n1", "s0")], sorted(after)
-        assert {n: after[n]["metadata"]["uid"] for n in after} == {n: before[n] for n in after}
-        assert after[f"{name}-a1-n0"]["status"]["phase"] == "Succeeded"
-        assert after[f"{name}-a1-s0"]["status"]["phase"] == "Succeeded"  # it finished rank 1's training
-        assert [n for n in kubelet.started if n.endswith(("-n0", "-n1", "-s0"))] == [
+        assert [n for n in kubelet.started if "-a1-" in n and n.endswith(("-n0", "-n1", "-s0"))] == [
             f"{name}-a1-{s}" for s in ("n0", "n1", "s0")
         ]  # each started once
-        assert {e.data["spare"] for e in events if e.reason == "SpareStarted"} == {"s1"}
 
-        # Rank 0 (pod n0, never restarted) wrote every step; the step done again equals its first run's.
-        run_dir = next((kubelet.pod_dir(f"{name}-a1-n0")).rglob("metrics-rank0.jsonl"))
-        records = [json.loads(x) for x in run_dir.read_text().splitlines()]
-        losses: dict[int, list[float]] = {}
-        for r in records:
-            if "loss" in r and "step_seconds" in r:
-                losses.setdefault(r["step"], []).append(r["loss"])
+        # The coordinator lost, then rank 0: declined in place with the reason, one Failure, attempt 2 from the
+        # newest disk checkpoint.
+        (gone,) = [e for e in events if e.reason == "CoordinatorLost"]
+        assert gone.data["exit_code"] == 137, gone.message
+        (declined,) = [e for e in events if e.reason == "InPlaceRecoveryDeclined"]
+        assert "recovery coordinator ended (exit code 137)" in declined.message, declined.message
+        assert job.current_attempt == 2 and len([e for e in events if e.type == "Failure"]) == 1, messages
+        assert pods(api, name, 1) == [], "attempt 1's pods outlived it"
+
+        # Every loss record of rank 0, attempt 1's (pod n0, never restarted) and attempt 2's, equals the others
+        # of its step, bit for bit: the in-place recovery and the restart alike resumed exactly.
+        losses: dict[int, set[float]] = {}
+        for attempt in (1, 2):
+            path = next(kubelet.pod_dir(f"{name}-a{attempt}-n0").rglob("metrics-rank0.jsonl"))
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                if "loss" in r and "step_seconds" in r:
+                    losses.setdefault(r["step"], set()).add(r["loss"])
         assert sorted(losses) == list(range(STEPS)), sorted(losses)
-        redone = {s: v for s, v in losses.items() if len(v) > 1}
-        assert len(redone) <= 1 and all(len(set(v)) == 1 for v in redone.values()), redone
+        assert all(len(v) == 1 for v in losses.values()), {s: v for s, v in losses.items() if len(v) > 1}
         assert status(api, name).get("phase") == "Succeeded"
         print(
             f"\n[k8s in-place] rank 1 (pid {killed_pid}, pod n1) killed after step {KILL_AFTER_STEP}: "
-            f"{recovered.message}; pods {sorted(before)} kept their uids"
+            f"{recovered.message}; pods {sorted(before)} kept their uids\n[k8s in-place] {gone.message}; "
+            f"then rank 0 killed: {declined.message}"
         )
     finally:
         kubelet.stop()

@@ -126,6 +126,9 @@ class Membership:
         self.rank = -1
         self.newcomer = settings.member is not None
         self.replaced: list[int] = []
+        self.coordinator_lost = (
+            False  # its store unreachable: no round can form; failures take the restart path
+        )
 
     def join_first(self, backend: str) -> int:
         """Join the job: round 0 for a rank started with its RANK; a spare waits for an assignment. Its rank."""
@@ -175,8 +178,38 @@ class Membership:
         log.info("rank %d joined round %d in %.3f s", self.rank, self.round, time.monotonic() - started)
 
     def next_round_open(self) -> bool:
-        """Whether the coordinator has opened a round after this one (a peer was lost). One store round trip."""
-        return self.store.check([regroup.round_prefix(self.round + 1) + regroup.OPEN])
+        """Whether the coordinator has opened a round after this one (a peer was lost). One store round trip;
+        False once the coordinator is lost."""
+        if self.coordinator_lost:
+            return False
+        try:
+            return self.store.check([regroup.round_prefix(self.round + 1) + regroup.OPEN])
+        except (RuntimeError, OSError) as err:
+            self.lose_coordinator(err)
+            return False
+
+    def publish_committed(self, step: int) -> None:
+        """The committed snapshot step, for `vlctl status` (through the coordinator); best effort."""
+        if self.coordinator_lost:
+            return
+        try:
+            self.store.set(COMMITTED, str(step))
+        except (RuntimeError, OSError) as err:
+            self.lose_coordinator(err)
+
+    def lose_coordinator(self, err: BaseException) -> None:
+        """The coordinator's store stopped answering during training (its process or pod died). Training goes
+        on: the store is only needed to re-form the groups after a loss, and the next loss, with no round to
+        join, ends this process (`Runtime._regroup`), so the controller restarts the job from its disk
+        checkpoint, as it does without in-place recovery."""
+        if not self.coordinator_lost:
+            log.warning(
+                "rank %d: the recovery coordinator is unreachable (%s); training goes on without in-place "
+                "recovery: a lost rank now restarts the job from its newest disk checkpoint",
+                self.rank,
+                str(err).splitlines()[0][:200] if str(err) else type(err).__name__,
+            )
+        self.coordinator_lost = True
 
     def report(self, what: str, **fields: Any) -> None:
         self.store.set(report_key(self.round, what, self.rank), json.dumps({"time": time.time(), **fields}))
@@ -232,7 +265,7 @@ class InPlace:
     def agreed(self, committed: int) -> None:
         """The sync point's result: the committed step."""
         if committed != self.snapshots.committed and self.membership.rank == 0 and committed != NONE:
-            self.membership.store.set(COMMITTED, str(committed))
+            self.membership.publish_committed(committed)
         self.snapshots.agree(committed)
 
     def after_step(self, step: int, engine: ParallelEngine, meta: Mapping[str, Any]) -> None:

@@ -151,3 +151,45 @@ def test_a_killed_rank_is_replaced_by_a_spare_and_the_survivor_keeps_its_process
         f"\n[regroup] survivor saw the failure {regrouped[5] - killed_at:.3f} s after the kill, "
         f"in the new group {regrouped[6] - killed_at:.3f} s after it"
     )
+
+
+COORDINATOR = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+print(store.port, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lost_coordinator_leaves_training_going_without_in_place_recovery(caplog) -> None:
+    """The coordinator's process dies while the ranks train: the calls a training step makes on its store (has
+    a next round opened? publish the committed step) answer as "nothing new" and say once why, so the job
+    trains on; the next failure then takes the restart path (Runtime._regroup ends the rank)."""
+    import subprocess
+    import sys
+
+    from trainer.recovery.inplace import Membership, RecoverySettings
+
+    coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(coordinator.stdout.readline())
+        settings = RecoverySettings("127.0.0.1", port, member=None, ranks_per_node=1, regroup_timeout_s=5)
+        membership = Membership(settings, world_size=2)
+        membership.rank = 0
+        assert membership.next_round_open() is False and not membership.coordinator_lost
+        membership.publish_committed(3)
+        assert membership.store.get("committed") == b"3"
+        coordinator.kill()
+        coordinator.wait()
+        with caplog.at_level("WARNING"):
+            for step in (4, 5):  # two steps' worth: one warning
+                membership.publish_committed(step)
+                assert membership.next_round_open() is False
+        assert membership.coordinator_lost
+        warned = [r.getMessage() for r in caplog.records if "coordinator is unreachable" in r.getMessage()]
+        assert len(warned) == 1 and "restarts the job from its newest disk checkpoint" in warned[0], warned
+    finally:
+        coordinator.kill()
+        coordinator.wait()

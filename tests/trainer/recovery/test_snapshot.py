@@ -233,7 +233,7 @@ def test_a_rank_waiting_for_a_replica_leaves_when_the_next_round_opens():
     from trainer.recovery.inplace import InPlace, Membership, PeerLost, is_peer_failure
 
     membership = Membership.__new__(Membership)  # its store and round only: no coordinator to connect to
-    membership.store, membership.round = dist.HashStore(), 3
+    membership.store, membership.round, membership.coordinator_lost = dist.HashStore(), 3, False
     inplace = InPlace.__new__(InPlace)
     inplace.membership, inplace.replicator = membership, _StuckReplicator()
     assert not membership.next_round_open()
