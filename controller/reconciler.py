@@ -800,6 +800,14 @@ class Controller:
         first = nodes.index(node) * spec.resources.procs_per_node
         ranks = list(range(first, first + spec.resources.procs_per_node))
         killed = kill(ranks, pids)
+        # Processes out of the controller's sight (pods): the node's pod was deleted.
+        how = (
+            f"pids {', '.join(map(str, killed))}"
+            if killed
+            else "no process found"
+            if pids
+            else "its pod deleted"
+        )
         # The survivors make no progress until the replacement is in: no second verdict before then.
         live.hang_quiet_until = now + verdict.threshold_seconds
         self._recovery_event(
@@ -807,8 +815,7 @@ class Controller:
             live,
             SupervisionReason.HUNG_RANKS_KILLED,
             f"{verdict.message}; node {node}'s rank(s) {', '.join(map(str, ranks))} stopped first: killed "
-            f"(pids {', '.join(map(str, killed)) or 'none found'}) to be replaced in place; Python stacks of "
-            f"{len(stacks)} rank(s) written to the job's logs",
+            f"({how}) to be replaced in place; Python stacks of {len(stacks)} rank(s) written to the job's logs",
             {
                 "node": node,
                 "ranks": ranks,
