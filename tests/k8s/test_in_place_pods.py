@@ -271,3 +271,73 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
         )
     finally:
         kubelet.stop()
+
+
+def test_the_in_place_gang_promotes_replaces_and_kills_by_pod(api: FakeApiServer, tmp_path: Path) -> None:  # noqa: F811
+    """The Kubernetes gang's in-place calls on the API stand-in alone (no kubelet: the test sets pod states):
+    a spare taking a failed slot's place, a lost spare and its replacement, a hung pod deleted, the coordinator's
+    end, and the same gang found again from its record by an operator that took over."""
+    from kubernetes import client as k8s_client
+
+    from controller.backends.base import EXIT_LOST
+    from controller.spec import parse_spec
+    from k8s.backend import JobBinding, KubernetesBackend
+
+    obj = {
+        "name": "gang",
+        "backend": "kubernetes",
+        "resources": {"nodes": 2, "procs_per_node": 1},
+        "training": {
+            "data": {"paths": ["s3://d/x.jsonl"], "rows_per_step": 4},
+            "parallel": {"dp": 2},
+            "checkpoint": {"dir": "s3://ckpt/gang"},
+        },
+        "fault_tolerance": {"recovery": "in-place", "hot_spares": 1},
+    }
+    spec = parse_spec(obj)
+    configuration = k8s_client.Configuration()
+    configuration.host = api.url
+    backend = KubernetesBackend(
+        k8s_client.ApiClient(configuration),
+        "registry.example/vlctl/trainer:test",
+        resolve=lambda name: JobBinding(namespace=NAMESPACE, spec=spec),
+    )
+    config = tmp_path / "attempt.json"
+    config.write_text(json.dumps({"checkpoint": {"dir": "s3://ckpt/gang", "resume": "none"}}))
+    gang = backend.launch(
+        job_name="gang", attempt=1, config_path=config, overrides=[], nodes=2, procs_per_node=1,
+        run_dir=tmp_path, hot_spares=1,
+    )  # fmt: skip
+    names = sorted(p["metadata"]["name"] for p in pods(api, "gang", 1))
+    assert names == ["gang-a1-coordinator", "gang-a1-n0", "gang-a1-n1", "gang-a1-s0"]
+    assert gang.coordinator_url is None  # not running yet
+    for i, pod in enumerate(names):
+        api.set_pod_status(NAMESPACE, pod, "Running", pod_ip=f"10.0.0.{i + 1}", node_name="node-a")
+    assert gang.coordinator_url == "http://10.0.0.1:29601" and gang.coordinator_exit() is None
+    assert gang.live_spares() == ["s0"] and gang.poll() == {"n0": None, "n1": None}
+    uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(api, "gang", 1)}
+
+    api.set_pod_status(NAMESPACE, "gang-a1-n1", "Failed", exit_code=1)
+    assert gang.poll() == {"n0": None, "n1": 1}
+    gang.promote("s0", replacing="n1")
+    assert gang.poll() == {"n0": None, "s0": None} and gang.live_spares() == []
+    assert gang.start_spare() == "s1"
+    assert {
+        p["metadata"]["name"]: p["metadata"]["uid"]
+        for p in pods(api, "gang", 1)
+        if p["metadata"]["name"] in uids
+    } == uids
+
+    # An operator that took over: the same slots, spares and template, from the record alone.
+    again = backend.attach(json.loads(json.dumps(gang.record())))
+    assert (
+        again.poll() == {"n0": None, "s0": None} and again.spares == ["s1"] and again.replaced == {"n1": "s0"}
+    )
+    backend.kube.delete("Pod", NAMESPACE, "gang-a1-s1")
+    assert again.lost_spares() == [("s1", EXIT_LOST)] and again.start_spare() == "s2"
+    assert again.kill_ranks([1]) == [] and api.get("pods", NAMESPACE, "gang-a1-s0") is None  # the hung pod
+    assert again.poll() == {"n0": None, "s0": EXIT_LOST}
+    api.set_pod_status(NAMESPACE, "gang-a1-coordinator", "Failed", exit_code=137)
+    assert again.coordinator_exit() == 137
+    again.stop_spares()
+    assert sorted(p["metadata"]["name"] for p in pods(api, "gang", 1)) == ["gang-a1-n0", "gang-a1-n1"]
