@@ -844,7 +844,7 @@ class Controller:
                 + (
                     f"spare {started} starting in its place"
                     if started
-                    else "not replaced (this controller re-attached to the gang and cannot start spares)"
+                    else "not replaced (this gang cannot start spares: its record predates what that needs)"
                     if not getattr(gang, "can_start_spares", False)
                     else "not replaced (the job has its spares)"
                 ),
@@ -967,6 +967,8 @@ class Controller:
             record, number, started = attempt.backend_record, attempt.number, attempt.started_at
             nodes = list(attempt.nodes)
         gang = backend.attach(record)
+        if (resume_spares := getattr(gang, "resume_spares", None)) is not None:
+            resume_spares(backend, self._rank_env(spec))  # the spares this controller starts: as the launch's
         live = self._watch(
             job_id, spec, gang, number, run_dir, launched_at=started.timestamp(), nodes=nodes, reattach=True
         )

@@ -147,17 +147,7 @@ class LocalBackend:
         logs.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         port = _free_port(self.config.host)
-        base_env = {
-            **{k: v for k, v in os.environ.items() if k not in _INHERITED_RANK_ENV},
-            "OMP_NUM_THREADS": "1",
-            "DS_ACCELERATOR": "cpu",
-            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-            "PYTHONUNBUFFERED": "1",  # logs are read while the job runs (`vlctl logs --follow`)
-            **(env or {}),
-            ENV_TRAINING_JOB: job_name,
-            ENV_ATTEMPT: str(attempt),
-            ENV_GANG: token,
-        }
+        base_env = self.rank_env(env, job_name=job_name, attempt=attempt, token=token)
         gang = Gang(
             job_name=job_name,
             attempt=attempt,
@@ -176,7 +166,7 @@ class LocalBackend:
         try:
             if hot_spares is not None:
                 store_port, http_port = _free_port(self.config.host), _free_port(self.config.host)
-                base_env[ENV_RECOVERY_STORE] = f"{self.config.host}:{store_port}"
+                base_env[ENV_RECOVERY_STORE] = gang.recovery_store = f"{self.config.host}:{store_port}"
                 coordinator = [
                     self.config.python,
                     "-m",
@@ -191,6 +181,7 @@ class LocalBackend:
                 gang.coordinator = self._start(COORDINATOR, coordinator, base_env, logs)
                 gang.coordinator_url = f"http://{self.config.host}:{http_port}"
                 gang.spare_launch = (self, trainer_args, base_env, logs)
+                gang.spare_args = list(trainer_args)
                 for _ in range(hot_spares):
                     gang.start_spare()
             for index, name in enumerate(names):
@@ -217,6 +208,22 @@ class LocalBackend:
             raise
         exit_cleanup.register(gang)
         return gang
+
+    @staticmethod
+    def rank_env(env: Mapping[str, str] | None, *, job_name: str, attempt: int, token: str) -> dict[str, str]:
+        """Every process's environment: this one's (less what torchrun sets per worker), the settings every rank
+        needs, the controller's `env`, and the gang's identity."""
+        return {
+            **{k: v for k, v in os.environ.items() if k not in _INHERITED_RANK_ENV},
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+            "PYTHONUNBUFFERED": "1",  # logs are read while the job runs (`vlctl logs --follow`)
+            **(env or {}),
+            ENV_TRAINING_JOB: job_name,
+            ENV_ATTEMPT: str(attempt),
+            ENV_GANG: token,
+        }
 
     def _start(self, name: str, argv: Sequence[str], env: Mapping[str, str], logs: Path) -> _Node:
         """`argv` in a shell of a new session that records its exit status in `node-<name>.exit`."""
@@ -322,12 +329,16 @@ class Gang:
     # nodes not given ranks yet, and each lost node with the spare that took its place.
     coordinator: _Node | None = None
     coordinator_url: str | None = None
+    recovery_store: str | None = None  # host:port of the coordinator's store
     spares: list[_Node] = field(default_factory=list)
     replaced: dict[str, str] = field(default_factory=dict)
     spare_launch: tuple[Any, ...] | None = (
         None  # (backend, trainer args, env, log dir): not after a re-attach
     )
     _spare_count: int = 0
+    spare_args: list[str] | None = (
+        None  # the trainer's arguments, in the record: a re-attached gang starts spares
+    )
     # A node's rank processes once seen ((pid, create time) each), so that the death of one is seen at once,
     # before the node's torchrun notices it and exits (about 0.6 s here); in-place gangs only (`lost_workers`).
     _workers: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -347,6 +358,19 @@ class Gang:
         self._spare_count += 1
         self.spares.append(backend._start_spare(name, self.procs_per_node, args, env, logs))
         return name
+
+    def resume_spares(self, backend: LocalBackend, env: Mapping[str, str] | None) -> None:
+        """A controller that re-attached to this gang starts its spares too: the trainer's arguments come from
+        the record, the environment is built again as the launch built it (this controller's own environment
+        and `env`, never stored: it may hold secrets), the recovery store from the record's."""
+        if self.coordinator is None or self.spare_args is None or self.recovery_store is None:
+            return
+        env = backend.rank_env(env, job_name=self.job_name, attempt=self.attempt, token=self.token)
+        env |= {
+            ENV_RECOVERY_STORE: self.recovery_store,
+            ENV_WORLD_SIZE: str(len(self.nodes) * self.procs_per_node),
+        }
+        self.spare_launch = (backend, list(self.spare_args), env, self.log_dir)
 
     def live_spares(self) -> list[str]:
         return [n.name for n in self.spares if self._exit_code(n) is None]
@@ -472,6 +496,9 @@ class Gang:
                     "coordinator_url": self.coordinator_url,
                     "spares": [_node_record(n) for n in self.spares],
                     "replaced": dict(self.replaced),
+                    "spare_count": self._spare_count,
+                    **({"spare_args": list(self.spare_args)} if self.spare_args is not None else {}),
+                    **({"recovery_store": self.recovery_store} if self.recovery_store else {}),
                 }
                 if self.coordinator is not None
                 else {}
@@ -499,6 +526,18 @@ class Gang:
                 gang.coordinator_url = str(record["coordinator_url"])
                 gang.spares = [node(n) for n in record["spares"]]
                 gang.replaced = {str(k): str(v) for k, v in record["replaced"].items()}
+                # Never a name already used (a spare's logs and exit record are named after it).
+                used = [n.name for n in (*gang.nodes, *gang.spares)] + [
+                    *gang.replaced,
+                    *gang.replaced.values(),
+                ]
+                prefix = f"{gang.job_name}-spare-"
+                numbers = [
+                    int(n[len(prefix) :]) for n in used if n.startswith(prefix) and n[len(prefix) :].isdigit()
+                ]
+                gang._spare_count = max([int(record.get("spare_count") or 0), *(k + 1 for k in numbers)])
+                gang.spare_args = [str(a) for a in record["spare_args"]] if "spare_args" in record else None
+                gang.recovery_store = record.get("recovery_store")
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"gang record: missing or invalid field {err}") from err
         gang.detached = True  # the controller that attaches decides; by default a restart must not kill jobs

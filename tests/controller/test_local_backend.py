@@ -371,3 +371,39 @@ def test_the_coordinator_s_end_is_seen_with_its_exit_code(tmp_path: Path) -> Non
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_re_attached_gang_starts_spares_as_the_launch_did(tmp_path: Path) -> None:
+    """A controller that re-attached to an in-place gang starts spares too: the trainer's arguments and the
+    recovery store come from the record, the environment is built again from this controller's (never stored),
+    and a new spare's name is never one already used."""
+    from controller.backends.local import ENV_GANG, LocalBackend, _Node
+    from controller.backends.rank_exec import ENV_WORLD_SIZE
+    from trainer.contract.telemetry import ENV_ATTEMPT, ENV_RECOVERY_STORE
+
+    def node(name: str) -> _Node:
+        return _Node(name, os.getpid(), psutil.Process().create_time(), tmp_path / f"{name}.exit")
+
+    gang = Gang(job_name="j", attempt=2, run_dir=tmp_path, token="tok", procs_per_node=1)
+    gang.nodes = [node("local-0"), node("j-spare-1")]
+    gang.spares = [node("j-spare-3")]
+    gang.replaced = {"local-1": "j-spare-1"}
+    gang.coordinator, gang.coordinator_url = node("coordinator"), "http://127.0.0.1:1"
+    gang.spare_args, gang.recovery_store = (
+        ["-m", "controller.backends.rank_exec", "logs", "trainer.train"],
+        "h:7",
+    )
+    record = json.loads(json.dumps(gang.record()))
+    del record["spare_count"]  # a record from before it was kept: the names tell
+    again = Gang.attach(record)
+    assert not again.can_start_spares  # attached alone: no environment to start one with
+    backend = LocalBackend()
+    started = []
+    backend._start_spare = lambda name, procs, args, env, logs: (
+        started.append((name, args, env)) or node(name)
+    )
+    again.resume_spares(backend, {"VLCTL_FAULT_RANK": "1"})
+    assert again.can_start_spares and again.start_spare() == "j-spare-4"
+    ((name, args, env),) = started
+    assert args == gang.spare_args and env[ENV_GANG] == "tok" and env[ENV_ATTEMPT] == "2"
+    assert env[ENV_RECOVERY_STORE] == "h:7" and env[ENV_WORLD_SIZE] == "2" and env["VLCTL_FAULT_RANK"] == "1"
