@@ -312,7 +312,15 @@ def test_in_place_recovery_through_lost_spares_ranks_and_controller_then_a_disk_
     spec = _spec(
         "in-place",
         data,
-        fault_tolerance={"recovery": "in-place", "hot_spares": 2, "hang_timeout_seconds": 10},
+        # A hang is 10 s without progress, or 10 median steps when longer (the product's factor, not the
+        # harness's 5): on a loaded CI machine a step with a checkpoint save can take well over 5 medians, and a
+        # false hang verdict there kills a healthy rank (rank 0, whose process the test follows).
+        fault_tolerance={
+            "recovery": "in-place",
+            "hot_spares": 2,
+            "hang_timeout_seconds": 10,
+            "hang_step_factor": 10,
+        },
     )
     faults = {
         "VLCTL_FAULT_CRASH_AT_STEP": "4",
