@@ -180,8 +180,7 @@ class LocalBackend:
                 base_env[ENV_WORLD_SIZE] = str(nodes * procs_per_node)
                 gang.coordinator = self._start(COORDINATOR, coordinator, base_env, logs)
                 gang.coordinator_url = f"http://{self.config.host}:{http_port}"
-                gang.spare_launch = (self, trainer_args, base_env, logs)
-                gang.spare_args = list(trainer_args)
+                gang.spare_args, gang.spare_launch = list(trainer_args), (self, base_env)
                 for _ in range(hot_spares):
                     gang.start_spare()
             for index, name in enumerate(names):
@@ -332,13 +331,11 @@ class Gang:
     recovery_store: str | None = None  # host:port of the coordinator's store
     spares: list[_Node] = field(default_factory=list)
     replaced: dict[str, str] = field(default_factory=dict)
-    spare_launch: tuple[Any, ...] | None = (
-        None  # (backend, trainer args, env, log dir): not after a re-attach
-    )
+    # A spare's trainer arguments (in the record) and (backend, environment) to start it with: the environment
+    # is never stored (it may hold secrets), so a re-attached gang gets it again from `resume_spares`.
+    spare_args: list[str] | None = None
+    spare_launch: tuple[Any, ...] | None = None
     _spare_count: int = 0
-    spare_args: list[str] | None = (
-        None  # the trainer's arguments, in the record: a re-attached gang starts spares
-    )
     # A node's rank processes once seen ((pid, create time) each), so that the death of one is seen at once,
     # before the node's torchrun notices it and exits (about 0.6 s here); in-place gangs only (`lost_workers`).
     _workers: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -350,13 +347,16 @@ class Gang:
 
     def start_spare(self) -> str | None:
         """Start one more hot spare node (in the background: it imports torch and waits); its name, or None when
-        this gang cannot (re-attached by another controller)."""
+        this gang cannot (re-attached by a controller that has not called `resume_spares`)."""
         if self.spare_launch is None:
             return None
-        backend, args, env, logs = self.spare_launch
+        backend, env = self.spare_launch
+        assert self.spare_args is not None
         name = f"{self.job_name}-spare-{self._spare_count}"
         self._spare_count += 1
-        self.spares.append(backend._start_spare(name, self.procs_per_node, args, env, logs))
+        self.spares.append(
+            backend._start_spare(name, self.procs_per_node, self.spare_args, env, self.log_dir)
+        )
         return name
 
     def resume_spares(self, backend: LocalBackend, env: Mapping[str, str] | None) -> None:
@@ -370,7 +370,7 @@ class Gang:
             ENV_RECOVERY_STORE: self.recovery_store,
             ENV_WORLD_SIZE: str(len(self.nodes) * self.procs_per_node),
         }
-        self.spare_launch = (backend, list(self.spare_args), env, self.log_dir)
+        self.spare_launch = (backend, env)
 
     def live_spares(self) -> list[str]:
         return [n.name for n in self.spares if self._exit_code(n) is None]
@@ -526,16 +526,8 @@ class Gang:
                 gang.coordinator_url = str(record["coordinator_url"])
                 gang.spares = [node(n) for n in record["spares"]]
                 gang.replaced = {str(k): str(v) for k, v in record["replaced"].items()}
-                # Never a name already used (a spare's logs and exit record are named after it).
-                used = [n.name for n in (*gang.nodes, *gang.spares)] + [
-                    *gang.replaced,
-                    *gang.replaced.values(),
-                ]
-                prefix = f"{gang.job_name}-spare-"
-                numbers = [
-                    int(n[len(prefix) :]) for n in used if n.startswith(prefix) and n[len(prefix) :].isdigit()
-                ]
-                gang._spare_count = max([int(record.get("spare_count") or 0), *(k + 1 for k in numbers)])
+                # The next spare's number: a name is never used twice (its logs and exit record are named after it).
+                gang._spare_count = int(record.get("spare_count") or 0)
                 gang.spare_args = [str(a) for a in record["spare_args"]] if "spare_args" in record else None
                 gang.recovery_store = record.get("recovery_store")
         except (KeyError, TypeError, ValueError) as err:

@@ -18,11 +18,9 @@ import base64
 import json
 import logging
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from apiserver import FakeApiServer
@@ -38,6 +36,7 @@ from test_operator import (  # noqa: F401 - api, db and start_operator: the oper
     status,
     store_events,
     store_job,
+    wait_for,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
@@ -52,19 +51,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheader:Deprecati
 
 STEPS = 14
 KILL_AFTER_STEP = 3
-T = TypeVar("T")
-
-
-def wait_for(
-    check: Callable[[], T], *, timeout: float, what: str, poll: float = 0.2, story: Callable[[], str] = str
-) -> T:
-    """Polls slowly: the test shares 2 cores with the ranks it waits for."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{story()}")
-        time.sleep(poll)
-    return value
 
 
 def phase(store: Store, name: str) -> str:

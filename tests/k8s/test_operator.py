@@ -69,15 +69,26 @@ TIMINGS = {
 # ------------------------------------------------------------------------------------------------ harness
 
 
-def wait_for(check: Callable[[], T], *, timeout: float = 15.0, what: str = "condition") -> T:
+def wait_for(
+    check: Callable[[], T],
+    *,
+    timeout: float = 15.0,
+    what: str = "condition",
+    poll: float = 0.02,
+    story: Callable[[], str] | None = None,
+) -> T:
+    """`poll`: seconds between checks (slower where the test shares the cores with ranks it waits for);
+    `story`: what a timeout should also print."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what}" + (f"\n{story()}" if story else "")
+            )
+        time.sleep(poll)
 
 
 def kube(url: str, agent: str = "test") -> client.ApiClient:

@@ -126,9 +126,8 @@ class Membership:
         self.rank = -1
         self.newcomer = settings.member is not None
         self.replaced: list[int] = []
-        self.coordinator_lost = (
-            False  # its store unreachable: no round can form; failures take the restart path
-        )
+        # The coordinator's store unreachable: no round can form, so failures take the restart path.
+        self.coordinator_lost = False
 
     def join_first(self, backend: str) -> int:
         """Join the job: round 0 for a rank started with its RANK; a spare waits for an assignment. Its rank."""
