@@ -244,8 +244,13 @@ class Operator:
     # ---------------------------------------------------------------------------- status, events, nodes
 
     def _publish(self, obj: dict[str, Any], bound: Bound) -> None:
+        # Events first: a client that sees a phase in the status finds the event that led to it (a refused Event
+        # must not hold the status back, though).
+        try:
+            self.events.mirror(obj, bound.job_id)
+        except ApiException as err:
+            log.warning("TrainingJob %s: events not sent: %s", object_key(obj), api_error(err))
         self.status.write_job_status(obj, job_id=bound.job_id, generation=bound.generation)
-        self.events.mirror(obj, bound.job_id)
         if self.config.cordon_excluded_nodes:
             with self.store.read() as session:
                 nodes = excluded_nodes(session=session, job_id=bound.job_id)
