@@ -15,9 +15,8 @@ Decisions:
 - A received replica counts once every byte of it has arrived (`Slot.complete`); the step is committed only when
   every own copy and every replica is complete (see snapshot.py), so a transfer cut by a failure is never used.
   Its checksum (the sender's, over the sender's bytes) is checked where the replica is used: by `restore` and by
-  the newcomer `receive_slot` hands it to. Checked on arrival too, it cost a second CRC-32 pass over every
-  snapshot every step (118 MB a rank for the mini model; CRC-32 runs at about 4 GB/s here, `bench_snapshot`) for
-  a check that the use repeats anyway; a corrupt replica fails its restore, which the recovery reports like any
+  the newcomer `receive_slot` hands it to. Checked on arrival too, it would cost a second pass over every
+  snapshot every step (118 MB a rank for the mini model) for a check that the use repeats anyway; a corrupt replica fails its restore, which the recovery reports like any
   failed restore.
 """
 

@@ -10,7 +10,10 @@ Decisions:
 - One flat byte buffer per snapshot. Every tensor is copied into its own aligned range of it (one memmove for a
   contiguous CPU tensor, as the checkpoint stager does), so replicating a snapshot to a peer is one send of one
   buffer, whatever the number of tensors (a model has thousands of optimizer fragments), and its checksum is one
-  pass over contiguous memory (zlib's CRC-32: about 4 GB/s here). The layout (names, dtypes, shapes, offsets) is
+  pass over contiguous memory. The checksum is XXH3-64 (about 28 GB/s on one core here, against 4.2 GB/s for
+  zlib's CRC-32, which took a third of a snapshot's CPU time when it ran every step; `bench_snapshot`): it guards
+  against a torn or damaged buffer, not against an adversary, and 64 bits make a random collision rarer than
+  CRC-32's 32 do. The layout (names, dtypes, shapes, offsets) is
   derived from the state itself, so a replacement rank that builds the same state computes the same layout; a
   fingerprint of it travels with the snapshot and is checked before a restore.
 - Double-buffered, for the own copy and for the replica alike: a snapshot is written into the buffer that does
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import xxhash
 
 from trainer.checkpoint.chunk import LocalChunk
 from trainer.checkpoint.staging import copy_into
@@ -148,7 +152,11 @@ def restore(slot: Slot, layout: Layout, state: State) -> dict[str, Any]:
 
 
 def checksum(data: torch.Tensor, meta: bytes) -> int:
-    return zlib.crc32(meta, zlib.crc32(memoryview(data.numpy())))
+    """XXH3-64 of the buffer then the meta, as a signed 64-bit integer (it travels in an int64 header)."""
+    digest = xxhash.xxh3_64(memoryview(data.numpy()))
+    digest.update(meta)
+    value = digest.intdigest()
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def should_capture(step: int, *, committed: int, last_captured: int, interval: int) -> bool:
