@@ -76,6 +76,7 @@ def _spec(name: str, data: Path, cache: Path) -> dict[str, Any]:
         },
         "checkpoint_policy": {"interval": CHECKPOINT_STEP, "min_interval_steps": 1},
         "fault_tolerance": {
+            "recovery": "restart",  # `in_place` asks for in-place
             "backoff_base_seconds": 0.1,
             "backoff_max_seconds": 0.2,
             "hang_timeout_seconds": 300,

@@ -57,7 +57,12 @@ def load_submitted_spec(file: Path) -> TrainingJobSpec:
     from controller.spec import SpecError, load_spec, prepare_submission  # pydantic and numpy: not for `list`
 
     try:
-        return prepare_submission(load_spec(file), base_dir=Path.cwd(), source=str(file))
+        return prepare_submission(
+            load_spec(file),
+            base_dir=Path.cwd(),
+            source=str(file),
+            notice=lambda line: stderr.print(line, highlight=False, markup=False),
+        )
     except SpecError as err:
         raise CliError(str(err), EXIT_USER_ERROR) from None
 

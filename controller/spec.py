@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,19 @@ class FailureRuleSpec(_Section):
         return pattern
 
 
+def _default_from_context(schema: dict[str, Any]) -> None:
+    """A field whose default depends on the rest of the spec (resolved by TrainingJobSpec's validator): no default
+    in the JSON schema, so the CRD does not make the API server write one into every TrainingJob."""
+    schema.pop("default", None)
+
+
+def _resolve_default(section: BaseModel, field: str, value: Any) -> None:
+    """Give an unset field the default that the rest of the spec decides, still as unset: a TrainingJob rendered
+    from the spec (`exclude_unset`) leaves it out, and whoever reads it resolves it the same way."""
+    setattr(section, field, value)
+    section.model_fields_set.discard(field)
+
+
 class FaultTolerance(_Section):
     max_restarts: int = Field(
         3, ge=0, description="failures that count toward the limit before the job fails"
@@ -113,17 +127,26 @@ class FaultTolerance(_Section):
     )
     startup_timeout_seconds: float = Field(1800.0, gt=0)
     recovery: Literal["restart", "in-place"] = Field(
-        "restart",
-        description="restart: a failure stops every rank and the job resumes from the newest disk checkpoint; "
-        "in-place: the survivors stay, hot spares take the lost node's ranks from in-memory snapshots (falls "
-        "back to restart when a state is in no memory)",
+        "in-place",
+        description="in-place: the survivors stay, hot spares take the lost node's ranks from in-memory snapshots "
+        "(falls back to restart when a state is in no memory); restart: a failure stops every rank and the job "
+        "resumes from the newest disk checkpoint. Left unset: in-place, except for a one-rank job and a local job "
+        "whose snapshots would not fit in memory, which take restart",
+        json_schema_extra=_default_from_context,
     )
     hot_spares: int = Field(
         1,
         ge=0,
-        description="in-place: spare nodes started with the gang, waiting (torch imported) to replace one",
+        description="in-place: spare nodes started with the gang, waiting (torch imported) to replace one. Left "
+        "unset: 1 on the local backend, 0 on Kubernetes (a spare pod would hold a whole node's GPUs idle; without "
+        "one, a lost pod's replacement is created when it is lost, while the other pods wait in place)",
+        json_schema_extra=_default_from_context,
     )
     rules: list[FailureRuleSpec] = Field(default_factory=list, description="ordered; the first match wins")
+
+    def recovery_chosen(self) -> bool:
+        """Whether the spec itself says which recovery path (not the default)."""
+        return "recovery" in self.model_fields_set
 
 
 class StragglerPolicy(_Section):
@@ -165,11 +188,16 @@ class TrainingJobSpec(_Section):
                 f"equal resources.nodes x resources.procs_per_node = {r.nodes} x {r.procs_per_node} "
                 f"= {r.world_size}"
             )
-        if self.fault_tolerance.recovery == "in-place" and p.world_size < 2:
-            raise ValueError(
-                "fault_tolerance.recovery: in-place needs at least 2 ranks (a snapshot's replica is kept by a "
-                "peer); use restart"
-            )
+        f = self.fault_tolerance
+        if f.recovery == "in-place" and p.world_size < 2:
+            if f.recovery_chosen():
+                raise ValueError(
+                    "fault_tolerance.recovery: in-place needs at least 2 ranks (a snapshot's replica is kept by a "
+                    "peer); use restart"
+                )
+            _resolve_default(f, "recovery", "restart")  # the default where it cannot apply
+        if self.backend == "kubernetes" and "hot_spares" not in f.model_fields_set:
+            _resolve_default(f, "hot_spares", 0)
         if p.tp > r.procs_per_node and r.procs_per_node > 0:
             raise ValueError(
                 f"training.parallel.tp ({p.tp}) must fit in one node "
@@ -340,15 +368,31 @@ def check_paths(spec: TrainingJobSpec) -> None:
 
 
 def prepare_submission(
-    spec: TrainingJobSpec, *, base_dir: str | Path, source: str = "spec"
+    spec: TrainingJobSpec,
+    *,
+    base_dir: str | Path,
+    source: str = "spec",
+    notice: Callable[[str], None] | None = None,
 ) -> TrainingJobSpec:
     """What `vlctl submit` and `vlctl run` store: the spec with its local paths made absolute against `base_dir`
     (see resolve_paths), after checking that its local inputs are there and that its ranks fit in memory
-    (controller.memory). Any problem is one SpecError naming `source` and the field."""
+    (controller.memory). Any problem is one SpecError naming `source` and the field. A job left on the default
+    in-place recovery whose snapshots alone would not fit takes the restart path instead, said to `notice`."""
     resolved = resolve_paths(spec, base_dir)
     try:
         check_paths(resolved)
-        check_memory(resolved)
+        try:
+            check_memory(resolved)
+        except MemoryCheckError as err:
+            f = resolved.fault_tolerance
+            if f.recovery != "in-place" or f.recovery_chosen():
+                raise
+            f.recovery = "restart"
+            check_memory(resolved)  # still too big: that error, not the snapshots'
+            if notice is not None:
+                notice(
+                    f"{source}: fault_tolerance.recovery: restart (in-place snapshots would not fit: {err})"
+                )
     except (SpecError, MemoryCheckError) as err:
         raise SpecError(f"{source}: {err}") from None
     return resolved

@@ -53,6 +53,7 @@ def job_spec(name: str, training: dict[str, Any], **sections: Any) -> dict[str, 
         "training": training,
         "checkpoint_policy": {"interval": training["checkpoint"]["interval_steps"], "min_interval_steps": 1},
         "fault_tolerance": {
+            "recovery": "restart",  # the in-place tests say in-place
             "max_restarts": 3,
             "backoff_base_seconds": 0.5,
             "backoff_max_seconds": 2,

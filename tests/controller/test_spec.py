@@ -130,3 +130,34 @@ def test_the_spec_holds_no_secret_values_only_references() -> None:
     names = fields(schema, schema.get("$defs", {}))
     assert len(names) > 50  # the walk reached the nested sections
     assert [n for n in names if secretish.search(n.rsplit(".", 1)[-1])] == []
+
+
+def test_recovery_defaults_to_in_place_where_it_applies():
+    """Left unset, `recovery` is in-place with one hot spare locally and none on Kubernetes (a spare pod would
+    hold a node's GPUs idle); a one-rank job takes restart (no peer keeps a replica), and asking for in-place
+    there is the one-line error. What the defaults resolved to is what the stored spec says; the CRD carries
+    neither default, so the API server never writes one in that the operator would take for the user's."""
+    from k8s.crd import crd_manifest
+
+    spec = parse_spec(VALID)
+    f = spec.fault_tolerance
+    assert (f.recovery, f.hot_spares, f.recovery_chosen()) == ("in-place", 1, False)
+    on_k8s = parse_spec(with_(backend="kubernetes"))
+    assert (on_k8s.fault_tolerance.recovery, on_k8s.fault_tolerance.hot_spares) == ("in-place", 0)
+    chosen = parse_spec(with_(backend="kubernetes", fault_tolerance__hot_spares=2))
+    assert chosen.fault_tolerance.hot_spares == 2
+    single = with_(resources__nodes=1, resources__procs_per_node=1, training__parallel={"dp": 1})
+    alone = parse_spec(single)
+    assert alone.fault_tolerance.recovery == "restart"
+    assert parse_spec(alone.model_dump(mode="json")).fault_tolerance.recovery == "restart"
+    single["fault_tolerance"]["recovery"] = "in-place"
+    with pytest.raises(
+        SpecError, match=r"^job\.yaml: fault_tolerance\.recovery: in-place needs at least 2 ranks"
+    ):
+        parse_spec(single, source="job.yaml")
+    schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"
+    ]
+    fields = schema["fault_tolerance"]["properties"]
+    assert "default" not in fields["recovery"] and "default" not in fields["hot_spares"]
+    assert fields["max_restarts"]["default"] == 3  # the others keep theirs

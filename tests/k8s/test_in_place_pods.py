@@ -327,3 +327,49 @@ def test_the_in_place_gang_promotes_replaces_and_kills_by_pod(api: FakeApiServer
     assert again.coordinator_exit() == 137
     again.stop_spares()
     assert sorted(p["metadata"]["name"] for p in pods(api, "gang", 1)) == ["gang-a1-n0", "gang-a1-n1"]
+
+
+def test_by_default_an_in_place_gang_has_no_idle_spare_pod(api: FakeApiServer, tmp_path: Path) -> None:  # noqa: F811
+    """A TrainingJob that leaves `hot_spares` unset gets in-place recovery without a spare pod holding a node's
+    GPUs: the gang counts the coordinator and the nodes, and a lost node's replacement is made when it is lost
+    (the reconciler's `_await_spare` asks for it while the other pods wait), from the attempt's template."""
+    from kubernetes import client as k8s_client
+
+    from controller.spec import parse_spec
+    from k8s.backend import JobBinding, KubernetesBackend
+    from k8s.render import gang_size
+
+    spec = parse_spec(
+        {
+            "name": "lean",
+            "backend": "kubernetes",
+            "resources": {"nodes": 2, "procs_per_node": 1},
+            "training": {
+                "data": {"paths": ["s3://d/x.jsonl"], "rows_per_step": 4},
+                "parallel": {"dp": 2},
+                "checkpoint": {"dir": "s3://ckpt/lean"},
+            },
+        }
+    )
+    f = spec.fault_tolerance
+    assert (f.recovery, f.hot_spares) == ("in-place", 0) and gang_size(spec, f.hot_spares) == 3
+    configuration = k8s_client.Configuration()
+    configuration.host = api.url
+    backend = KubernetesBackend(
+        k8s_client.ApiClient(configuration),
+        "registry.example/vlctl/trainer:test",
+        resolve=lambda name: JobBinding(namespace=NAMESPACE, spec=spec),
+    )
+    config = tmp_path / "attempt.json"
+    config.write_text(json.dumps({"checkpoint": {"dir": "s3://ckpt/lean", "resume": "none"}}))
+    gang = backend.launch(
+        job_name="lean", attempt=1, config_path=config, overrides=[], nodes=2, procs_per_node=1,
+        run_dir=tmp_path, hot_spares=f.hot_spares,
+    )  # fmt: skip
+    names = sorted(p["metadata"]["name"] for p in pods(api, "lean", 1))
+    assert names == ["lean-a1-coordinator", "lean-a1-n0", "lean-a1-n1"]
+    assert gang.live_spares() == [] and gang.can_start_spares
+    api.set_pod_status(NAMESPACE, "lean-a1-n1", "Failed", exit_code=1)
+    assert gang.start_spare() == "s0"
+    spare = api.get("pods", NAMESPACE, "lean-a1-s0")
+    assert spare["metadata"]["labels"]["vlctl.dev/role"] == "spare"

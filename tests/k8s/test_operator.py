@@ -119,7 +119,12 @@ def training_job(
         "backend": "kubernetes",
         "resources": {"nodes": nodes, "procs_per_node": procs},
         "training": training,
-        "fault_tolerance": {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1, "max_restarts": 5},
+        "fault_tolerance": {
+            "recovery": "restart",  # test_in_place_pods.py has the in-place pods
+            "backoff_base_seconds": 0.05,
+            "backoff_max_seconds": 0.1,
+            "max_restarts": 5,
+        },
     }
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value

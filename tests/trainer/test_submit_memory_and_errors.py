@@ -61,6 +61,7 @@ def test_gpu_ranks_count_only_the_host_side():
 
     spec = yaml.safe_load((REPO / "examples" / "jobs" / "local-demo.yaml").read_text())
     spec["resources"].update(gpus_per_node=1, memory="512Mi")
+    spec["fault_tolerance"]["recovery"] = "restart"  # in-place snapshots are host memory (the next test)
     check_memory(parse_spec(spec))  # model state and activations are on the device
     spec["resources"]["gpus_per_node"] = 0
     with pytest.raises(
@@ -94,6 +95,40 @@ def test_in_place_snapshots_are_counted_and_named_when_they_do_not_fit():
         ValueError, match=r"^fault_tolerance\.recovery: .*in-place snapshots .*recovery: restart"
     ):
         check_memory(parse_spec(spec))
+
+
+def test_the_default_recovery_is_in_place_unless_its_snapshots_do_not_fit(tmp_path: Path):
+    """`recovery` left unset: in-place; at submit, a job whose snapshots alone would not fit takes restart, said
+    in one line. Asked for explicitly, in-place is refused instead (the spec said what it wants)."""
+    from controller.spec import SpecError, prepare_submission
+    from trainer.contract.memory import estimate_rank_memory
+
+    sample = tmp_path / "samples.jsonl"
+    sample.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    spec = yaml.safe_load((REPO / "examples" / "jobs" / "local-demo.yaml").read_text())
+    spec["training"]["data"]["paths"] = [str(sample)]
+    spec["resources"].update(gpus_per_node=1)
+    parsed = parse_spec(spec)
+    assert parsed.fault_tolerance.recovery == "in-place" and not parsed.fault_tolerance.recovery_chosen()
+    plain = estimate_rank_memory(parsed.training, on_gpu=True)
+    need = estimate_rank_memory(parsed.training, on_gpu=True, in_place=True)
+    spec["resources"]["memory"] = str(
+        (plain.total + need.snapshots // 2) * spec["resources"]["procs_per_node"]
+    )
+    notices: list[str] = []
+    stored = prepare_submission(parse_spec(spec), base_dir=tmp_path, source="job.yaml", notice=notices.append)
+    assert stored.fault_tolerance.recovery == "restart"
+    assert parse_spec(stored.model_dump(mode="json")).fault_tolerance.recovery == "restart"  # as stored
+    (line,) = notices
+    assert line.startswith("job.yaml: fault_tolerance.recovery: restart (in-place snapshots would not fit: ")
+    spec["fault_tolerance"]["recovery"] = "in-place"
+    with pytest.raises(SpecError, match=r"^job\.yaml: fault_tolerance\.recovery: .*in-place snapshots"):
+        prepare_submission(parse_spec(spec), base_dir=tmp_path, source="job.yaml", notice=notices.append)
+    spec["resources"]["memory"] = "1Mi"  # too small for restart as well: that error, not the snapshots'
+    spec["fault_tolerance"].pop("recovery")
+    with pytest.raises(SpecError, match=r"^job\.yaml: training\."):
+        prepare_submission(parse_spec(spec), base_dir=tmp_path, source="job.yaml", notice=notices.append)
+    assert len(notices) == 1
 
 
 def test_a_missing_sample_file_names_where_it_was_looked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
