@@ -21,6 +21,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apiserver import FakeApiServer
@@ -259,28 +260,26 @@ def test_a_failed_pod_is_replaced_alone_by_a_spare_pod_from_memory(  # noqa: F81
         kubelet.stop()
 
 
-def test_the_in_place_gang_promotes_replaces_and_kills_by_pod(api: FakeApiServer, tmp_path: Path) -> None:  # noqa: F811
-    """The Kubernetes gang's in-place calls on the API stand-in alone (no kubelet: the test sets pod states):
-    a spare taking a failed slot's place, a lost spare and its replacement, a hung pod deleted, the coordinator's
-    end, and the same gang found again from its record by an operator that took over."""
-    from kubernetes import client as k8s_client
-
-    from controller.backends.base import EXIT_LOST
-    from controller.spec import parse_spec
-    from k8s.backend import JobBinding, KubernetesBackend
-
-    obj = {
-        "name": "gang",
+def _gang_spec(name: str, **sections: Any) -> dict[str, Any]:
+    return {
+        "name": name,
         "backend": "kubernetes",
         "resources": {"nodes": 2, "procs_per_node": 1},
         "training": {
             "data": {"paths": ["s3://d/x.jsonl"], "rows_per_step": 4},
             "parallel": {"dp": 2},
-            "checkpoint": {"dir": "s3://ckpt/gang"},
+            "checkpoint": {"dir": f"s3://ckpt/{name}"},
         },
-        "fault_tolerance": {"recovery": "in-place", "hot_spares": 1},
+        **sections,
     }
-    spec = parse_spec(obj)
+
+
+def _launch_gang(api: FakeApiServer, tmp_path: Path, spec: Any) -> tuple[Any, Any]:  # noqa: F811
+    """A KubernetesBackend on the API stand-in and the attempt-1 gang it launches for `spec` (no kubelet)."""
+    from kubernetes import client as k8s_client
+
+    from k8s.backend import JobBinding, KubernetesBackend
+
     configuration = k8s_client.Configuration()
     configuration.host = api.url
     backend = KubernetesBackend(
@@ -289,11 +288,24 @@ def test_the_in_place_gang_promotes_replaces_and_kills_by_pod(api: FakeApiServer
         resolve=lambda name: JobBinding(namespace=NAMESPACE, spec=spec),
     )
     config = tmp_path / "attempt.json"
-    config.write_text(json.dumps({"checkpoint": {"dir": "s3://ckpt/gang", "resume": "none"}}))
+    config.write_text(json.dumps({"checkpoint": {"dir": spec.training.checkpoint.dir, "resume": "none"}}))
     gang = backend.launch(
-        job_name="gang", attempt=1, config_path=config, overrides=[], nodes=2, procs_per_node=1,
-        run_dir=tmp_path, hot_spares=1,
+        job_name=spec.name, attempt=1, config_path=config, overrides=[], nodes=2, procs_per_node=1,
+        run_dir=tmp_path, hot_spares=spec.fault_tolerance.hot_spares,
     )  # fmt: skip
+    return backend, gang
+
+
+def test_the_in_place_gang_promotes_replaces_and_kills_by_pod(api: FakeApiServer, tmp_path: Path) -> None:  # noqa: F811
+    """The Kubernetes gang's in-place calls on the API stand-in alone (no kubelet: the test sets pod states):
+    a spare taking a failed slot's place, a lost spare and its replacement, a hung pod deleted, the coordinator's
+    end, and the same gang found again from its record by an operator that took over."""
+
+    from controller.backends.base import EXIT_LOST
+    from controller.spec import parse_spec
+
+    spec = parse_spec(_gang_spec("gang", fault_tolerance={"recovery": "in-place", "hot_spares": 1}))
+    backend, gang = _launch_gang(api, tmp_path, spec)
     names = sorted(p["metadata"]["name"] for p in pods(api, "gang", 1))
     assert names == ["gang-a1-coordinator", "gang-a1-n0", "gang-a1-n1", "gang-a1-s0"]
     assert gang.coordinator_url is None  # not running yet
@@ -333,39 +345,14 @@ def test_by_default_an_in_place_gang_has_no_idle_spare_pod(api: FakeApiServer, t
     """A TrainingJob that leaves `hot_spares` unset gets in-place recovery without a spare pod holding a node's
     GPUs: the gang counts the coordinator and the nodes, and a lost node's replacement is made when it is lost
     (the reconciler's `_await_spare` asks for it while the other pods wait), from the attempt's template."""
-    from kubernetes import client as k8s_client
 
     from controller.spec import parse_spec
-    from k8s.backend import JobBinding, KubernetesBackend
     from k8s.render import gang_size
 
-    spec = parse_spec(
-        {
-            "name": "lean",
-            "backend": "kubernetes",
-            "resources": {"nodes": 2, "procs_per_node": 1},
-            "training": {
-                "data": {"paths": ["s3://d/x.jsonl"], "rows_per_step": 4},
-                "parallel": {"dp": 2},
-                "checkpoint": {"dir": "s3://ckpt/lean"},
-            },
-        }
-    )
+    spec = parse_spec(_gang_spec("lean"))
     f = spec.fault_tolerance
     assert (f.recovery, f.hot_spares) == ("in-place", 0) and gang_size(spec, f.hot_spares) == 3
-    configuration = k8s_client.Configuration()
-    configuration.host = api.url
-    backend = KubernetesBackend(
-        k8s_client.ApiClient(configuration),
-        "registry.example/vlctl/trainer:test",
-        resolve=lambda name: JobBinding(namespace=NAMESPACE, spec=spec),
-    )
-    config = tmp_path / "attempt.json"
-    config.write_text(json.dumps({"checkpoint": {"dir": "s3://ckpt/lean", "resume": "none"}}))
-    gang = backend.launch(
-        job_name="lean", attempt=1, config_path=config, overrides=[], nodes=2, procs_per_node=1,
-        run_dir=tmp_path, hot_spares=f.hot_spares,
-    )  # fmt: skip
+    _, gang = _launch_gang(api, tmp_path, spec)
     names = sorted(p["metadata"]["name"] for p in pods(api, "lean", 1))
     assert names == ["lean-a1-coordinator", "lean-a1-n0", "lean-a1-n1"]
     assert gang.live_spares() == [] and gang.can_start_spares
