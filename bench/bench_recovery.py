@@ -19,6 +19,12 @@ steps, supervised by the controller (in this process, polling every 0.3 s). Each
   recorded (detect: the node's end -> the decision; regroup: the round opened -> every rank in it; restore:
   -> every rank back at the snapshot step) and the completed steps done again.
 
+* steady: the same job twice more, nothing killed, 24 steps each (STEADY_STEPS), with the restart path and in place:
+  rank 0's median wall time from one completed step to the next (the in-place job's counted once its spare
+  waits, the restart job's from its third step). `snapshot_overhead` = in place / restart - 1: what taking and
+  replicating a snapshot after every step costs a step, with nothing else different (two jobs of their own, so
+  that enough steps are counted: the recovery runs' few steps before their kill moved this by 10-20%).
+
 `ratio` = recovery / floor; `in_place_ratio` = in place / recovery; medians over repetitions.
 
     .venv/bin/python -m bench.bench_recovery [--quick] [--reps N]
@@ -54,6 +60,7 @@ IN_PLACE_RATIO = 0.25  # in place / restart path (issue 13)
 IN_PLACE_SECONDS = 2.5
 SNAPSHOT_OVERHEAD = 0.05  # a step with a snapshot every step, over one without, less 1
 CHECKPOINT_STEP = 4
+STEADY_STEPS = 24
 
 
 def _spec(name: str, data: Path, cache: Path) -> dict[str, Any]:
@@ -225,6 +232,29 @@ def in_place(h: Harness, name: str, data: Path, cache: Path) -> dict[str, float]
     }
 
 
+def steady(h: Harness, name: str, data: Path, cache: Path, *, in_place: bool) -> float:
+    """Rank 0's median step wall in a job that nothing interrupts (see the module docstring)."""
+    spec = _spec(name, data, cache)
+    spec["training"]["training"]["steps"] = STEADY_STEPS
+    if in_place:
+        spec["fault_tolerance"] = {**spec["fault_tolerance"], "recovery": "in-place", "hot_spares": 1}
+    h.submit(spec)
+    run_dir = h.root / "runs" / name
+    spare_ready: list[float] = []
+
+    def done():
+        if in_place and not spare_ready and _spare_waiting(run_dir):
+            spare_ready.append(time.time())
+        return str(h.job(name)[0].phase) in ("succeeded", "failed")
+
+    h.wait(done)
+    job, _, _ = h.job(name)
+    assert str(job.phase) == "succeeded", job.phase
+    times = [x["time"] for x in _lines(run_dir) if "step_seconds" in x]
+    times = [t for t in times if t > spare_ready[0]] if in_place else times[2:]
+    return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
+
+
 def floor(h: Harness, name: str, source: Path, data: Path, cache: Path) -> dict[str, float]:
     """A cold start of the same job from a copy of the same checkpoint."""
     spec = _spec(name, data, cache)
@@ -265,15 +295,21 @@ def main(argv: list[str]) -> dict[str, Any]:
                 source = h.root / "runs" / f"recover-{i}" / "checkpoints" / f"step-{CHECKPOINT_STEP:08d}"
                 cold = floor(h, f"floor-{i}", source, data, cache)
                 inplace = in_place(h, f"in-place-{i}", data, cache)
+                steadies = {}
+                for snapshots in (False, True) if i % 2 == 0 else (True, False):  # either one first, in turn
+                    name = f"steady-{'in-place' if snapshots else 'restart'}-{i}"
+                    steadies[snapshots] = steady(h, name, data, cache, in_place=snapshots)
+                plain, snapshotted = steadies[False], steadies[True]
                 rows.append(
                     {
                         "recovery": rec,
                         "floor": cold,
                         "in_place": inplace,
+                        "steady_step_wall": {"restart": plain, "in_place": snapshotted},
                         "ratio": rec["total"] / cold["total"],
                         "in_place_ratio": inplace["total"] / rec["total"],
-                        # a step of the in-place job (snapshot every step) over one of the restart job's
-                        "snapshot_overhead": inplace["step_wall"] / rec["step_wall"] - 1.0,
+                        # a step with a snapshot after every step over one without, nothing else different
+                        "snapshot_overhead": snapshotted / plain - 1.0,
                     }
                 )
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -295,6 +331,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         "floor_seconds": {k: median("floor", k) for k in rows[0]["floor"]},
         "in_place_seconds": {k: median("in_place", k) for k in rows[0]["in_place"]},
         "in_place_ratio": in_place_ratio,
+        "steady_step_wall": {
+            k: statistics.median(r["steady_step_wall"][k] for r in rows) for k in ("restart", "in_place")
+        },
         "snapshot_overhead": overhead,
         "in_place_target": {
             "ratio": IN_PLACE_RATIO,
