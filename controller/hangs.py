@@ -145,13 +145,14 @@ def detect_hang(
     unknown), past which the gang is finishing, not training."""
     if median_step_seconds is not None and not median_step_seconds >= 0:
         raise ValueError(f"median_step_seconds: must be >= 0, got {median_step_seconds}")
-    progress = [r.alive_at for r in ranks if r.alive_at is not None]
+    # Each rank's newest sign of life, computed once: at 16,384 ranks this function runs every pass.
+    alive = [r.alive_at for r in ranks]
+    progress = [a for a in alive if a is not None]
     started = [r.process_start for r in ranks if r.process_start is not None]
-
-    def rank_since(r: RankProgress) -> float:
-        if (alive := r.alive_at) is not None:
-            return alive
-        return r.process_start if r.process_start is not None else launched_at
+    since_of = [
+        a if a is not None else (r.process_start if r.process_start is not None else launched_at)
+        for r, a in zip(ranks, alive, strict=True)
+    ]
 
     finishing = (
         last_step is not None
@@ -178,12 +179,12 @@ def detect_hang(
                 rank=r.rank,
                 node=r.node,
                 step=r.step,
-                since=rank_since(r),
-                seconds=max(0.0, now - rank_since(r)),
-                progressed=r.alive_at is not None,
+                since=since,
+                seconds=max(0.0, now - since),
+                progressed=a is not None,
             )
-            for r in ranks
-            if now - rank_since(r) > threshold
+            for r, a, since in zip(ranks, alive, since_of, strict=True)
+            if now - since > threshold
         ),
         key=lambda s: (s.progressed, s.since, s.rank),  # never progressed while others did: first
     )

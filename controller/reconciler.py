@@ -87,7 +87,7 @@ from controller.memory import rank_memory_limit
 from controller.policy import ExclusionCase, decide_exclusion, decide_restart
 from controller.spec import TrainingJobSpec
 from controller.store.claims import claim_jobs, release_claims, renew_leases
-from controller.store.models import Event, Job, RankStatus
+from controller.store.models import Event, Job
 from controller.store.records import exclude_node, excluded_nodes
 from controller.store.repo import append_event, get_current_attempt
 from controller.store.session import Store
@@ -1016,27 +1016,13 @@ class Controller:
                 attempt.last_step = p.step
             attempt.checkpoint_stall_seconds = live.checkpoint_stall_seconds
             attempt.straggler_seconds = live.straggler_seconds
-        rows = {r.rank: r for r in session.scalars(select(RankStatus).where(RankStatus.job_id == job.id))}
-        for values in live.rank_rows(live.gang.rank_pids()):
-            row = rows.get(values["rank"])
-            if row is None:
-                row = RankStatus(job_id=job.id, rank=values["rank"])
-                session.add(row)
-            row.attempt = live.attempt
-            row.node = values["node"] or row.node or ""
-            row.pid = values["pid"]
-            row.step = values["step"]
-            last = values["last_progress"]
-            row.last_progress_at = _dt(last) if last is not None else None
-            row.own_work_s = values["own_work_s"]
-            row.step_s = values["step_s"]
-            row.loss = values["loss"]
-            row.straggler_score = values["straggler_score"]
-            row.flagged = values["flagged"]
-            row.updated_at = _dt(now)
-        for rank, row in rows.items():
-            if rank >= live.num_ranks:
-                session.delete(row)
+        live.rank_store.write(
+            session=session,
+            job_id=job.id,
+            attempt=live.attempt,
+            rows=list(live.rank_rows(live.gang.rank_pids())),
+            now=now,
+        )
 
     def _scan_checkpoints(
         self, session: Session, job: Job, spec: TrainingJobSpec, live: LiveAttempt, now: float

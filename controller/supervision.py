@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from controller.backends.base import GangHandle
 from controller.hangs import HangConfig, HangVerdict, detect_hang
 from controller.ingest import RankState, TelemetrySource, TelemetryUpdate
+from controller.store.records import RankRows
 from controller.stragglers import StragglerConfig, StragglerDetector, StragglerReport, WindowResult
 
 RECENT_STEPS = 50  # step times kept for the median (hang threshold, ETA)
@@ -95,12 +96,14 @@ class LiveAttempt:
     hang_quiet_until: float = (
         0.0  # unix seconds: no hang verdict acted on before (an in-place recovery's wait)
     )
+    rank_store: RankRows = field(init=False)  # writes the rank_status rows within their budget
     _detector: StragglerDetector | None = None
     _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     _tokens: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
 
     def __post_init__(self) -> None:
         self._detector = StragglerDetector(self.stragglers, num_ranks=self.num_ranks)
+        self.rank_store = RankRows(self.num_ranks)
 
     @property
     def scores(self) -> dict[int, float]:
@@ -167,13 +170,19 @@ class LiveAttempt:
 
     def check_hang(self, now: float) -> HangVerdict:
         return detect_hang(
-            [s.progress() for _, s in sorted(self.ranks.items())],
+            [s.progress() for s in self._ranks_in_order()],
             now=now,
             launched_at=self.launched_at,
             median_step_seconds=self.progress.median_step_seconds,
             config=self.hang,
             last_step=self.total_steps - 1 if self.total_steps else None,
         )
+
+    def _ranks_in_order(self) -> list[RankState]:
+        ranks = self.ranks
+        if len(ranks) == self.num_ranks and all(r in ranks for r in (0, self.num_ranks - 1)):
+            return [ranks[r] for r in range(self.num_ranks)]  # the usual case, without a sort of every pass
+        return [s for _, s in sorted(ranks.items())]
 
     def rank_rows(self, pids: dict[int, int]) -> Iterable[dict[str, Any]]:
         scores = self.scores
