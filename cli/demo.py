@@ -98,14 +98,14 @@ class Chaos:
         self.killed_at: float | None = None
         self.killed_pid: int | None = None
         self.survivors: dict[int, int] = {}  # rank -> pid, just before the kill
-        self.pids_after: dict[int, int] = {}  # rank -> pid, as last seen while the job ran after it
+        self.pids_after: dict[int, int] = {}  # rank -> pid, each as last seen while the job ran after it
 
     def __call__(self, snapshot: JobView) -> None:
         if self.killed_at is not None:
-            if str(snapshot.phase) == "running" and (
-                pids := {r.rank: r.pid for r in snapshot.ranks or () if r.pid}
-            ):
-                self.pids_after = pids
+            if str(snapshot.phase) == "running":
+                # Per rank: at the end a rank whose process has finished shows no pid while another's still
+                # does, and a survivor would read as replaced.
+                self.pids_after.update({r.rank: r.pid for r in snapshot.ranks or () if r.pid})
             return
         if snapshot.attempt != 1 or (snapshot.step or 0) < KILL_AT_STEP:
             return
