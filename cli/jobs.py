@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 
     from .client import JobsClient
 
-STATUS_TABLE_MAX_RANKS = 32  # the table shows flagged ranks first, up to this many; JSON lists every rank
+STATUS_TABLE_MAX_RANKS = (
+    32  # a larger job's table: the ranks worth a look first, up to this many; JSON lists all
+)
 
 
 def jobs_client(backend: BackendChoice | None, context: str | None, namespace: str | None) -> JobsClient:
@@ -173,13 +175,25 @@ def _status_lines(v: JobView) -> list[tuple[str, str]]:
 
 
 def _rank_table(ranks: tuple[RankView, ...]) -> Table:
-    shown = sorted(
-        sorted(ranks, key=lambda r: (not r.flagged, r.rank))[:STATUS_TABLE_MAX_RANKS], key=lambda r: r.rank
-    )
-    hidden = len(ranks) - len(shown)
-    t = Table(
-        box=box.SIMPLE_HEAD, caption=f"{hidden} more ranks: --output json lists all" if hidden else None
-    )
+    """Every rank, or for a large job the ranks worth a look (flagged, then the furthest behind, then the slowest
+    own work) and a line on the rest: at 16,384 ranks the table still fits a terminal."""
+    if len(ranks) <= STATUS_TABLE_MAX_RANKS:
+        shown, caption = sorted(ranks, key=lambda r: r.rank), None
+    else:
+        inf = float("inf")
+        shown = sorted(
+            ranks,
+            key=lambda r: (
+                not r.flagged,
+                inf if r.step is None else r.step,  # behind first (a rank with no step yet: last)
+                -(r.own_work_s or 0.0),
+                r.rank,
+            ),
+        )[:STATUS_TABLE_MAX_RANKS]
+        caption = (
+            f"flagged, furthest behind and slowest first; {_rest_of(ranks, shown)}; --output json lists all"
+        )
+    t = Table(box=box.SIMPLE_HEAD, caption=caption)
     # Short headers: nine columns fit 80 characters (what rich assumes when stdout is no terminal).
     for column in ("rank", "node", "pid", "step", "last step", "own s", "step s", "score", "flag"):
         t.add_column(column, no_wrap=True, justify="left" if column in ("node", "flag") else "right")
@@ -197,6 +211,21 @@ def _rank_table(ranks: tuple[RankView, ...]) -> Table:
             "yes" if r.flagged else "",
         )
     return t
+
+
+def _rest_of(ranks: tuple[RankView, ...], shown: list[RankView]) -> str:
+    """One line on the ranks a large job's table leaves out: how many, on how many nodes, their steps and own
+    work."""
+    seen = {r.rank for r in shown}
+    rest = [r for r in ranks if r.rank not in seen]
+    steps = [r.step for r in rest if r.step is not None]
+    own = sorted(r.own_work_s for r in rest if r.own_work_s is not None)
+    parts = [f"{len(rest)} more ranks on {len({r.node for r in rest})} nodes"]
+    if steps:
+        parts.append(f"step {min(steps)}" if min(steps) == max(steps) else f"steps {min(steps)}-{max(steps)}")
+    if own:
+        parts.append(f"own work median {own[len(own) // 2]:.3f} s, max {own[-1]:.3f} s")
+    return ", ".join(parts)
 
 
 def _ago(value: datetime, now: datetime) -> str:
