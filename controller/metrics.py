@@ -21,7 +21,10 @@ Decisions:
 - The detection-latency histogram has no job label and counts every `Failure` event in the store, so it only
   grows (a shrinking counter would read as a reset and fake an increase).
 - Per-rank series (straggler score, flagged) exist only for ranks of jobs in `launching`/`running`, from the
-  current attempt's `rank_status` rows: one or two series per rank, next to the ~20 each rank exports itself.
+  current attempt's `rank_status` rows: two series per rank for a job of up to RANK_SERIES_MAX ranks; a larger
+  job gets them for its flagged ranks and its highest scores only (`ranks_with_series`), so the page stays
+  bounded at 16,384 ranks (it was 1.7 MB) while the straggler alert (`flagged == 1`) and the dashboard's
+  top scores still see what they look for; every rank's detail is on its own endpoint.
 - A store that cannot be read yields `vlctl_controller_store_up 0` and nothing else: the scrape still succeeds,
   so an alert can say why the other series are gone, instead of a bare scrape error.
 - Gauges are left out where the store has no value (no ETTR yet, no checkpoint yet): no invented zeros.
@@ -56,7 +59,7 @@ from controller.goodput import LostCause
 from controller.store.models import Event, Job, NodeHealth
 from controller.store.session import Store, StoreUnavailable
 from controller.store.tables import utcnow
-from controller.views import JobView, read_job_views
+from controller.views import JobView, RankView, read_job_views
 
 log = logging.getLogger("controller.metrics")
 
@@ -71,6 +74,23 @@ STRAGGLER_FLAGGED = "StragglerFlagged"  # reasons of `Straggler` events
 NODE_SLOW = "NodeSlow"
 
 MetricKind = Literal["gauge", "counter", "histogram"]
+
+
+RANK_SERIES_MAX = 64  # per job: past this many ranks, the flagged ones and the highest scores only
+
+
+def ranks_with_series(ranks: list[RankView]) -> list[RankView]:
+    """The ranks of one job that get per-rank series (the module's decision): all of a small job's; of a larger
+    one, every flagged rank and then the highest straggler scores, up to RANK_SERIES_MAX in all (more only when
+    more are flagged), in rank order."""
+    if len(ranks) <= RANK_SERIES_MAX:
+        return ranks
+    flagged = [r for r in ranks if r.flagged]
+    others = sorted(
+        (r for r in ranks if not r.flagged and r.straggler_score is not None),
+        key=lambda r: (-r.straggler_score, r.rank),  # type: ignore[operator]
+    )
+    return sorted([*flagged, *others[: max(0, RANK_SERIES_MAX - len(flagged))]], key=lambda r: r.rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +322,7 @@ def render(snapshot: Snapshot) -> Iterator[Metric]:
         if j.phase not in SUPERVISED_PHASES:
             continue
         ranks = [r for r in j.ranks or () if r.attempt == j.attempt]
-        for r in ranks:
+        for r in ranks_with_series(ranks):
             add("rank_straggler_score", [j.name, str(r.rank), r.node], r.straggler_score)
             add("rank_straggler_flagged", [j.name, str(r.rank), r.node], float(r.flagged))
         add("job_straggler_ranks", [j.name], sum(r.flagged for r in ranks))

@@ -366,3 +366,29 @@ def test_a_taken_port_is_a_one_line_error(populated: Store) -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_a_large_jobs_rank_series_are_its_flagged_ranks_and_highest_scores() -> None:
+    """Per-rank series stay bounded at 16,384 ranks: every rank of a small job; of a large one, the flagged ranks
+    (the straggler alert's) and the highest scores (the dashboard's), RANK_SERIES_MAX in all."""
+    from controller.metrics import RANK_SERIES_MAX, ranks_with_series
+    from controller.views import RankView
+
+    small = [RankView(rank=r, node="n", straggler_score=0.1) for r in range(8)]
+    assert ranks_with_series(small) == small
+    big = [
+        RankView(
+            rank=r,
+            node=f"node-{r // 8}",
+            straggler_score=None if r == 7 else (r % 1000) / 100,
+            flagged=r == 3,
+        )
+        for r in range(16384)
+    ]
+    shown = ranks_with_series(big)
+    assert len(shown) == RANK_SERIES_MAX and [r.rank for r in shown] == sorted(r.rank for r in shown)
+    assert 3 in {r.rank for r in shown}  # flagged, though its score is low
+    lowest_shown = min(r.straggler_score for r in shown if not r.flagged)
+    assert lowest_shown >= max(
+        r.straggler_score for r in big if r not in shown and r.straggler_score is not None
+    )
