@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from . import control, inspect, jobs, model, operator, process, render
+from . import control, inspect, jobs, model, operator, process, render, simulate
 from .errors import exit_code_for
 
 
@@ -38,6 +38,7 @@ inspect.register(app)
 control.register(app)
 render.register(app)
 operator.register(app)
+simulate.register(app)
 
 
 def _version() -> str:
