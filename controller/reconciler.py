@@ -228,6 +228,7 @@ class Controller:
         attempt.backend_record = {**attempt.backend_record, STOPPED_BY_CONTROLLER: True}
         append_event(
             session=session,
+            now=_dt(self.clock()),
             job=job,
             type=EventType.CONTROLLER,
             reason=SupervisionReason.RANKS_STOPPED,
@@ -305,6 +306,7 @@ class Controller:
             if reaped:
                 append_event(
                     session=session,
+                    now=_dt(self.clock()),
                     job=job,
                     type=EventType.CONTROLLER,
                     reason=SupervisionReason.REAPED,
@@ -521,6 +523,7 @@ class Controller:
                 for node in window.nodes:
                     append_event(
                         session=session,
+                        now=_dt(self.clock()),
                         job=job,
                         type=EventType.STRAGGLER,
                         reason=SupervisionReason.NODE_SLOW,
@@ -934,6 +937,7 @@ class Controller:
                 ] or attempt.nodes
             append_event(
                 session=session,
+                now=_dt(self.clock()),
                 job=job,
                 type=EventType.RECOVERY,
                 reason=reason,
@@ -1039,6 +1043,7 @@ class Controller:
         ratio = f", {report.ratio:.2f}x its own baseline" if report.ratio is not None else ""
         append_event(
             session=session,
+            now=_dt(self.clock()),
             job=job,
             type=EventType.STRAGGLER,
             reason=SupervisionReason.STRAGGLER_FLAGGED,
@@ -1099,6 +1104,7 @@ class Controller:
             )
             append_event(
                 session=session,
+                now=_dt(self.clock()),
                 job=job,
                 type=EventType.DECISION,
                 reason=SupervisionReason.EXCLUDE_DECISION,
@@ -1138,6 +1144,7 @@ class Controller:
             assert job is not None
             append_event(
                 session=session,
+                now=_dt(self.clock()),
                 job=job,
                 type=EventType.FAILURE,
                 reason=SupervisionReason.STACKS_DUMPED,
