@@ -156,6 +156,7 @@ class Classification:
     step: int | None  # the attempt's last completed step; None: it never completed one
     ranks: tuple[int, ...] = ()  # culprits, most likely first
     rule: str = ""  # the user rule that set the action; "" for the defaults
+    trained_seconds: float | None = None  # from its first step to its failure (None: unknown, or no step)
 
     @property
     def reason(self) -> str:

@@ -95,6 +95,7 @@ def failure_history(*, session: Session, job: Job) -> list[Classification]:
             retryable=bool(a.retryable),
             counts_toward_limit=bool(a.counts_toward_limit),
             step=a.failure_step,
+            trained_seconds=_trained_seconds(a),
         )
         for a in attempts
     ]
@@ -261,3 +262,11 @@ def mean_step_seconds(a: Attempt) -> float | None:
 
 def _ts(d: datetime | None) -> float | None:
     return None if d is None else d.timestamp()
+
+
+def _trained_seconds(attempt: Attempt) -> float | None:
+    """From the attempt's first step to its failure (or its end), for the backoff's reset."""
+    end = attempt.failed_at or attempt.ended_at
+    if attempt.first_step_at is None or end is None:
+        return None
+    return max(0.0, (end - attempt.first_step_at).total_seconds())

@@ -9,10 +9,15 @@ Decisions:
   `UserError` for CrashBeforeFirstStep, without burning the remaining restarts on a deterministic failure. Only
   failures that count toward the limit feed the guard: two preemptions at one step are bad luck, not a loop.
   Then `max_restarts` over counted failures (`ReachedMaxRestarts`), else a restart.
-- Backoff: restart n (n counted failures so far, at least 1) waits a uniform draw from
-  [(1 - jitter) x d, d], d = min(backoff_max_seconds, backoff_base_seconds x 2^(n-1)), so it never exceeds the
-  maximum and controllers restarting many jobs do not restart them in lockstep. The draw `u` is an argument:
-  the function stays pure.
+- Backoff: restart n waits a uniform draw from [(1 - jitter) x d, d], d = min(backoff_max_seconds,
+  backoff_base_seconds x 2^(n-1)), so it never exceeds the maximum and controllers restarting many jobs do not
+  restart them in lockstep. n counts the counted failures since the last attempt that trained for
+  `backoff_reset_seconds` (10 minutes, as Kubernetes resets a container's crash-loop back-off), at least 1: a job
+  that fails now and then after hours of training restarts after the base delay, not after the maximum forever
+  (`vlctl simulate` at 16,384 GPUs: the backoff had become most of every restart, docs/scale.md). The draw `u` is
+  an argument: the function stays pure.
+- Crashes before the first step are counted in a row: an attempt that completed a step in between starts the
+  count again (a start-up crash now and then in a weeks-long job is not a user error).
 - Checkpoint interval `auto`: Young's optimum sqrt(2 C M), C the measured blocking save time, M the mean time
   between failures. M = (observed seconds + prior_failures x prior_mtbf_seconds) / (failures + prior_failures):
   a Gamma prior worth `prior_failures` failures, so a job without failures yet gets the prior, not infinity,
@@ -32,7 +37,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -51,7 +56,8 @@ class RestartPolicy:
     backoff_max_seconds: float = 300.0
     backoff_jitter: float = 0.25  # fraction of the delay drawn at random
     crash_loop_limit: int = 3  # same class at the same step this many times: stop
-    startup_crash_limit: int = 2  # same class before the first step this many times: stop
+    startup_crash_limit: int = 2  # same class before the first step this many times in a row: stop
+    backoff_reset_seconds: float = 600.0  # an attempt that trained this long starts the backoff over
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
@@ -66,6 +72,8 @@ class RestartPolicy:
                 f"backoff_max_seconds: must be >= backoff_base_seconds ({self.backoff_base_seconds}), "
                 f"got {self.backoff_max_seconds}"
             )
+        if not self.backoff_reset_seconds >= 0:
+            raise ValueError(f"backoff_reset_seconds: must be >= 0, got {self.backoff_reset_seconds}")
         if not 0 <= self.backoff_jitter <= 1:
             raise ValueError(f"backoff_jitter: must be in [0, 1], got {self.backoff_jitter}")
 
@@ -111,9 +119,16 @@ def decide_restart(history: Sequence[Classification], policy: RestartPolicy, *, 
     if not latest.retryable:
         return stop(latest.reason, latest.message)
     if latest.counts_toward_limit:
+        # At a step: over the whole history (the same step again means no progress in between); before the
+        # first step: since the last attempt that completed one.
+        since = (
+            history
+            if latest.step is not None
+            else history[_after_last(history, lambda c: c.step is not None) :]
+        )
         same = sum(
             c.counts_toward_limit and c.exit_class is latest.exit_class and c.step == latest.step
-            for c in history
+            for c in since
         )
         limit = policy.startup_crash_limit if latest.step is None else policy.crash_loop_limit
         if same >= limit:
@@ -128,9 +143,20 @@ def decide_restart(history: Sequence[Classification], policy: RestartPolicy, *, 
             REASON_MAX_RESTARTS,
             f"{counted} failures exceed max_restarts={policy.max_restarts}; last: {latest.message}",
         )
-    delay = backoff_seconds(max(counted, 1), policy, u=u)
+    trained = _after_last(
+        history, lambda c: c.trained_seconds is not None and c.trained_seconds >= policy.backoff_reset_seconds
+    )
+    delay = backoff_seconds(max(sum(c.counts_toward_limit for c in history[trained:]), 1), policy, u=u)
     message = f"restarting in {delay:.1f} s after {latest.reason}: {latest.message}"
     return RestartDecision(True, latest.reason, message, delay, restarted_before + 1, counted)
+
+
+def _after_last(history: Sequence[Classification], went_well: Callable[[Classification], bool]) -> int:
+    """The index just after the last attempt for which `went_well` holds (0 when none did)."""
+    for index in range(len(history) - 1, -1, -1):
+        if went_well(history[index]):
+            return index + 1
+    return 0
 
 
 # ------------------------------------------------------------------------------------- checkpoint interval

@@ -115,6 +115,37 @@ def test_uncounted_repeats_are_not_a_crash_loop():
     assert not d.restart and d.reason == REASON_CRASH_LOOP
 
 
+def test_the_backoff_starts_over_after_an_attempt_that_trained_for_a_while():
+    """n counts the counted failures since the last attempt that trained for backoff_reset_seconds: a long job
+    failing now and then restarts after the base delay, a job failing fast climbs to the cap as before."""
+    import dataclasses
+
+    policy = RestartPolicy(
+        max_restarts=100, backoff_base_seconds=10, backoff_max_seconds=60, backoff_jitter=0.5
+    )
+
+    def trained(c: Classification, seconds: float) -> Classification:
+        return dataclasses.replace(c, trained_seconds=seconds)
+
+    fast = [trained(failure(CRASH, s), 30) for s in (100, 200, 300, 400)]
+    assert decide_restart(fast, policy, u=1.0).delay_seconds == 60  # n = 4: the cap
+    slow = [trained(failure(CRASH, s), 7200) for s in (100, 200, 300, 400)]
+    d = decide_restart(slow, policy, u=1.0)
+    assert d.delay_seconds == 10 and d.num_counted_restarts == 4  # n = 1; the limit still counts them all
+    # After a long attempt, two quick failures: n = 2.
+    mixed = [*slow, trained(failure(CRASH, 410), 5), trained(failure(CRASH, 420), 5)]
+    assert decide_restart(mixed, policy, u=1.0).delay_seconds == 20
+    assert decide_restart([failure(CRASH, 100)] * 1, policy, u=1.0).delay_seconds == 10  # unknown: not reset
+
+
+def test_crashes_before_the_first_step_are_counted_in_a_row():
+    before = failure(ExitClass.CRASH_BEFORE_FIRST_STEP, None)
+    d = decide_restart([before, failure(CRASH, 500), before], POLICY, u=0)
+    assert d.restart  # an attempt trained in between: the first start-up crash of a new row
+    d = decide_restart([before, failure(CRASH, 500), before, before], POLICY, u=0)
+    assert not d.restart and d.reason == REASON_USER_ERROR
+
+
 def test_decide_restart_needs_history():
     with pytest.raises(ValueError, match="^history:"):
         decide_restart([], POLICY, u=0)
