@@ -103,8 +103,7 @@ class HangVerdict:
 
     @property
     def hung_at(self) -> float:
-        """When the job became hung by the rule: its last progress plus the limit. The attempt's failure time
-        (goodput counts the time after it as lost to detection), not when the controller noticed."""
+        """When the job became hung by the rule: its last progress plus the limit."""
         return self.since + self.threshold_seconds
 
     @property
@@ -233,3 +232,11 @@ def hang_culprits(
         return tuple(sorted(stopped))
     stuck = tuple(r for r in first_stalled if r in stacks and not waiting_on_peers(stacks[r]))
     return stuck or tuple(first_stalled)
+
+
+def hang_failed_at(verdict: HangVerdict) -> float:
+    """The failure time of a hang, for the goodput ledger: while training, the last progress (nothing was
+    trained while the controller waited out the limit: that wait is detection, not running time); before the
+    first step or after the last, when the rule was met (no training to lose, so the wait stays where it was:
+    start-up, or the end of the job)."""
+    return verdict.since if verdict.phase == PHASE_TRAINING else verdict.hung_at

@@ -61,7 +61,7 @@ from controller.checkpoints import (
 )
 from controller.domain.phases import SUPERVISED_PHASES, TERMINAL_PHASES, EventType, Phase, SupervisionReason
 from controller.failures import AttemptEnd, Classification, ExitClass, RankExit, classify
-from controller.hangs import PHASE_TRAINING, HangVerdict, hang_culprits
+from controller.hangs import PHASE_TRAINING, HangVerdict, hang_culprits, hang_failed_at
 from controller.history import (
     checkpoint_interval,
     failure_history,
@@ -660,6 +660,10 @@ class Controller:
         code = failed[plan.node]
         # A node seen failed through its rank process has no end time yet: it was seen this pass.
         died_at = gang.node_end_time(plan.node) if code is not None else now
+        if (hung := live.hung_since.pop(plan.node, None)) is not None:
+            died_at = (
+                hung if died_at is None else min(died_at, hung)
+            )  # killed for a hang: lost since it stalled
         # A recovery still pending whose newcomer was lost before it resumed (or any older round, now
         # superseded): its ranks moved on to this round, which counts the outage from the first failure.
         superseded = [p for p in live.recoveries if p["round"] < int(opened["round"])]
@@ -813,6 +817,7 @@ class Controller:
         )
         # The survivors make no progress until the replacement is in: no second verdict before then.
         live.hang_quiet_until = now + verdict.threshold_seconds
+        live.hung_since[node] = hang_failed_at(verdict)  # the recovery's outage starts there, not at the kill
         self._recovery_event(
             job_id,
             live,
@@ -1160,7 +1165,7 @@ class Controller:
             live,
             classify(end, spec.failure_rules()),
             now=now,
-            failed_at=min(verdict.hung_at, now),
+            failed_at=min(hang_failed_at(verdict), now),
         )
 
     def _handle_end(

@@ -90,6 +90,8 @@ class LiveAttempt:
     spare_due_after: float | None = None  # unix seconds: a spare is to be started once a step ends after this
     # The newest reported step when each finished in-place recovery's failure was seen (the crash-loop guard).
     in_place_failure_steps: list[int] = field(default_factory=list)
+    # A node killed for a hang, to be replaced in place: node -> its failure time (the last progress).
+    hung_since: dict[str, float] = field(default_factory=dict)
     # A failed node whose replacement waits for a spare still starting: node -> since when (unix seconds).
     awaiting_spare: dict[str, float] = field(default_factory=dict)
     coordinator_exit: int | None = None  # the recovery coordinator's exit code once seen ended
