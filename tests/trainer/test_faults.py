@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -128,9 +129,11 @@ def test_slow_factor_multiplies_own_work_from_its_step(tmp_path):
     assert returncode == 0
     lines = read_jsonl(tmp_path / "metrics-rank0.jsonl")
     own = {line["step"]: line["own_work_seconds"] for line in lines}
-    before = sum(own[s] for s in (2, 3, 4)) / 3  # step 1 warms up
-    after = sum(own[s] for s in (5, 6, 7, 8)) / 4
-    assert 1.6 <= after / before <= 2.4
+    before = statistics.median(own[s] for s in (2, 3, 4))  # step 1 warms up
+    after = statistics.median(own[s] for s in (5, 6, 7, 8))
+    # Twice the work, not four times (a factor applied twice) nor once; medians and a wide upper margin, since
+    # a loaded machine oversleeps any one step (CI saw 0.041 s -> 0.100 s next to a busy test).
+    assert 1.6 <= after / before <= 3.0
     assert lines[-1]["phase_seconds/backward"] > 2 * lines[-1]["phase_seconds/forward"]  # the sleep's phase
 
 
