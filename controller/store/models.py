@@ -146,7 +146,7 @@ class RankStepWindow(Base):
 
 
 class RankStatus(Base):
-    """Each rank's latest state in the job's current attempt: one row per rank, overwritten every pass."""
+    """Each rank's latest state in the job's current attempt: one row per rank, refreshed within a budget (records.RankRows)."""
 
     __table__ = tables.rank_status
 

@@ -240,7 +240,7 @@ rank_step_windows = Table(
     Index(None, "job_id", "window_start_step"),
 )
 
-# Each rank's latest state in the job's current attempt: one row per rank, overwritten every pass.
+# Each rank's latest state in the job's current attempt: one row per rank, refreshed within a budget (records.RankRows).
 rank_status = Table(
     "rank_status",
     metadata,
