@@ -46,9 +46,8 @@ if TYPE_CHECKING:
 
     from .client import JobsClient
 
-STATUS_TABLE_MAX_RANKS = (
-    32  # a larger job's table: the ranks worth a look first, up to this many; JSON lists all
-)
+# A larger job's table: the ranks worth a look first, up to this many; JSON lists every rank.
+STATUS_TABLE_MAX_RANKS = 32
 
 
 def jobs_client(backend: BackendChoice | None, context: str | None, namespace: str | None) -> JobsClient:

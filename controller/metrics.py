@@ -23,7 +23,7 @@ Decisions:
 - Per-rank series (straggler score, flagged) exist only for ranks of jobs in `launching`/`running`, from the
   current attempt's `rank_status` rows: two series per rank for a job of up to RANK_SERIES_MAX ranks; a larger
   job gets them for its flagged ranks and its highest scores only (`ranks_with_series`), so the page stays
-  bounded at 16,384 ranks (it was 1.7 MB) while the straggler alert (`flagged == 1`) and the dashboard's
+  bounded at 16,384 ranks while the straggler alert (`flagged == 1`) and the dashboard's
   top scores still see what they look for; every rank's detail is on its own endpoint.
 - A store that cannot be read yields `vlctl_controller_store_up 0` and nothing else: the scrape still succeeds,
   so an alert can say why the other series are gone, instead of a bare scrape error.

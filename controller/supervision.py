@@ -182,8 +182,8 @@ class LiveAttempt:
 
     def _ranks_in_order(self) -> list[RankState]:
         ranks = self.ranks
-        if len(ranks) == self.num_ranks and all(r in ranks for r in (0, self.num_ranks - 1)):
-            return [ranks[r] for r in range(self.num_ranks)]  # the usual case, without a sort of every pass
+        if len(ranks) == self.num_ranks:  # every rank reported (sources report ranks 0..n-1 only): no sort
+            return [ranks[r] for r in range(self.num_ranks)]
         return [s for _, s in sorted(ranks.items())]
 
     def rank_rows(self, pids: dict[int, int]) -> Iterable[dict[str, Any]]:
