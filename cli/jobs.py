@@ -13,6 +13,7 @@ module, so they load inside the commands that need them.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 # A larger job's table: the ranks worth a look first, up to this many; JSON lists every rank.
 STATUS_TABLE_MAX_RANKS = 32
+STATUS_TABLE_MAX_NODES = 8  # a large job's node table: the nodes worth a look
 
 
 def jobs_client(backend: BackendChoice | None, context: str | None, namespace: str | None) -> JobsClient:
@@ -173,10 +175,45 @@ def _status_lines(v: JobView) -> list[tuple[str, str]]:
     return lines
 
 
-def _rank_table(ranks: tuple[RankView, ...]) -> Table:
+def _node_table(ranks: tuple[RankView, ...]) -> Table:
+    """A large job's nodes, the ones worth a look first (most flagged ranks, then furthest behind, then the
+    slowest median own work), STATUS_TABLE_MAX_NODES of them and a line on the rest."""
+    by_node: dict[str, list[RankView]] = {}
+    for r in ranks:
+        by_node.setdefault(r.node, []).append(r)
+    rows = []
+    for node, members in by_node.items():
+        steps = [r.step for r in members if r.step is not None]
+        own = sorted(r.own_work_s for r in members if r.own_work_s is not None)
+        flagged = sum(r.flagged for r in members)
+        median = own[len(own) // 2] if own else None
+        rows.append((node, len(members), steps, own, median, flagged))
+    inf = float("inf")
+    rows.sort(key=lambda x: (-x[5], min(x[2]) if x[2] else inf, -(x[4] or 0.0), x[0]))
+    shown, rest = rows[:STATUS_TABLE_MAX_NODES], rows[STATUS_TABLE_MAX_NODES:]
+    caption = f"{len(rest)} more nodes" if rest else None
+    t = Table(box=box.SIMPLE_HEAD, caption=caption)
+    for column in ("node", "ranks", "steps", "own s median", "own s max", "flagged"):
+        t.add_column(column, no_wrap=True, justify="left" if column == "node" else "right")
+    for node, count, steps, own, median, flagged in shown:
+        span = (
+            "" if not steps else str(min(steps)) if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+        )
+        t.add_row(
+            node or "(unknown)",
+            str(count),
+            span,
+            _cell(median, "{:.3f}"),
+            _cell(own[-1] if own else None, "{:.3f}"),
+            str(flagged) if flagged else "",
+        )
+    return t
+
+
+def _rank_table(ranks: tuple[RankView, ...], *, every_rank: bool = False) -> Table:
     """Every rank, or for a large job the ranks worth a look (flagged, then the furthest behind, then the slowest
     own work) and a line on the rest: at 16,384 ranks the table still fits a terminal."""
-    if len(ranks) <= STATUS_TABLE_MAX_RANKS:
+    if len(ranks) <= STATUS_TABLE_MAX_RANKS or every_rank:
         shown, caption = sorted(ranks, key=lambda r: r.rank), None
     else:
         inf = float("inf")
@@ -190,8 +227,9 @@ def _rank_table(ranks: tuple[RankView, ...]) -> Table:
             ),
         )[:STATUS_TABLE_MAX_RANKS]
         caption = (
-            f"flagged, furthest behind and slowest first; {_rest_of(ranks, shown)}; --output json lists all"
+            f"flagged, furthest behind and slowest first; {_rest_of(ranks, shown)}; --ranks all lists all"
         )
+
     t = Table(box=box.SIMPLE_HEAD, caption=caption)
     # Short headers: nine columns fit 80 characters (what rich assumes when stdout is no terminal).
     for column in ("rank", "node", "pid", "step", "last step", "own s", "step s", "score", "flag"):
@@ -246,15 +284,18 @@ def _conditions_table(conditions: tuple[Any, ...]) -> Table:
     return t
 
 
-def status_renderable(v: JobView) -> Group:
-    """What `vlctl status` prints: the header lines, then the cluster's conditions or the store's ranks."""
+def status_renderable(v: JobView, *, every_rank: bool = False) -> Group:
+    """What `vlctl status` prints: the header lines, then the cluster's conditions or the store's ranks (a large
+    job: its nodes first, then the ranks worth a look; every_rank: every rank, in order)."""
     lines = _status_lines(v)
     width = max(len(k) for k, _ in lines)
     parts: list[Any] = [Text("\n".join(f"{k:<{width}}  {value}" for k, value in lines))]
     if v.cluster is not None and v.cluster.conditions:
         parts.append(_conditions_table(v.cluster.conditions))
+    if v.ranks and len(v.ranks) > STATUS_TABLE_MAX_RANKS and not every_rank:
+        parts.append(_node_table(v.ranks))
     if v.ranks:
-        parts.append(_rank_table(v.ranks))
+        parts.append(_rank_table(v.ranks, every_rank=every_rank))
     return Group(*parts)
 
 
@@ -298,8 +339,21 @@ def list_(
     emit([v.as_dict(ranks=False) for v in views], output, lambda _: list_table(views))
 
 
+class RankListing(StrEnum):
+    summary = "summary"
+    all = "all"
+
+
 def status(
     job: JobArgument,
+    ranks: Annotated[
+        RankListing,
+        typer.Option(
+            "--ranks",
+            help="the table's ranks: summary (a large job's nodes and the ranks worth a look) or all; "
+            "--output json always lists all",
+        ),
+    ] = RankListing.summary,
     output: OutputOption = OutputFormat.table,
     backend: BackendOption = None,
     context: ContextOption = None,
@@ -308,7 +362,7 @@ def status(
     """One job's state: progress, ETA, checkpoint, goodput, the current attempt and every rank (a cluster's:
     its TrainingJob's status and conditions)."""
     view = jobs_client(backend, context, namespace).status(job)
-    emit(view.as_dict(), output, lambda _: status_renderable(view))
+    emit(view.as_dict(), output, lambda _: status_renderable(view, every_rank=ranks is RankListing.all))
 
 
 def events(

@@ -29,12 +29,36 @@ class OutputFormat(StrEnum):
     json = "json"
 
 
+STREAMED_LIST_MIN = 256  # a longer list under a JSON object's "ranks" is written an item a line, as it goes
+
+
 def emit(data: Any, fmt: OutputFormat, render: Callable[[Any], Any]) -> None:
     """Print `data` as JSON alone on stdout, or as what `render` returns (a rich renderable or text)."""
     if fmt is OutputFormat.json:
-        print(json.dumps(data, indent=2, default=str))
+        ranks = data.get("ranks") if isinstance(data, dict) else None
+        if isinstance(ranks, list) and len(ranks) >= STREAMED_LIST_MIN:
+            _stream_ranks(data, ranks)
+        else:
+            print(json.dumps(data, indent=2, default=str))
     else:
         stdout.print(render(data))
+
+
+def _stream_ranks(data: dict[str, Any], ranks: list[Any]) -> None:
+    """The same JSON document, its long "ranks" list last, one compact item a line, written in batches: a
+    16,384-rank job's status starts printing at once, and a reader of the pipe can take it line by line."""
+    import sys
+
+    head = json.dumps({k: v for k, v in data.items() if k != "ranks"}, indent=2, default=str)
+    out = sys.stdout
+    out.write(head[:-2] + ',\n  "ranks": [\n' if len(data) > 1 else '{\n  "ranks": [\n')
+    dumps = json.JSONEncoder(default=str, separators=(", ", ": ")).encode
+    for start in range(0, len(ranks), 1024):
+        batch = ranks[start : start + 1024]
+        last = start + len(batch) == len(ranks)
+        out.write(",\n".join(f"    {dumps(r)}" for r in batch) + ("\n" if last else ",\n"))
+    out.write("  ]\n}\n")
+    out.flush()
 
 
 def human_count(n: int) -> str:

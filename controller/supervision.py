@@ -172,7 +172,7 @@ class LiveAttempt:
 
     def check_hang(self, now: float) -> HangVerdict:
         return detect_hang(
-            [s.progress() for s in self._ranks_in_order()],
+            self._ranks_in_order(),
             now=now,
             launched_at=self.launched_at,
             median_step_seconds=self.progress.median_step_seconds,

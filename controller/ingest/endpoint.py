@@ -6,7 +6,15 @@ Decisions:
   A file is read again only when it changed (inode, mtime, size).
 - A scrape's step sample is the newest step only (see `ScrapedRanks`); a rank whose scrape fails keeps its
   state and counts a failure.
-- Scale: the scrapes of one poll run concurrently (`max_workers` threads); a poll keeps one sample per rank.
+- Scale: a poll scrapes at most `max_scrapes_per_poll` ranks, the next ones in turn (round robin), so its cost
+  is bounded whatever the job's size: every rank every poll up to that many ranks; at 16,384 ranks and 512 a
+  poll, each rank every 32 polls. A scrape costs about 1 ms of the controller's CPU (the HTTP exchange, then
+  the text read by `parse_rank_metrics`), so scraping 16,384 ranks every second would need 16 cores. The
+  straggler detector learns the sparser cadence (controller.stragglers: windows count samples, not steps), and
+  a rank's progress timestamp is at most one sweep old, far inside any hang timeout. Scrapes of one poll run
+  concurrently (`max_workers` threads); a poll keeps one sample per rank. Where every rank's every step
+  matters at that size, the Prometheus path (a server that scrapes anyway) or the JSONL path are the cheaper
+  sources; docs/benchmarks.md has each one's cost.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class EndpointTelemetry:
         *,
         timeout_seconds: float = 2.0,
         max_workers: int = 32,
+        max_scrapes_per_poll: int = 512,
     ):
         if num_ranks < 1:
             raise ValueError(f"num_ranks: must be >= 1, got {num_ranks}")
@@ -50,6 +59,10 @@ class EndpointTelemetry:
             raise ValueError(f"timeout_seconds: must be > 0, got {timeout_seconds}")
         if max_workers < 1:
             raise ValueError(f"max_workers: must be >= 1, got {max_workers}")
+        if max_scrapes_per_poll < 1:
+            raise ValueError(f"max_scrapes_per_poll: must be >= 1, got {max_scrapes_per_poll}")
+        self.max_scrapes_per_poll = max_scrapes_per_poll
+        self._next = 0  # the first rank of the next poll's turn
         self.run_dir = Path(run_dir)
         self.num_ranks = num_ranks
         self.attempt = attempt
@@ -67,7 +80,9 @@ class EndpointTelemetry:
     def poll(self, now: float) -> TelemetryUpdate:
         failed: dict[int, str] = {}
         targets = []
-        for rank in range(self.num_ranks):
+        turn = min(self.max_scrapes_per_poll, self.num_ranks)
+        first, self._next = self._next, (self._next + turn) % self.num_ranks
+        for rank in (r % self.num_ranks for r in range(first, first + turn)):
             try:
                 endpoint = self._endpoint(rank)
             except ValueError as e:

@@ -328,6 +328,30 @@ def test_endpoints_are_scraped_and_a_dead_one_is_a_counted_failure(tmp_path):
         source.close()
 
 
+def test_a_poll_scrapes_at_most_its_budget_of_ranks_in_turn(tmp_path):
+    # Every rank every poll would cost a core per thousand ranks: past `max_scrapes_per_poll` the ranks take
+    # turns, and a rank not scraped keeps its last state.
+    ranks = [rank_telemetry(tmp_path, r, attempt=1) for r in range(5)]
+    source = EndpointTelemetry(tmp_path, 5, 1, max_workers=2, max_scrapes_per_poll=2)
+    try:
+        turns = []
+        for poll in range(4):
+            for t in ranks:
+                take_step(t, poll)
+            update = source.poll(now=float(poll))
+            turns.append(sorted(s.rank for s in update.steps))
+            assert update.failed == {}
+        assert turns == [[0, 1], [2, 3], [0, 4], [1, 2]]
+        assert sorted(update.ranks) == [0, 1, 2, 3, 4]
+        assert (update.ranks[3].step, update.ranks[3].updated_at) == (1, 1.0)  # scraped in poll 1, kept
+        with pytest.raises(ValueError, match="max_scrapes_per_poll"):
+            EndpointTelemetry(tmp_path, 5, 1, max_scrapes_per_poll=0)
+    finally:
+        for t in ranks:
+            t.close()
+        source.close()
+
+
 # ------------------------------------------------------------------------------------------------ Prometheus
 
 
@@ -512,3 +536,58 @@ def check_bounded_state(tmp_path: Path, num_ranks: int) -> None:
         sizes.append(jsonl_state_nbytes(source))
     per_rank = sizes[-1] / num_ranks
     assert sizes[-1] == sizes[1] and per_rank < 4096  # constant as steps accumulate
+
+
+class _VectorPrometheus(PrometheusTelemetry):
+    """The query API's answer comes from bench.fleet's synthetic ranks instead of a server (the real server is
+    tested above; here the cadence is the point: 90 polls 15 s apart would take 22 minutes)."""
+
+    def __init__(self, fleet, scrape_interval: float, **kw):
+        super().__init__("http://prometheus.invalid:9090", fleet.training_job, 1, fleet.num_ranks, **kw)
+        self.fleet, self.scrape_interval, self.now = fleet, scrape_interval, 0.0
+
+    def fetch(self) -> list[dict]:
+        return self.fleet.instant_vector(self.now, self.scrape_interval)
+
+
+@pytest.mark.parametrize("slow_rank", [21, None])
+def test_the_prometheus_path_at_a_15s_scrape_flags_a_slow_rank_and_nothing_else(slow_rank):
+    # A 15 s scrape of 1 s steps: each rank reports one step in 15. The detector learns that cadence and judges
+    # windows of 20 samples; issue 14 measured 0 windows closed in 600 steps before it did.
+    from bench.fleet import Fleet
+    from controller.supervision import LiveAttempt
+
+    fleet = Fleet(num_ranks=64, slow_rank=slow_rank, seed=3)
+    source = _VectorPrometheus(fleet, 15.0, launched_at=fleet.t0 - 30)
+    config = StragglerConfig()  # the job defaults: window 20, persistence 3, warm-up 20 steps
+    live = LiveAttempt(
+        job_id=1,
+        job_name="scale",
+        attempt=1,
+        num_ranks=64,
+        dp=64,
+        gang=None,
+        telemetry=source,
+        launched_at=fleet.t0,
+        stragglers=config,
+        hang=HangConfig(),
+    )
+    flagged_at, windows = None, []
+    for k in range(1, 90):  # 22 minutes of training, polled at the scrape interval
+        source.now = fleet.t0 + 15.0 * k
+        update = source.poll(source.now)
+        assert update.error is None
+        newly, closed = live.absorb(update)
+        windows += closed
+        if flagged_at is None and newly:
+            flagged_at = (source.now - fleet.t0, [r.rank for r in newly])
+        assert not live.check_hang(source.now).hung
+    assert live._detector.stride == 15
+    assert len(windows) >= 3 and all(w.num_ranks == 64 for w in windows[1:])
+    if slow_rank is None:
+        assert flagged_at is None and not live.flagged
+        return
+    assert flagged_at is not None and flagged_at[1] == [slow_rank]
+    # warm-up + the first window (cadence learned) + 3 windows of 20 x 15 steps, and one poll's slack
+    assert flagged_at[0] <= 20 + 20 + 3 * 20 * 15 + 30
+    assert live.flagged[slow_rank].slowdown == pytest.approx(1.3, abs=0.1)

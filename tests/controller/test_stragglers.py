@@ -177,6 +177,52 @@ def test_two_rank_job_finds_its_straggler_through_its_own_history():
     assert reports[0].ratio >= 1.2 and reports[0].step <= 120 + 3 * config.window
 
 
+def scraped(job: Job, steps: range, every: int, seed: int = 0):
+    """The job as a scrape every `every` steps sees it: each rank at its own offset (Prometheus spreads its
+    targets over the interval), one sample of the step it just finished, none of the others."""
+    offset = np.random.default_rng(seed).integers(0, every, job.num_ranks)
+    for step in steps:
+        batch = job.batch(step)
+        seen = (step - offset) % every == 0
+        yield StepBatch(**{name: getattr(batch, name)[seen] for name in StepBatch.__dataclass_fields__})
+
+
+@pytest.mark.parametrize("every", [15, 4])
+def test_a_sparse_scrape_learns_its_cadence_and_still_flags_the_slow_rank(every):
+    # One sample per rank every 15 steps (a 15 s Prometheus scrape of 1 s steps): a window of 20 steps holds 1-2
+    # samples per rank, fewer than min_samples, so windows of 20 samples (slots of `every` steps) are needed.
+    job = Job(seed=11, slow=[Slow(ranks=(13,), factor=1.3, start=0)])
+    detector = StragglerDetector(CONFIG, num_ranks=job.num_ranks)
+    results = []
+    for batch in scraped(
+        job, range(CONFIG.warmup_steps + (2 + CONFIG.persistence) * CONFIG.window * every), every
+    ):
+        results += detector.observe(batch)
+    assert detector.stride == every
+    reports = flagged(results)
+    assert {r.rank for r in reports} == {13}
+    # The first window (stride 1) learns the cadence; the next `persistence` windows flag the rank.
+    assert reports[0].step <= CONFIG.warmup_steps + CONFIG.window + CONFIG.persistence * CONFIG.window * every
+    assert reports[0].slowdown == pytest.approx(1.3, abs=0.1)
+    assert results[-1].last_step - results[-1].first_step + 1 == CONFIG.window * every
+
+
+def test_a_sparse_scrape_of_a_clean_job_flags_nothing():
+    job = Job(seed=12, spike_probability=0.02)
+    detector = StragglerDetector(CONFIG, num_ranks=job.num_ranks)
+    results = []
+    for batch in scraped(job, range(20 + 12 * CONFIG.window * 15), 15, seed=1):
+        results += detector.observe(batch)
+    assert len(results) >= 10 and all(w.num_ranks == job.num_ranks for w in results[1:])
+    assert flagged(results) == []
+
+
+def test_every_step_seen_keeps_slots_of_one_step():
+    detector = StragglerDetector(CONFIG, num_ranks=64)
+    run(detector, Job(seed=13), range(200))
+    assert detector.stride == 1
+
+
 def steps_with(detector, job, steps, **kw):
     return flagged(run(detector, job, steps, **kw))
 
