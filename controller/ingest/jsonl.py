@@ -13,13 +13,14 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from controller.stragglers import StepSample
 from trainer.contract.telemetry import CHECKPOINT_OPERATIONS, JSONL_FILE, PHASES
@@ -149,9 +150,15 @@ class JsonlTelemetry:
             cursor.inode, cursor.offset, cursor.partial, cursor.skipping = st.st_ino, 0, b"", False
         if st.st_size == cursor.offset:
             return b""
-        with open(self._paths[rank], "rb") as f:
-            f.seek(cursor.offset)
-            chunk = f.read(min(st.st_size - cursor.offset, self.max_poll_bytes))
+        # os-level calls: a Python file object per read cost 8 us a rank (130 ms a poll at 16,384 ranks).
+        try:
+            fd = os.open(self._paths[rank], os.O_RDONLY)
+        except FileNotFoundError:
+            return b""  # replaced between the stat and the open: read at the next poll
+        try:
+            chunk = os.pread(fd, min(st.st_size - cursor.offset, self.max_poll_bytes), cursor.offset)
+        finally:
+            os.close(fd)
         cursor.offset += len(chunk)
         data = cursor.partial + chunk
         if cursor.skipping:
@@ -203,7 +210,7 @@ class JsonlTelemetry:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = orjson.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
                 attempt = record.get(ATTEMPT_KEY, 0)
@@ -217,7 +224,7 @@ class JsonlTelemetry:
                     node = self.nodes[rank] if self.nodes is not None else ""
                     state = RankState(rank=rank, attempt=self.attempt, node=node)
                 state, sample, line_ops = _fold_line(state, record, step, now)
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+            except ValueError as e:  # orjson.JSONDecodeError is a ValueError
                 self._bad_line(rank, str(e))
                 continue
             saving = [op for op in line_ops if op.operation in SAVING_OPERATIONS]
@@ -261,38 +268,50 @@ def _fold_line(
         # Each line in an outage is a sign of life (the trainer writes them while it waits for the storage).
         changes["storage_outage_seconds"] = outage
         changes["storage_wait_at"] = _number(record.get("time"), "time") if outage > 0 else None
-    sample = None
-    if "step_seconds" in record:  # a step line (the others are checkpoint lines)
-        wall = _number(record["step_seconds"], "step_seconds")
-        own = _number(record.get("own_work_seconds"), "own_work_seconds")
-        phases = {}
-        for phase, key in _PHASE_KEYS:
-            seconds = _number(record.get(key), key)
-            if seconds is not None:
-                phases[phase] = seconds
-        text = _number(record.get("text_tokens"), "text_tokens") or 0.0
-        vision = _number(record.get("vision_tokens"), "vision_tokens") or 0.0
-        progress = _number(record.get("last_progress_timestamp_seconds"), "last_progress_timestamp_seconds")
-        changes.update(
-            step=step,
-            step_seconds=wall,
-            own_work_seconds=own,
-            phase_seconds=phases,
-            loss=finite_or_none(_number(record.get("loss"), "loss")),
-            text_tokens_total=state.text_tokens_total + text,
-            vision_tokens_total=state.vision_tokens_total + vision,
-            tokens_per_second=(text + vision) / wall if wall else None,
-            last_progress=progress if progress is not None else _number(record.get("time"), "time"),
-        )
-        sample = StepSample(
-            rank=state.rank,
-            node=state.node,
-            step=step,
-            own_work_seconds=own,
-            phase_seconds=own_work_phases(phases),
-            wall_seconds=wall,
-            attempt=state.attempt,
-        )
-    if changes and now is not None:
-        changes["updated_at"] = now
-    return (replace(state, **changes) if changes else state), sample, ops
+    if "step_seconds" not in record:  # a checkpoint line
+        if changes and now is not None:
+            changes["updated_at"] = now
+        return (replace(state, **changes) if changes else state), None, ops
+    # A step line, the one a rank writes every step: the new state is built whole, not through `replace`
+    # (which reads every field back first: 4 us a line, 70 ms a poll at 16,384 ranks).
+    wall = _number(record["step_seconds"], "step_seconds")
+    own = _number(record.get("own_work_seconds"), "own_work_seconds")
+    phases = {}
+    for phase, key in _PHASE_KEYS:
+        seconds = _number(record.get(key), key)
+        if seconds is not None:
+            phases[phase] = seconds
+    text = _number(record.get("text_tokens"), "text_tokens") or 0.0
+    vision = _number(record.get("vision_tokens"), "vision_tokens") or 0.0
+    progress = _number(record.get("last_progress_timestamp_seconds"), "last_progress_timestamp_seconds")
+    new = RankState(
+        rank=state.rank,
+        attempt=state.attempt,
+        node=state.node,
+        pid=state.pid,
+        step=step,
+        last_progress=progress if progress is not None else _number(record.get("time"), "time"),
+        process_start=state.process_start,
+        step_seconds=wall,
+        own_work_seconds=own,
+        phase_seconds=phases,
+        loss=finite_or_none(_number(record.get("loss"), "loss")),
+        text_tokens_total=state.text_tokens_total + text,
+        vision_tokens_total=state.vision_tokens_total + vision,
+        tokens_per_second=(text + vision) / wall if wall else None,
+        checkpoint_seconds=changes.get("checkpoint_seconds", state.checkpoint_seconds),
+        storage_outage_seconds=changes.get("storage_outage_seconds", state.storage_outage_seconds),
+        storage_wait_at=changes.get("storage_wait_at", state.storage_wait_at),
+        updated_at=now if now is not None else state.updated_at,
+        failures=state.failures,
+    )
+    sample = StepSample(
+        rank=state.rank,
+        node=state.node,
+        step=step,
+        own_work_seconds=own,
+        phase_seconds=own_work_phases(phases),
+        wall_seconds=wall,
+        attempt=state.attempt,
+    )
+    return new, sample, ops

@@ -591,3 +591,52 @@ def test_the_prometheus_path_at_a_15s_scrape_flags_a_slow_rank_and_nothing_else(
     # warm-up + the first window (cadence learned) + 3 windows of 20 x 15 steps, and one poll's slack
     assert flagged_at[0] <= 20 + 20 + 3 * 20 * 15 + 30
     assert live.flagged[slow_rank].slowdown == pytest.approx(1.3, abs=0.1)
+
+
+def test_a_step_line_keeps_every_field_it_does_not_carry():
+    # _fold_line builds a step line's state whole (not through dataclasses.replace, for speed): a field it did
+    # not list would fall back to its default at every step. A new RankState field fails here until it is
+    # carried over there.
+    import dataclasses
+
+    from controller.ingest.jsonl import _fold_line
+
+    kept = {
+        "rank": 3,
+        "attempt": 2,
+        "node": "n1",
+        "pid": 77,
+        "process_start": 5.0,
+        "failures": 2,
+        "checkpoint_seconds": {"stage": 0.5},
+        "storage_outage_seconds": 0.0,
+        "storage_wait_at": None,
+    }
+    from_line = {
+        "step",
+        "last_progress",
+        "step_seconds",
+        "own_work_seconds",
+        "phase_seconds",
+        "loss",
+        "text_tokens_total",
+        "vision_tokens_total",
+        "tokens_per_second",
+        "updated_at",
+    }
+    assert {f.name for f in dataclasses.fields(RankState)} == set(kept) | from_line
+    old = RankState(**kept, text_tokens_total=10.0, vision_tokens_total=1.0, updated_at=1.0)
+    line = {
+        "step": 4,
+        "time": 9.0,
+        "step_seconds": 1.0,
+        "own_work_seconds": 0.5,
+        "phase_seconds/forward": 0.5,
+        "loss": 2.0,
+        "text_tokens": 5,
+        "vision_tokens": 1,
+    }
+    new, sample, ops = _fold_line(old, line, 4, 20.0)
+    assert {k: getattr(new, k) for k in kept} == kept and ops == []
+    assert (new.step, new.last_progress, new.text_tokens_total, new.updated_at) == (4, 9.0, 15.0, 20.0)
+    assert sample.step == 4 and sample.phase_seconds == {"forward": 0.5}
