@@ -262,7 +262,7 @@ rank_status = Table(
     UniqueConstraint("job_id", "rank"),
     # Half of each page left free, so that an update finds room beside its row: PostgreSQL then updates in
     # place of the page (HOT: no index entries) and its WAL for the rows a controller refreshes every second
-    # falls from 94 KB/s to 35 KB/s at 16,384 ranks (migration 0004).
+    # falls from 98-100 KB/s to 38 KB/s at 16,384 ranks (migration 0004; bench_controller_scale).
     postgresql_with={"fillfactor": RANK_STATUS_FILLFACTOR},
 )
 

@@ -512,7 +512,7 @@ def test_goodput_is_stored_and_validated(migrated_store: Store) -> None:
 
 def test_rank_status_leaves_room_on_its_pages_for_in_place_updates(postgres_only_url):
     # Migration 0004: fillfactor 50, so that the rank rows refreshed every second update heap-only (their WAL at
-    # 16,384 ranks: 94 KB/s with full pages, 35 KB/s with room; bench_controller_scale measures it).
+    # 16,384 ranks: 98-100 KB/s with full pages, 38 KB/s with room; bench_controller_scale measures it).
     from sqlalchemy import text
 
     store = open_store(StoreConfig(url=postgres_only_url))

@@ -3,7 +3,7 @@
 The controller refreshes a job's rank rows every second within a budget (controller.store.records.RankRows).
 With full pages each update wrote its new row version on another page and an entry in each of the table's
 indexes; with room on the page PostgreSQL updates heap-only (HOT), and the WAL of those updates at 16,384 ranks
-falls from 94 KB/s to 35 KB/s (bench/bench_controller_scale.py). Pages already full make room as they are
+falls from 98-100 KB/s to 38 KB/s (bench/bench_controller_scale.py). Pages already full make room as they are
 vacuumed. SQLite has no such setting: nothing to do there.
 
 Revision ID: 0004
