@@ -70,7 +70,6 @@ from controller.history import (
     update_goodput,
 )
 from controller.inplace import (
-    SPARE_READY_WAIT_S,
     CoordinatorClient,
     CoordinatorError,
     InPlace,
@@ -79,6 +78,7 @@ from controller.inplace import (
     in_place_crash_loop,
     plan_replacement,
     recovery_times,
+    spare_wait_seconds,
     starting_spares,
     steps_done,
     unfinished_recovery,
@@ -643,7 +643,8 @@ class Controller:
                             f"nodes {', '.join(sorted(failed))} were lost together (a rank's snapshot may be "
                             "lost with the peer that keeps its replica)"
                             if len(failed) > 1
-                            else f"no spare node was ready for {', '.join(failed)} within {SPARE_READY_WAIT_S:.0f} s"
+                            else f"no spare node was ready for {', '.join(failed)} within "
+                            f"{self._spare_wait(live):.0f} s"
                             if set(failed) & set(live.awaiting_spare)
                             else f"no spare node is ready for {', '.join(failed)} and none could be started"
                         )
@@ -745,7 +746,7 @@ class Controller:
         final: bool,
     ) -> bool:
         """No spare node waits for the one lost node: whether its ranks wait in place for one still starting
-        (up to SPARE_READY_WAIT_S). With no spare at all, only the lost node is started again, as a spare that
+        (up to `spare_wait_seconds`). With no spare at all, only the lost node is started again, as a spare that
         takes its ranks once it waits."""
         if len(failed) != 1:
             return False
@@ -769,7 +770,15 @@ class Controller:
         if not starting:
             return False
         since = live.awaiting_spare.setdefault(node, now)
-        return now - since < SPARE_READY_WAIT_S
+        return now - since < self._spare_wait(live)
+
+    @staticmethod
+    def _spare_wait(live: LiveAttempt) -> float:
+        return spare_wait_seconds(
+            launched_at=live.launched_at,
+            first_step_at=live.progress.first_step_at,
+            limit=live.hang.startup_timeout_seconds,
+        )
 
     def _decline_in_place(
         self, job_id: int, live: LiveAttempt, why: str, failed: Mapping[str, int | None]

@@ -130,3 +130,14 @@ def test_a_failure_brought_back_at_the_same_step_is_a_crash_loop_only_at_the_lim
     assert in_place_crash_loop([7, 7], 7, limit=3)
     assert not in_place_crash_loop([3, 7, 11, 15, 19], 23, limit=3)
     assert not in_place_crash_loop([7, 7], None, limit=3)  # no step reported yet: nothing to compare
+
+
+def test_the_wait_for_a_starting_spare_is_a_start_up_long_at_least_a_minute() -> None:
+    from controller.inplace import SPARE_READY_WAIT_S, spare_wait_seconds
+
+    # A job that started in 20 s: the minute stands. One that took 4 minutes (scheduling 2,048 nodes, loading
+    # the model): a spare takes about as long, and a restart would too, so the ranks wait that long for it.
+    assert spare_wait_seconds(launched_at=100.0, first_step_at=120.0, limit=1800.0) == SPARE_READY_WAIT_S
+    assert spare_wait_seconds(launched_at=100.0, first_step_at=340.0, limit=1800.0) == 240.0
+    assert spare_wait_seconds(launched_at=100.0, first_step_at=None, limit=1800.0) == SPARE_READY_WAIT_S
+    assert spare_wait_seconds(launched_at=0.0, first_step_at=5000.0, limit=1800.0) == 1800.0  # the start-up limit
