@@ -140,6 +140,28 @@ def checkpoint_interval(*, session: Session, job: Job, spec: TrainingJobSpec, no
         )
     )
     auto = choice.auto
+    if auto is None and choice.cut_to_mtbf_seconds is not None:
+        append_event(
+            session=session,
+            job=job,
+            type=EventType.DECISION,
+            reason=REASON_CHECKPOINT_INTERVAL,
+            message=(
+                f"checkpoint every {choice.steps} steps, not the trainer's "
+                f"{spec.training.checkpoint.interval_steps}: no save measured yet, and half the MTBF so far "
+                f"({choice.cut_to_mtbf_seconds:.0f} s over {failures} failure(s)) at {step_seconds:.2f} s/step, so "
+                "that a save commits before the next failure and Young/Daly can take over"
+            ),
+            data={
+                "steps": choice.steps,
+                "mtbf_seconds": choice.cut_to_mtbf_seconds,
+                "step_seconds": step_seconds,
+                "failures": failures,
+                "observed_seconds": observed,
+                "trainer_interval_steps": spec.training.checkpoint.interval_steps,
+            },
+        )
+        return choice.steps
     if auto is None:
         return choice.steps  # nothing measured yet: the trainer's own setting, within bounds
     assert step_seconds is not None and save is not None  # Young/Daly chose: both were measured

@@ -232,6 +232,23 @@ def test_auto_before_any_measurement_is_the_trainers_interval_within_the_bounds(
     assert within.steps == 40
 
 
+def test_before_a_save_is_measured_a_failing_job_checkpoints_within_half_its_mtbf():
+    # Failures every 23 minutes and a trainer interval of 1,000 steps of 6 s (100 minutes): no save would ever
+    # commit. Half the MTBF so far (with the policy's prior worth one failure in 10 h) bounds the interval instead.
+    unsaved = replace(MEASURED, save_seconds=None, median_step_seconds=6.0, trainer_interval_steps=1000)
+    assert choose_checkpoint_interval(unsaved) == choose_checkpoint_interval(replace(unsaved, num_failures=0))
+    assert choose_checkpoint_interval(unsaved).steps == 1000  # no failure yet: the trainer's interval
+    failing = replace(unsaved, num_failures=30, observed_seconds=30 * 1380.0)
+    cut = choose_checkpoint_interval(failing)
+    mtbf = (30 * 1380.0 + INTERVAL.prior_mtbf_seconds) / 31
+    assert cut.auto is None and cut.cut_to_mtbf_seconds == pytest.approx(mtbf)
+    assert cut.steps == int(mtbf / 2 / 6.0)
+    assert choose_checkpoint_interval(replace(failing, num_failures=1, observed_seconds=600.0)).steps == 1000
+    assert (
+        choose_checkpoint_interval(replace(failing, num_failures=10**6)).steps == INTERVAL.min_interval_steps
+    )
+
+
 # ----------------------------------------------------------------------------------------- exclude a node
 
 COST = RestartCost(detection_seconds=0, teardown_seconds=10, launch_seconds=30, load_seconds=20)
