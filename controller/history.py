@@ -139,52 +139,45 @@ def checkpoint_interval(*, session: Session, job: Job, spec: TrainingJobSpec, no
             policy=spec.checkpoint_interval_policy(),
         )
     )
-    auto = choice.auto
-    if auto is None and choice.cut_to_mtbf_seconds is not None:
-        append_event(
-            session=session,
-            job=job,
-            type=EventType.DECISION,
-            reason=REASON_CHECKPOINT_INTERVAL,
-            message=(
-                f"checkpoint every {choice.steps} steps, not the trainer's "
-                f"{spec.training.checkpoint.interval_steps}: no save measured yet, and half the MTBF so far "
-                f"({choice.cut_to_mtbf_seconds:.0f} s over {failures} failure(s)) at {step_seconds:.2f} s/step, so "
-                "that a save commits before the next failure and Young/Daly can take over"
-            ),
-            data={
-                "steps": choice.steps,
-                "mtbf_seconds": choice.cut_to_mtbf_seconds,
-                "step_seconds": step_seconds,
-                "failures": failures,
-                "observed_seconds": observed,
-                "trainer_interval_steps": spec.training.checkpoint.interval_steps,
-            },
-        )
-        return choice.steps
-    if auto is None:
-        return choice.steps  # nothing measured yet: the trainer's own setting, within bounds
-    assert step_seconds is not None and save is not None  # Young/Daly chose: both were measured
-    append_event(
-        session=session,
-        job=job,
-        type=EventType.DECISION,
-        reason=REASON_CHECKPOINT_INTERVAL,
-        message=(
+    auto, trainer = choice.auto, spec.training.checkpoint.interval_steps
+    measured = {"step_seconds": step_seconds, "failures": failures, "observed_seconds": observed}
+    if auto is not None:
+        assert step_seconds is not None and save is not None  # Young/Daly chose: both were measured
+        message = (
             f"checkpoint every {auto.steps} steps: sqrt(2 x {save:.2f} s save x {auto.mtbf_seconds:.0f} s "
             f"MTBF) = {auto.interval_seconds:.0f} s at {step_seconds:.2f} s/step"
             + (" (clamped)" if auto.clamped else "")
-        ),
-        data={
+        )
+        data = {
             "steps": auto.steps,
             "optimal_steps": auto.optimal_steps,
             "interval_seconds": auto.interval_seconds,
             "mtbf_seconds": auto.mtbf_seconds,
             "save_seconds": save,
-            "step_seconds": step_seconds,
-            "failures": failures,
-            "observed_seconds": observed,
-        },
+            **measured,
+        }
+    elif choice.cut_to_mtbf_seconds is not None:
+        assert step_seconds is not None  # the cut needs a step time
+        message = (
+            f"checkpoint every {choice.steps} steps, not the trainer's {trainer}: no save measured yet, and half "
+            f"the MTBF so far ({choice.cut_to_mtbf_seconds:.0f} s over {failures} failure(s)) at "
+            f"{step_seconds:.2f} s/step, so that a save commits before the next failure and Young/Daly can take over"
+        )
+        data = {
+            "steps": choice.steps,
+            "mtbf_seconds": choice.cut_to_mtbf_seconds,
+            "trainer_interval_steps": trainer,
+            **measured,
+        }
+    else:
+        return choice.steps  # nothing measured yet: the trainer's own setting, within bounds
+    append_event(
+        session=session,
+        job=job,
+        type=EventType.DECISION,
+        reason=REASON_CHECKPOINT_INTERVAL,
+        message=message,
+        data=data,
     )
     return choice.steps
 
