@@ -267,9 +267,9 @@ def parse_rank_metrics(text: str) -> list[RankSample]:
     series = []
     for line in text.splitlines():
         if not line.startswith(PREFIX):
-            if line and not line.startswith("#") and not line.isspace():
-                if _SAMPLE_LINE.fullmatch(line.strip()) is None:
-                    return _parse_generic(text)  # not a sample line as this reader knows them
+            foreign = line and not line.startswith("#") and not line.isspace()
+            if foreign and _SAMPLE_LINE.fullmatch(line.strip()) is None:
+                return _parse_generic(text)  # not a sample line as this reader knows them
             continue
         match = _SAMPLE_LINE.fullmatch(line.rstrip())
         if match is None:
@@ -293,7 +293,9 @@ def _parse_generic(text: str) -> list[RankSample]:
     from prometheus_client.parser import text_string_to_metric_families
 
     return _rank_samples(
-        (s.name, s.labels, float(s.value)) for family in text_string_to_metric_families(text) for s in family.samples
+        (s.name, s.labels, float(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
     )
 
 
