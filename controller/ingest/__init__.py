@@ -5,7 +5,7 @@ Three sources behind one interface, `TelemetrySource.poll(now) -> TelemetryUpdat
 - `JsonlTelemetry` (`jsonl`) tails each rank's `metrics-rank{N}.jsonl` in the run folder (local backend): every
   step.
 - `EndpointTelemetry` (`endpoint`) scrapes each rank's HTTP endpoint, found through
-  `metrics-rank{N}.endpoint.json`: the newest step per scrape.
+  `metrics-rank{N}.endpoint.json`: the newest step per scrape, at most `max_scrapes_per_poll` ranks a poll.
 - `PrometheusTelemetry` (`prometheus`) reads the same series from a Prometheus server's HTTP API (clusters, where
   Prometheus already scrapes the pods): the newest step per poll.
 
