@@ -259,9 +259,10 @@ def parse_rank_metrics(text: str) -> list[RankSample]:
     sorted by (training_job, rank). Series without the `vlctl_trainer_` prefix are ignored; a trainer series
     missing a rank label raises ValueError naming the metric.
 
-    The trainer's own expositions (no escapes in a label value) are read line by line here, 10x faster than
-    prometheus_client's general parser (0.76 ms a rank: at 16,384 ranks, 12 s of CPU a sweep of the
-    endpoints); anything with a backslash, or a line this reader does not take, goes to that parser whole."""
+    The trainer's own expositions (no escapes in a label value) are read line by line here: with
+    prometheus_client's general parser an endpoint poll of 512 ranks cost the controller 2.2x the CPU
+    (bench_controller_scale, `endpoints`). Anything with a backslash, or a line this reader does not take, goes
+    to that parser whole."""
     if "\\" in text:
         return _parse_generic(text)
     series = []
