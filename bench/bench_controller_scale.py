@@ -46,10 +46,9 @@ import numpy as np
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.engine import make_url
 
-from bench.fleet import Fleet
+from bench.fleet import Fleet, FleetPrometheus
 from controller.hangs import HangConfig
 from controller.ingest.jsonl import JsonlTelemetry
-from controller.ingest.prometheus import PrometheusTelemetry
 from controller.metrics import build_registry
 from controller.store import migrate
 from controller.store.models import Job, RankStatus
@@ -411,30 +410,9 @@ def endpoints(ranks: int, seconds: int, root: Path) -> dict[str, Any]:
     }
 
 
-class _FleetPrometheus(PrometheusTelemetry):
-    """PrometheusTelemetry whose query answer is bench.fleet's instant vector, as JSON text to parse (what the
-    HTTP API sends; no server holds 16,384 ranks' series here)."""
-
-    def __init__(self, fleet: Fleet):
-        super().__init__("http://prometheus.invalid:9090", fleet.training_job, 1, fleet.num_ranks)
-        self.fleet, self.now, self.body = fleet, fleet.t0, b""
-
-    def prepare(self, now: float) -> None:
-        self.now = now
-        self.body = json.dumps(
-            {
-                "status": "success",
-                "data": {"resultType": "vector", "result": self.fleet.instant_vector(now, SCRAPE_INTERVAL)},
-            }
-        ).encode()
-
-    def fetch(self) -> list[dict]:
-        return json.loads(self.body)["data"]["result"]
-
-
 def prometheus(detect_ranks: int, cost_ranks: int) -> dict[str, Any]:
     fleet = Fleet(num_ranks=detect_ranks, slow_rank=SLOW_RANK, slowdown=SLOWDOWN, seed=1)
-    source = _FleetPrometheus(fleet)
+    source = FleetPrometheus(fleet, SCRAPE_INTERVAL)
     config = StragglerConfig()  # the job defaults: windows of 20 samples, persistence 3, warm-up 20 steps
     live = _live(detect_ranks, source, config, fleet.t0)
     flagged_after = None
@@ -447,7 +425,7 @@ def prometheus(detect_ranks: int, cost_ranks: int) -> dict[str, Any]:
             flagged_after = k * SCRAPE_INTERVAL
             break
     big = Fleet(num_ranks=cost_ranks, slow_rank=SLOW_RANK, slowdown=SLOWDOWN, seed=2)
-    source = _FleetPrometheus(big)
+    source = FleetPrometheus(big, SCRAPE_INTERVAL)
     live = _live(cost_ranks, source, config, big.t0)
     costs, size = [], 0
     for k in range(1, 6):

@@ -14,9 +14,11 @@ import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from controller.ingest.prometheus import PrometheusTelemetry
 from trainer.contract.telemetry import (
     LABEL_LOCAL_RANK,
     LABEL_NODE,
@@ -24,7 +26,6 @@ from trainer.contract.telemetry import (
     LABEL_TRAINING_JOB,
     OWN_WORK_PHASES,
     PHASE_LABEL,
-    PREFIX,
 )
 
 PHASE_SHARE = {"data": 0.01, "forward": 0.35, "backward": 0.55, "optimizer": 0.09}
@@ -96,17 +97,46 @@ class Fleet:
     def scrape_offsets(self, scrape_interval: float) -> np.ndarray:
         return np.random.default_rng((self.seed, 1)).uniform(0.0, scrape_interval, self.num_ranks)
 
+    def values(self, rank: int, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Rank `rank`'s metrics at the end of `step` as its endpoint exports them: each unlabelled metric's
+        value under its `RankSample` field (counters as running totals), and the phase seconds by phase."""
+        own = float(self.own_work(step)[rank])
+        values = {
+            "step": step,
+            "step_seconds": 1.0,
+            "own_work_seconds": own,
+            "sync_wait_seconds": max(0.0, 1.0 - own),
+            "loss": 2.0,
+            "mfu": 0.4,
+            "text_tokens_total": 4096.0 * (step + 1),
+            "vision_tokens_total": 1024.0 * (step + 1),
+            "micro_steps_total": 4.0 * (step + 1),
+            "checkpoint_storage_outage_seconds": 0.0,
+            "last_progress_timestamp_seconds": self.step_end(step),
+            "process_start_time_seconds": self.t0 - 30.0,
+            "pid": 1000.0 + rank,
+        }
+        phases = {
+            **{p: own * PHASE_SHARE[p] for p in OWN_WORK_PHASES},
+            "collective_wait": max(0.0, 1.0 - own),
+        }
+        return values, phases
+
     def instant_vector(self, now: float, scrape_interval: float) -> list[dict]:
-        """The `result` of the Prometheus query API's instant vector at `now`: each rank's series as its newest
-        scrape (at t0 + offset + k x scrape_interval <= now) saw them."""
+        """The `result` of the Prometheus query API's instant vector at `now` for the controller's query
+        (controller.ingest.prometheus.QUERIED): each rank's series as its newest scrape (at t0 + offset + k x
+        scrape_interval <= now) saw them."""
+        from controller.ingest.prometheus import QUERIED
+        from trainer.contract.telemetry import METRICS
+
+        queried = [spec for spec in METRICS if spec.name in QUERIED]
         offsets = self.scrape_offsets(scrape_interval)
         k = np.floor((now - self.t0 - offsets) / scrape_interval)
         scraped = self.t0 + offsets + k * scrape_interval
         completed = np.floor(scraped - self.t0).astype(np.int64) - 1  # step s ends at t0 + s + 1
         result = []
         for rank in map(int, np.flatnonzero(completed >= 0)):
-            step = int(completed[rank])
-            own = float(self.own_work(step)[rank])
+            values, phases = self.values(rank, int(completed[rank]))
             at = float(scraped[rank])
             labels = {
                 LABEL_TRAINING_JOB: self.training_job,
@@ -114,28 +144,41 @@ class Fleet:
                 LABEL_RANK: str(rank),
                 LABEL_LOCAL_RANK: str(rank % self.ranks_per_node),
             }
-
-            def series(name: str, value: float, at: float = at, labels: dict = labels, **extra: str) -> dict:
-                return {
-                    "metric": {"__name__": PREFIX + name, **labels, **extra},
-                    "value": [at, "NaN" if math.isnan(value) else repr(float(value))],
-                }
-
-            result += [
-                series("step", step),
-                series("step_seconds", 1.0),
-                series("own_work_seconds", own),
-                *(series("phase_seconds", own * PHASE_SHARE[p], **{PHASE_LABEL: p}) for p in OWN_WORK_PHASES),
-                series("phase_seconds", max(0.0, 1.0 - own), **{PHASE_LABEL: "collective_wait"}),
-                series("loss", 2.0),
-                series("text_tokens_total", 4096.0 * (step + 1)),
-                series("vision_tokens_total", 1024.0 * (step + 1)),
-                series("checkpoint_storage_outage_seconds", 0.0),
-                series("last_progress_timestamp_seconds", self.step_end(step)),
-                series("process_start_time_seconds", self.t0 - 30.0),
-                series("pid", 1000.0 + rank),
-            ]
+            for spec in queried:
+                if spec.label == PHASE_LABEL:
+                    series = [({PHASE_LABEL: p}, v) for p, v in phases.items()]
+                elif spec.field in values:
+                    series = [({}, values[spec.field])]
+                else:
+                    continue  # no value (a checkpoint's seconds before any checkpoint): not exported
+                result += [
+                    {
+                        "metric": {"__name__": spec.name, **labels, **extra},
+                        "value": [at, "NaN" if math.isnan(v) else repr(float(v))],
+                    }
+                    for extra, v in series
+                ]
         return result
+
+
+class FleetPrometheus(PrometheusTelemetry):
+    """PrometheusTelemetry whose query answer is the fleet's instant vector at `now` (set by `prepare`), as the
+    JSON text the HTTP API sends, parsed as the source parses it: no server holds 16,384 ranks' series here, and
+    polls 15 s apart for half an hour must not take half an hour."""
+
+    def __init__(self, fleet: Fleet, scrape_interval: float, **kw: Any):
+        super().__init__("http://prometheus.invalid:9090", fleet.training_job, 1, fleet.num_ranks, **kw)
+        self.fleet, self.scrape_interval, self.now, self.body = fleet, scrape_interval, fleet.t0, b""
+
+    def prepare(self, now: float) -> None:
+        self.now = now
+        result = self.fleet.instant_vector(now, self.scrape_interval)
+        self.body = json.dumps(
+            {"status": "success", "data": {"resultType": "vector", "result": result}}
+        ).encode()
+
+    def fetch(self) -> list[dict]:
+        return json.loads(self.body)["data"]["result"]
 
 
 def write_lines(run_dir: str, num_ranks: int, seconds: int, start: float) -> None:
@@ -168,27 +211,11 @@ def exposition(fleet: Fleet, rank: int, step: int) -> str:
     lines, labels in sorted order), without building an exporter per rank."""
     from trainer.contract.telemetry import METRICS
 
-    own = float(fleet.own_work(step)[rank])
     base = (
         f'local_rank="{rank % fleet.ranks_per_node}",node="{fleet.nodes[rank]}",rank="{rank}",'
         f'training_job="{fleet.training_job}"'
     )
-    values = {
-        "step": step,
-        "step_seconds": 1.0,
-        "own_work_seconds": own,
-        "sync_wait_seconds": max(0.0, 1.0 - own),
-        "loss": 2.0,
-        "mfu": 0.4,
-        "text_tokens_total": 4096.0 * (step + 1),
-        "vision_tokens_total": 1024.0 * (step + 1),
-        "micro_steps_total": 4.0 * (step + 1),
-        "checkpoint_storage_outage_seconds": 0.0,
-        "last_progress_timestamp_seconds": fleet.step_end(step),
-        "process_start_time_seconds": fleet.t0 - 30.0,
-        "pid": 1000.0 + rank,
-    }
-    phases = {**{p: own * PHASE_SHARE[p] for p in OWN_WORK_PHASES}, "collective_wait": max(0.0, 1.0 - own)}
+    values, phases = fleet.values(rank, step)
     lines = []
     for spec in METRICS:
         if spec.field not in values and spec.label != PHASE_LABEL:

@@ -196,13 +196,10 @@ def _node_table(ranks: tuple[RankView, ...]) -> Table:
     for column in ("node", "ranks", "steps", "own s median", "own s max", "flagged"):
         t.add_column(column, no_wrap=True, justify="left" if column == "node" else "right")
     for node, count, steps, own, median, flagged in shown:
-        span = (
-            "" if not steps else str(min(steps)) if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
-        )
         t.add_row(
             node or "(unknown)",
             str(count),
-            span,
+            _span(steps),
             _cell(median, "{:.3f}"),
             _cell(own[-1] if own else None, "{:.3f}"),
             str(flagged) if flagged else "",
@@ -259,10 +256,18 @@ def _rest_of(ranks: tuple[RankView, ...], shown: list[RankView]) -> str:
     own = sorted(r.own_work_s for r in rest if r.own_work_s is not None)
     parts = [f"{len(rest)} more ranks on {len({r.node for r in rest})} nodes"]
     if steps:
-        parts.append(f"step {min(steps)}" if min(steps) == max(steps) else f"steps {min(steps)}-{max(steps)}")
+        parts.append(("step " if min(steps) == max(steps) else "steps ") + _span(steps))
     if own:
         parts.append(f"own work median {own[len(own) // 2]:.3f} s, max {own[-1]:.3f} s")
     return ", ".join(parts)
+
+
+def _span(steps: list[int]) -> str:
+    """Steps as a range: "97-100", "100" when they are all one, "" when there are none."""
+    if not steps:
+        return ""
+    low, high = min(steps), max(steps)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _ago(value: datetime, now: datetime) -> str:

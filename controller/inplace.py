@@ -16,9 +16,10 @@ Decisions:
   on the next node, so a lost node's ranks come back from there, and a spare node's processes share a machine
   the way the lost ones did.
 - A spare still starting (importing torch, building its model): the survivors wait in place for it, up to
-  `spare_wait_seconds`: SPARE_READY_WAIT_S, or longer where this attempt's own start-up took longer. No spare at all, no coordinator, or it refuses: the restart path, as without in-place
-  recovery, and an InPlaceRecoveryDeclined event says why. The ranks themselves fall back too (EXIT_RECOVERY_FALLBACK) when some state is in
-  no memory.
+  `spare_wait_seconds`: SPARE_READY_WAIT_S, or longer where this attempt's own start-up took longer. No spare
+  at all, no coordinator, or it refuses: the restart path, as without in-place recovery, and an
+  InPlaceRecoveryDeclined event says why. The ranks themselves fall back too (EXIT_RECOVERY_FALLBACK) when some
+  state is in no memory.
 """
 
 from __future__ import annotations

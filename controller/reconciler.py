@@ -661,9 +661,8 @@ class Controller:
         code = failed[plan.node]
         # A node seen failed through its rank process has no end time yet: it was seen this pass.
         died_at = gang.node_end_time(plan.node) if code is not None else now
-        if (
-            hung := live.hung_since.pop(plan.node, None)
-        ) is not None:  # killed for a hang: lost since it stalled
+        # Killed for a hang: lost since it stalled.
+        if (hung := live.hung_since.pop(plan.node, None)) is not None:
             died_at = hung if died_at is None else min(died_at, hung)
         # A recovery still pending whose newcomer was lost before it resumed (or any older round, now
         # superseded): its ranks moved on to this round, which counts the outage from the first failure.

@@ -40,7 +40,7 @@ log = logging.getLogger("controller.ingest")  # the package's logger, whichever 
 
 # The series the ingest reads (what RankState holds); the rest of the contract stays on the server.
 _UNREAD = ("mfu", "sync_wait_seconds", "micro_steps_total")
-_QUERIED = tuple(m.name for m in METRICS if m.field not in _UNREAD)
+QUERIED = tuple(m.name for m in METRICS if m.field not in _UNREAD)
 _METRIC_LABELS = ("__name__", PHASE_LABEL, CHECKPOINT_LABEL)  # the rest of a label set names the process
 
 
@@ -76,7 +76,7 @@ class PrometheusTelemetry:
         self.failures_total = 0  # failed queries since construction
         self._ranks = ScrapedRanks(attempt)
         job = training_job.replace("\\", "\\\\").replace('"', '\\"')
-        self.query = f'{{__name__=~"{"|".join(_QUERIED)}", {LABEL_TRAINING_JOB}="{job}"}}'
+        self.query = f'{{__name__=~"{"|".join(QUERIED)}", {LABEL_TRAINING_JOB}="{job}"}}'
 
     def start_attempt(self, attempt: int, *, launched_at: float | None = None) -> None:
         self.attempt = attempt

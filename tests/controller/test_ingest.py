@@ -538,27 +538,17 @@ def check_bounded_state(tmp_path: Path, num_ranks: int) -> None:
     assert sizes[-1] == sizes[1] and per_rank < 4096  # constant as steps accumulate
 
 
-class _VectorPrometheus(PrometheusTelemetry):
-    """The query API's answer comes from bench.fleet's synthetic ranks instead of a server (the real server is
-    tested above; here the cadence is the point: 90 polls 15 s apart would take 22 minutes)."""
-
-    def __init__(self, fleet, scrape_interval: float, **kw):
-        super().__init__("http://prometheus.invalid:9090", fleet.training_job, 1, fleet.num_ranks, **kw)
-        self.fleet, self.scrape_interval, self.now = fleet, scrape_interval, 0.0
-
-    def fetch(self) -> list[dict]:
-        return self.fleet.instant_vector(self.now, self.scrape_interval)
-
-
 @pytest.mark.parametrize("slow_rank", [21, None])
 def test_the_prometheus_path_at_a_15s_scrape_flags_a_slow_rank_and_nothing_else(slow_rank):
     # A 15 s scrape of 1 s steps: each rank reports one step in 15. The detector learns that cadence and judges
     # windows of 20 samples; issue 14 measured 0 windows closed in 600 steps before it did.
-    from bench.fleet import Fleet
+    # The query API's answer comes from bench.fleet's synthetic ranks instead of a server (the real server is
+    # tested above; here the cadence is the point: 90 polls 15 s apart would take 22 minutes).
+    from bench.fleet import Fleet, FleetPrometheus
     from controller.supervision import LiveAttempt
 
     fleet = Fleet(num_ranks=64, slow_rank=slow_rank, seed=3)
-    source = _VectorPrometheus(fleet, 15.0, launched_at=fleet.t0 - 30)
+    source = FleetPrometheus(fleet, 15.0, launched_at=fleet.t0 - 30)
     config = StragglerConfig()  # the job defaults: window 20, persistence 3, warm-up 20 steps
     live = LiveAttempt(
         job_id=1,
@@ -574,7 +564,7 @@ def test_the_prometheus_path_at_a_15s_scrape_flags_a_slow_rank_and_nothing_else(
     )
     flagged_at, windows = None, []
     for k in range(1, 90):  # 22 minutes of training, polled at the scrape interval
-        source.now = fleet.t0 + 15.0 * k
+        source.prepare(fleet.t0 + 15.0 * k)
         update = source.poll(source.now)
         assert update.error is None
         newly, closed = live.absorb(update)
