@@ -601,6 +601,8 @@ class Gang:
         return {n.name: [p.pid for p in self._tree(n)] for n in self.nodes}
 
     def rank_pids(self) -> dict[int, int]:
+        """Each live rank's pid, by global rank: a snapshot, which can miss a rank caught in its exec from
+        rank_exec into the trainer (no environment to read for that moment); callers poll again."""
         out: dict[int, int] = {}
         for index, node in enumerate(self.nodes):
             for proc in self._tree(node)[1:]:
