@@ -332,10 +332,8 @@ def latency(ranks: int, seconds: int, root: Path) -> dict[str, Any]:
                 )
             done = time.time()
             cpu.append(time.process_time() - c0)
-            if update_.steps:
-                rank = np.fromiter((s.rank for s in update_.steps), np.int64, len(update_.steps))
-                step = np.fromiter((s.step for s in update_.steps), np.int64, len(update_.steps))
-                late.append(done - (start + step + phase[rank]))
+            if len(update_.batch):
+                late.append(done - (start + update_.batch.step + phase[update_.batch.rank]))
         out, _ = writer.communicate(timeout=60)
     finally:
         if writer.poll() is None:
@@ -389,7 +387,7 @@ def endpoints(ranks: int, seconds: int, root: Path) -> dict[str, Any]:
             live.check_hang(time.time())
             cpu[parser].append(time.process_time() - c0)
             failed += len(update_.failed)
-            samples += len(update_.steps)
+            samples += len(update_.batch)
         source.close()
     finally:
         endpoint_module.parse_rank_metrics = parse_rank_metrics

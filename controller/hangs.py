@@ -31,9 +31,12 @@ Decisions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+import numpy as np
 
 from trainer.contract.telemetry import RankSample
 
@@ -98,6 +101,35 @@ class ProgressLike(Protocol):
     def storage_wait_at(self) -> float | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ProgressColumns:
+    """What the hang check reads of the ranks, as arrays in rank order: NaN (times) or -1 (step) where none."""
+
+    rank: np.ndarray  # int
+    node: np.ndarray  # str
+    step: np.ndarray  # int, -1: no step yet
+    last_progress: np.ndarray
+    process_start: np.ndarray
+    storage_wait_at: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.rank.size)
+
+    @classmethod
+    def of(cls, ranks: Sequence[ProgressLike]) -> ProgressColumns:
+        def times(values: list[float | None]) -> np.ndarray:
+            return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+
+        return cls(
+            rank=np.array([r.rank for r in ranks], dtype=np.int64),
+            node=np.array([r.node for r in ranks], dtype=str),
+            step=np.array([-1 if r.step is None else r.step for r in ranks], dtype=np.int64),
+            last_progress=times([r.last_progress for r in ranks]),
+            process_start=times([r.process_start for r in ranks]),
+            storage_wait_at=times([r.storage_wait_at for r in ranks]),
+        )
+
+
 def alive_at(rank: ProgressLike) -> float | None:
     """The newest sign that the rank is doing its work: a step, or waiting out a storage outage."""
     progress, waiting = rank.last_progress, rank.storage_wait_at
@@ -156,7 +188,7 @@ def describe(rank: StaleRank) -> str:
 
 
 def detect_hang(
-    ranks: Sequence[ProgressLike],
+    ranks: Sequence[ProgressLike] | ProgressColumns,
     *,
     now: float,
     launched_at: float,
@@ -164,51 +196,47 @@ def detect_hang(
     config: HangConfig,
     last_step: int | None = None,
 ) -> HangVerdict:
-    """`ranks`: the live ranks of the current attempt; `median_step_seconds`: the job's so far (None: no step
-    yet); `launched_at`: when the attempt was launched; `last_step`: the index of the job's final step (None:
-    unknown), past which the gang is finishing, not training."""
+    """`ranks`: the live ranks of the current attempt (objects, or their columns: the controller's pass at
+    16,384 ranks); `median_step_seconds`: the job's so far (None: no step yet); `launched_at`: when the attempt
+    was launched; `last_step`: the index of the job's final step (None: unknown), past which the gang is
+    finishing, not training."""
     if median_step_seconds is not None and not median_step_seconds >= 0:
         raise ValueError(f"median_step_seconds: must be >= 0, got {median_step_seconds}")
-    # Each rank's newest sign of life, computed once: at 16,384 ranks this function runs every pass.
-    alive = [alive_at(r) for r in ranks]
-    progress = [a for a in alive if a is not None]
-    started = [r.process_start for r in ranks if r.process_start is not None]
-    since_of = [
-        a if a is not None else (r.process_start if r.process_start is not None else launched_at)
-        for r, a in zip(ranks, alive, strict=True)
-    ]
+    c = ranks if isinstance(ranks, ProgressColumns) else ProgressColumns.of(ranks)
+    # Each rank's newest sign of life: its progress, or a later report of waiting out a storage outage.
+    waiting = ~np.isnan(c.storage_wait_at) & ~(c.last_progress >= c.storage_wait_at)
+    alive = np.where(waiting, c.storage_wait_at, c.last_progress)
+    progressed = ~np.isnan(alive)
+    started = c.process_start[~np.isnan(c.process_start)]
+    since_of = np.where(progressed, alive, np.where(np.isnan(c.process_start), launched_at, c.process_start))
 
-    finishing = (
-        last_step is not None
-        and bool(ranks)
-        and all(r.step is not None and r.step >= last_step for r in ranks)
-    )
-    if progress and finishing:
+    finishing = last_step is not None and len(c) > 0 and bool(np.all(c.step >= max(last_step, 0)))
+    if progressed.any() and finishing:
         phase: HangPhase = PHASE_FINISHING
-        since = max(progress)
+        since = float(alive[progressed].max())
         threshold = config.startup_timeout_seconds
-    elif progress:
+    elif progressed.any():
         phase = PHASE_TRAINING
-        since = max(progress)
+        since = float(alive[progressed].max())
         threshold = max(config.hang_timeout_seconds, config.step_time_factor * (median_step_seconds or 0.0))
     else:
         phase = PHASE_STARTUP
-        since = max([launched_at, *started])
+        since = max(launched_at, float(started.max())) if started.size else launched_at
         threshold = config.startup_timeout_seconds
     idle = max(0.0, now - since)
 
+    over = np.flatnonzero(now - since_of > threshold)  # usually none: objects only for the stale
     stale = sorted(
         (
             StaleRank(
-                rank=r.rank,
-                node=r.node,
-                step=r.step,
-                since=since,
-                seconds=max(0.0, now - since),
-                progressed=a is not None,
+                rank=int(c.rank[i]),
+                node=str(c.node[i]),
+                step=int(c.step[i]) if c.step[i] >= 0 else None,
+                since=float(since_of[i]),
+                seconds=max(0.0, now - float(since_of[i])),
+                progressed=bool(progressed[i]),
             )
-            for r, a, since in zip(ranks, alive, since_of, strict=True)
-            if now - since > threshold
+            for i in over.tolist()
         ),
         key=lambda s: (s.progressed, s.since, s.rank),  # never progressed while others did: first
     )

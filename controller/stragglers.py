@@ -120,6 +120,7 @@ class StepBatch:
     is_checkpoint_step: np.ndarray  # (n,) bool
     after_restart: np.ndarray  # (n,) bool
     attempt: np.ndarray  # (n,) int
+    wall_seconds: np.ndarray | None = None  # (n,) float; not scored (None: NaN for every sample)
 
     def __post_init__(self) -> None:
         self.rank = np.asarray(self.rank, dtype=np.int64).reshape(-1)
@@ -127,11 +128,26 @@ class StepBatch:
         self.node = np.asarray(self.node, dtype=str).reshape(-1)
         self.step = np.asarray(self.step, dtype=np.int64).reshape(-1)
         self.own_work_seconds = np.asarray(self.own_work_seconds, dtype=np.float64).reshape(-1)
-        self.phase_seconds = np.asarray(self.phase_seconds, dtype=np.float64).reshape(n, -1)
+        phases = np.asarray(self.phase_seconds, dtype=np.float64)
+        # An empty batch may come as [] (no columns to infer): it has the contract's.
+        self.phase_seconds = phases.reshape(n, -1) if phases.size else phases.reshape(n, len(OWN_WORK_PHASES))
         self.is_checkpoint_step = np.asarray(self.is_checkpoint_step, dtype=bool).reshape(-1)
         self.after_restart = np.asarray(self.after_restart, dtype=bool).reshape(-1)
         self.attempt = np.asarray(self.attempt, dtype=np.int64).reshape(-1)
-        for name in ("node", "step", "own_work_seconds", "is_checkpoint_step", "after_restart", "attempt"):
+        self.wall_seconds = (
+            np.full(n, math.nan)
+            if self.wall_seconds is None
+            else np.asarray(self.wall_seconds, dtype=np.float64).reshape(-1)
+        )
+        for name in (
+            "node",
+            "step",
+            "own_work_seconds",
+            "is_checkpoint_step",
+            "after_restart",
+            "attempt",
+            "wall_seconds",
+        ):
             if getattr(self, name).size != n:
                 raise ValueError(
                     f"{name}: expected {n} values (one per rank), got {getattr(self, name).size}"
@@ -164,7 +180,42 @@ class StepBatch:
             is_checkpoint_step=[x.is_checkpoint_step for x in s],
             after_restart=[x.after_restart for x in s],
             attempt=[x.attempt for x in s],
+            wall_seconds=[nan if x.wall_seconds is None else x.wall_seconds for x in s],
         )
+
+    def samples(self) -> list[StepSample]:
+        """The batch as StepSample objects (the inverse of `from_samples`; NaN reads as not reported)."""
+
+        def value(x: float) -> float | None:
+            return None if x != x else x
+
+        phases = self.phase_seconds.tolist()
+        return [
+            StepSample(
+                rank=rank,
+                node=node,
+                step=step,
+                own_work_seconds=value(own),
+                phase_seconds={p: v for p, v in zip(OWN_WORK_PHASES, phases[i], strict=True) if v == v},
+                wall_seconds=value(wall),
+                is_checkpoint_step=checkpoint,
+                attempt=attempt,
+                after_restart=after,
+            )
+            for i, (rank, node, step, own, wall, checkpoint, attempt, after) in enumerate(
+                zip(
+                    self.rank.tolist(),
+                    self.node.tolist(),
+                    self.step.tolist(),
+                    self.own_work_seconds.tolist(),
+                    self.wall_seconds.tolist(),
+                    self.is_checkpoint_step.tolist(),
+                    self.attempt.tolist(),
+                    self.after_restart.tolist(),
+                    strict=True,
+                )
+            )
+        ]
 
     @classmethod
     def for_step(

@@ -21,18 +21,20 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from controller.backends.base import GangHandle
 from controller.hangs import HangConfig, HangVerdict, detect_hang
-from controller.ingest import RankState, TelemetrySource, TelemetryUpdate
+from controller.ingest import RankState, RankStates, TelemetrySource, TelemetryUpdate
 from controller.store.records import RankRows
-from controller.stragglers import StragglerConfig, StragglerDetector, StragglerReport, WindowResult
+from controller.stragglers import StepBatch, StragglerConfig, StragglerDetector, StragglerReport, WindowResult
 
 RECENT_STEPS = 50  # step times kept for the median (hang threshold, ETA)
 
@@ -42,17 +44,28 @@ class StepProgress(NamedTuple):
     loss: float | None  # mean over the ranks at that step that reported a finite loss
 
 
-def step_progress(ranks: Iterable[RankState]) -> StepProgress:
+def step_progress(ranks: RankStates | Iterable[RankState]) -> StepProgress:
     """A job's step and loss from its ranks' newest states (the module's "Step progress")."""
+    if isinstance(ranks, RankStates):
+        c = ranks.columns
+        return _step_progress(c.step[c.reported], c.loss[c.reported])
     states = list(ranks)
-    steps = [s.step for s in states if s.step is not None]
-    if not steps:
+    return _step_progress(
+        np.array([-1 if s.step is None else s.step for s in states], dtype=np.int64),
+        np.array([math.nan if s.loss is None else s.loss for s in states], dtype=np.float64),
+    )
+
+
+def _step_progress(step: np.ndarray, loss: np.ndarray) -> StepProgress:
+    """step: -1 where a rank has not finished one; loss: NaN where none."""
+    done = step >= 0
+    if not done.any():
         return StepProgress(None, None)
     # Telemetry numbers a step by its index (0 for the first); progress counts steps done, like the trainer's
     # checkpoint steps and `training.steps`.
-    slowest = min(steps)
-    losses = [s.loss for s in states if s.step == slowest and s.loss is not None]
-    return StepProgress(slowest + 1, statistics.fmean(losses) if losses else None)
+    slowest = int(step[done].min())
+    losses = loss[(step == slowest) & ~np.isnan(loss)]
+    return StepProgress(slowest + 1, statistics.fmean(losses.tolist()) if losses.size else None)
 
 
 @dataclass(kw_only=True)
@@ -84,7 +97,7 @@ class LiveAttempt:
     straggler_seconds: float = 0.0
     stage_seconds_by_step: dict[int, float] = field(default_factory=dict)
     stopped_by_controller: bool = False  # a controller stopped the ranks on its way out: a preemption
-    ranks: dict[int, RankState] = field(default_factory=dict)  # rank -> the source's newest state
+    ranks: RankStates = field(default_factory=RankStates.empty)  # rank -> the source's newest state
     # In-place recoveries decided and not yet finished (controller/inplace.py): round, node, spare, times
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     spare_due_after: float | None = None  # unix seconds: a spare is to be started once a step ends after this
@@ -116,23 +129,22 @@ class LiveAttempt:
         """In-place recovery moved ranks to another node: the telemetry and the known states name it."""
         if (reassign := getattr(self.telemetry, "reassign", None)) is not None:
             reassign(rank_nodes)
-        self.ranks = {
-            r: dataclasses.replace(s, node=rank_nodes[r]) if r < len(rank_nodes) else s
-            for r, s in self.ranks.items()
-        }
+        if self.ranks.columns.num_ranks:  # the source's own columns (renamed already) or a copy of its states
+            self.ranks.columns.reassign(rank_nodes)
 
     def absorb(self, update: TelemetryUpdate) -> tuple[list[StragglerReport], list[WindowResult]]:
         """Take one poll's telemetry in; returns the ranks newly flagged and the windows that closed."""
         assert self._detector is not None
-        self.ranks.update(update.ranks)
+        self.ranks = update.ranks  # every rank that has reported in the attempt, as the source holds them
+        batch = update.batch
         for op in update.checkpoint_ops:
             if op.operation == "stage" and op.rank == 0:
                 self.checkpoint_stall_seconds += op.seconds
                 self.stage_seconds_by_step[op.step] = op.seconds
-        for sample in update.steps:
-            if sample.rank == 0 and sample.wall_seconds is not None:
-                self._step_times.append(sample.wall_seconds)
-        windows = self._detector.observe_samples(update.steps) if update.steps else []
+        self._step_times.extend(
+            batch.wall_seconds[(batch.rank == 0) & ~np.isnan(batch.wall_seconds)].tolist()
+        )
+        windows = self._detector.observe(batch) if len(batch) else []
         newly: list[StragglerReport] = []
         for window in windows:
             current = {r.rank: r for r in window.stragglers}
@@ -147,17 +159,16 @@ class LiveAttempt:
 
     def _update_progress(self, update: TelemetryUpdate) -> None:
         p = self.progress
-        step, loss = step_progress(self.ranks.values())
+        step, loss = step_progress(self.ranks)
         if step is not None:
             p.step = step
             p.loss = loss if loss is not None else p.loss
-        progress = [s.last_progress for s in self.ranks.values() if s.last_progress is not None]
-        if progress:
-            p.last_progress_at = max(progress)
-        if p.first_step_at is None:
-            firsts = [s.time for s in update.steps if getattr(s, "time", None) is not None]
-            if update.steps:
-                p.first_step_at = min(firsts) if firsts else _first_step_end(update, p.last_progress_at)
+        columns = self.ranks.columns
+        progress = columns.last_progress[columns.reported & ~np.isnan(columns.last_progress)]
+        if progress.size:
+            p.last_progress_at = float(progress.max())
+        if p.first_step_at is None and len(update.batch):
+            p.first_step_at = _first_step_end(update.batch, p.last_progress_at)
         if self._step_times:
             p.median_step_seconds = statistics.median(self._step_times)
         rank0 = self.ranks.get(0)
@@ -172,7 +183,7 @@ class LiveAttempt:
 
     def check_hang(self, now: float) -> HangVerdict:
         return detect_hang(
-            self._ranks_in_order(),
+            self.ranks.columns.progress(),
             now=now,
             launched_at=self.launched_at,
             median_step_seconds=self.progress.median_step_seconds,
@@ -180,38 +191,59 @@ class LiveAttempt:
             last_step=self.total_steps - 1 if self.total_steps else None,
         )
 
-    def _ranks_in_order(self) -> list[RankState]:
-        ranks = self.ranks
-        if len(ranks) == self.num_ranks:  # every rank reported (sources report ranks 0..n-1 only): no sort
-            return [ranks[r] for r in range(self.num_ranks)]
-        return [s for _, s in sorted(ranks.items())]
-
     def rank_rows(self, pids: dict[int, int]) -> Iterable[dict[str, Any]]:
         scores = self.scores
+        c = self.ranks.columns
+        known = c.num_ranks
+        # Lists of Python values, once: a numpy scalar per field per rank was most of this at 16,384 ranks.
+        reported = c.reported.tolist()
+        node, pid, step = c.node.tolist(), c.pid.tolist(), c.step.tolist()
+        last, own, wall, loss = (
+            a.tolist() for a in (c.last_progress, c.own_work_seconds, c.step_seconds, c.loss)
+        )
+
+        def value(x: float) -> float | None:
+            return None if x != x else x
+
         for rank in range(self.num_ranks):
-            s = self.ranks.get(rank)
+            if rank >= known or not reported[rank]:
+                yield {
+                    "rank": rank,
+                    "node": "",
+                    "pid": pids.get(rank),
+                    "step": None,
+                    "last_progress": None,
+                    "own_work_s": None,
+                    "step_s": None,
+                    "loss": None,
+                    "straggler_score": scores.get(rank),
+                    "flagged": rank in self.flagged,
+                }
+                continue
             yield {
                 "rank": rank,
-                "node": s.node if s is not None else "",
-                "pid": pids.get(rank, s.pid if s is not None else None),
-                "step": s.step if s is not None else None,
-                "last_progress": s.last_progress if s is not None else None,
-                "own_work_s": s.own_work_seconds if s is not None else None,
-                "step_s": s.step_seconds if s is not None else None,
-                "loss": s.loss if s is not None else None,
+                "node": node[rank],
+                "pid": pids.get(rank, pid[rank] if pid[rank] >= 0 else None),
+                "step": step[rank] if step[rank] >= 0 else None,
+                "last_progress": value(last[rank]),
+                "own_work_s": value(own[rank]),
+                "step_s": value(wall[rank]),
+                "loss": value(loss[rank]),
                 "straggler_score": scores.get(rank),
                 "flagged": rank in self.flagged,
             }
 
 
-def _first_step_end(update: TelemetryUpdate, newest: float | None) -> float | None:
-    """When the first step of `update` ended, for samples without a time: a poll that read several steps ends
-    at the newest progress, and the first step ended the later steps' wall time before it (ranks step together)."""
+def _first_step_end(batch: StepBatch, newest: float | None) -> float | None:
+    """When the first step of a poll's samples ended: a poll that read several steps ends at the newest
+    progress, and the first step ended the later steps' wall time before it (ranks step together)."""
     if newest is None:
         return None
-    first = min(s.step for s in update.steps)
-    walls: dict[int, float] = {}
-    for s in update.steps:
-        if s.step > first and s.wall_seconds is not None:
-            walls[s.step] = max(walls.get(s.step, 0.0), s.wall_seconds)
-    return newest - sum(walls.values())
+    first = int(batch.step.min())
+    later = (batch.step > first) & ~np.isnan(batch.wall_seconds)
+    if not later.any():
+        return newest
+    steps, at = np.unique(batch.step[later], return_inverse=True)
+    slowest = np.zeros(steps.size)
+    np.maximum.at(slowest, at, batch.wall_seconds[later])
+    return newest - sum(slowest.tolist())

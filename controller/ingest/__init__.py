@@ -25,21 +25,26 @@ Decisions:
 - Token rates, per rank. JSONL: the last step's tokens over its wall time. Scrapes: the counters' increase over
   the steps advanced, per step, over the last step's wall time. Ranks of one data-parallel replica (tp x pp)
   count the same tokens; the job's rate is `controller.supervision`'s.
-- Scale (16,384 ranks). Per rank a source keeps one `RankState` and, for JSONL, a cursor; nothing grows with the
-  steps. Each module says what one poll costs.
+- Scale (16,384 ranks). A source keeps its ranks' states in columns (`columns.RankColumns`, a numpy array per
+  field) and, for JSONL, a cursor per rank; nothing grows with the steps. A poll's samples come as a StepBatch
+  (columns too) and its ranks as `RankStates`, a mapping that builds a rank's `RankState` when asked. Each
+  module says what one poll costs.
 """
 
+from .columns import RankColumns, RankState, RankStates
 from .endpoint import EndpointTelemetry
 from .jsonl import JsonlTelemetry
 from .prometheus import PrometheusTelemetry
-from .state import CheckpointOp, RankState, TelemetrySource, TelemetryUpdate
+from .state import CheckpointOp, TelemetrySource, TelemetryUpdate
 
 __all__ = [
     "CheckpointOp",
     "EndpointTelemetry",
     "JsonlTelemetry",
     "PrometheusTelemetry",
+    "RankColumns",
     "RankState",
+    "RankStates",
     "TelemetrySource",
     "TelemetryUpdate",
 ]

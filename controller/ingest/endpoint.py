@@ -70,12 +70,12 @@ class EndpointTelemetry:
         self.failures_total = 0  # failed scrapes since construction
         self._paths = [self.run_dir / ENDPOINT_FILE.format(rank=r) for r in range(num_ranks)]
         self._endpoints: list[_Endpoint | None] = [None] * num_ranks
-        self._ranks = ScrapedRanks(attempt)
+        self._ranks = ScrapedRanks(self.num_ranks, attempt)
         self._pool = ThreadPoolExecutor(max_workers=min(max_workers, num_ranks), thread_name_prefix="scrape")
 
     def start_attempt(self, attempt: int, *, launched_at: float | None = None) -> None:
         self.attempt = attempt
-        self._ranks = ScrapedRanks(attempt)
+        self._ranks = ScrapedRanks(self.num_ranks, attempt)
 
     def poll(self, now: float) -> TelemetryUpdate:
         failed: dict[int, str] = {}
@@ -104,7 +104,7 @@ class EndpointTelemetry:
         return TelemetryUpdate(
             attempt=self.attempt,
             steps=steps,
-            ranks=dict(self._ranks.states),
+            ranks=self._ranks.states(),
             checkpoint_ops=ops,
             failed=failed,
         )

@@ -7,33 +7,31 @@ Decisions:
 - A stage or save line may come before or after the line of the step it marks (the package's "Checkpoint
   steps"): the cursor remembers the newest one's step, and a step line already emitted in the poll is marked.
 - Scale: per rank a cursor (offset, inode, at most one partial line; a line longer than `max_line_bytes` is
-  dropped) and one `RankState`. A poll is one stat per rank plus reads of the new bytes, at most
-  `max_poll_bytes` per file (a poll after a long gap catches up over several); its step list is O(new lines).
+  dropped) and a row of the source's `RankColumns`. A poll is one stat per rank plus reads of the new bytes, at
+  most `max_poll_bytes` per file (a poll after a long gap catches up over several). A step line's values go
+  into flat buffers (`_Lines`), which become the poll's StepBatch and, each rank's last line, its row of the
+  columns, in a few numpy operations per poll: no object per line outlives the line.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
-from controller.stragglers import StepSample
+from controller.stragglers import StepBatch
 from trainer.contract.telemetry import CHECKPOINT_OPERATIONS, JSONL_FILE, PHASES
 
-from .state import (
-    ATTEMPT_KEY,
-    SAVING_OPERATIONS,
-    CheckpointOp,
-    RankState,
-    TelemetryUpdate,
-    finite_or_none,
-    own_work_phases,
-)
+from .columns import CHECKPOINT_INDEX, OWN_WORK_COLUMNS, RankColumns
+from .state import ATTEMPT_KEY, SAVING_OPERATIONS, CheckpointOp, TelemetryUpdate
 
 log = logging.getLogger("controller.ingest")  # the package's logger, whichever source warns
 
@@ -67,7 +65,7 @@ class _Cursor:
 
 
 class JsonlTelemetry:
-    """Tails every rank's JSONL file; one StepSample per step line of the attempt."""
+    """Tails every rank's JSONL file; a sample of the poll's StepBatch per step line of the attempt."""
 
     def __init__(
         self,
@@ -103,7 +101,7 @@ class JsonlTelemetry:
         # Strings, not Paths: a Path object per rank is several times its string (issue 14: <= 2 KB a rank).
         self._paths = [os.path.join(self.run_dir, JSONL_FILE.format(rank=r)) for r in range(num_ranks)]
         self._cursors = [_Cursor() for _ in range(num_ranks)]
-        self._states: dict[int, RankState] = {}
+        self._columns = RankColumns(num_ranks, attempt, self.nodes)
         self._warned: set[int] = set()  # ranks whose file had a bad line: warn once each
         if start_at_end:
             for rank in range(num_ranks):
@@ -115,25 +113,26 @@ class JsonlTelemetry:
         if len(nodes) != self.num_ranks:
             raise ValueError(f"nodes: expected {self.num_ranks} names (one per rank), got {len(nodes)}")
         self.nodes = tuple(nodes)
-        self._states = {r: replace(s, node=nodes[r]) for r, s in self._states.items()}
+        self._columns.reassign(nodes)
 
     def start_attempt(self, attempt: int, *, launched_at: float | None = None) -> None:
         if attempt < 0:
             raise ValueError(f"attempt: must be >= 0, got {attempt}")
         self.attempt = attempt
-        self._states.clear()
+        self._columns.clear(attempt)
         for cursor in self._cursors:
             cursor.checkpoint_step = None
 
     def poll(self, now: float) -> TelemetryUpdate:
-        steps: list[StepSample] = []
+        lines = _Lines()
         ops: list[CheckpointOp] = []
         for rank in range(self.num_ranks):
             data = self._read_new(rank)
             if data:
-                self._apply(rank, data, now, steps, ops)
+                self._apply(rank, data, now, lines, ops)
+        batch = lines.commit(self._columns, now)
         return TelemetryUpdate(
-            attempt=self.attempt, steps=steps, ranks=dict(self._states), checkpoint_ops=ops
+            attempt=self.attempt, steps=batch, ranks=self._columns.view(), checkpoint_ops=ops
         )
 
     def close(self) -> None:
@@ -192,56 +191,52 @@ class JsonlTelemetry:
             data = data[data.find(b"\n") + 1 :]
         end = data.rfind(b"\n") + 1
         cursor.offset = st.st_size - (len(data) - end)  # a partial last line is read again, whole
-        self._apply(rank, data[:end], None, None, None)
+        lines = _Lines()
+        self._apply(rank, data[:end], None, lines, None)
+        lines.commit(self._columns, None)
 
     def _apply(
-        self,
-        rank: int,
-        data: bytes,
-        now: float | None,
-        steps: list[StepSample] | None,
-        ops: list[CheckpointOp] | None,
+        self, rank: int, data: bytes, now: float | None, lines: _Lines, ops: list[CheckpointOp] | None
     ) -> None:
-        """Folds complete lines into the rank's state; with `steps`/`ops`, also emits what they hold."""
+        """Folds complete lines of one rank: step lines into `lines` (the rank's columns take the last at
+        `commit`), the rest into the columns now; with `ops`, also emits the checkpoint operations."""
         cursor = self._cursors[rank]
-        state = self._states.get(rank)
-        emitted: int | None = None  # index in `steps` of this rank's last sample of the poll
-        for line in data.splitlines():
-            if not line.strip():
+        columns = self._columns
+        emitted: int | None = None  # index in `lines` of this rank's last step line of the poll
+        for raw in data.splitlines():
+            if not raw.strip():
                 continue
             try:
-                record = orjson.loads(line)
-                if not isinstance(record, dict):
+                record = orjson.loads(raw)
+                if type(record) is not dict:
                     raise ValueError("not a JSON object")
-                attempt = record.get(ATTEMPT_KEY, 0)
-                if attempt != self.attempt:
+                if record.get(ATTEMPT_KEY, 0) != self.attempt:
                     self.skipped_lines += 1
                     continue
-                step = record.get("step")
-                if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                    raise ValueError(f"step: expected an integer >= 0, got {step!r}")
-                if state is None:
-                    node = self.nodes[rank] if self.nodes is not None else ""
-                    state = RankState(rank=rank, attempt=self.attempt, node=node)
-                state, sample, line_ops = _fold_line(state, record, step, now)
+                line = _parse_line(record)
             except ValueError as e:  # orjson.JSONDecodeError is a ValueError
                 self._bad_line(rank, str(e))
                 continue
-            saving = [op for op in line_ops if op.operation in SAVING_OPERATIONS]
+            step, checkpoints, outage, wait_at, values = line
+            columns.reported[rank] = True
+            saving = False
+            for operation, seconds in checkpoints:
+                columns.checkpoint_seconds[rank, CHECKPOINT_INDEX[operation]] = seconds
+                saving = saving or operation in SAVING_OPERATIONS
+                if ops is not None:
+                    ops.append(CheckpointOp(rank=rank, step=step, operation=operation, seconds=seconds))
+            if outage is not None:
+                # Each line in an outage is a sign of life (the trainer writes them while it waits for storage).
+                columns.storage_outage_seconds[rank] = outage
+                columns.storage_wait_at[rank] = wait_at
             if saving:
                 cursor.checkpoint_step = step
-            if steps is None or ops is None:
-                continue
-            ops.extend(line_ops)
-            if sample is not None:
-                if cursor.checkpoint_step == step:
-                    sample = replace(sample, is_checkpoint_step=True)
-                emitted = len(steps)
-                steps.append(sample)
-            elif saving and emitted is not None and steps[emitted].step == step:
-                steps[emitted] = replace(steps[emitted], is_checkpoint_step=True)  # the line came after
-        if state is not None:
-            self._states[rank] = state
+            if values is not None:
+                emitted = lines.add(rank, step, values, checkpoint_step=cursor.checkpoint_step == step)
+            elif (checkpoints or outage is not None) and now is not None:
+                columns.updated_at[rank] = now
+            if saving and emitted is not None and lines.step[emitted] == step:
+                lines.checkpoint[emitted] = True  # the stage or save line came after its step's line
 
     def _bad_line(self, rank: int, why: str) -> None:
         self.bad_lines += 1
@@ -250,68 +245,119 @@ class JsonlTelemetry:
             log.warning("%s: skipped a line: %s (further ones are counted only)", self._paths[rank], why)
 
 
-def _fold_line(
-    state: RankState, record: Mapping[str, Any], step: int, now: float | None
-) -> tuple[RankState, StepSample | None, list[CheckpointOp]]:
-    """One JSONL line of the state's attempt -> the new state, its step sample and its checkpoint operations."""
-    changes: dict[str, Any] = {}
-    ops = []
-    checkpoint = dict(state.checkpoint_seconds)
+_StepValues = tuple[float, float, float, float, float, float, list[float]]  # see _parse_line
+
+
+def _parse_line(
+    record: Mapping[str, Any],
+) -> tuple[int, list[tuple[str, float]], float | None, float, _StepValues | None]:
+    """A JSONL line of the source's attempt -> (step, its checkpoint operations, the storage outage it reports
+    and the time of that sign of life, and for a step line its values: wall, own work, progress time, loss,
+    text and vision tokens, phases in PHASES order, NaN where absent). Raises ValueError before anything is
+    written: a bad line changes nothing."""
+    nan = math.nan
+    step = record.get("step")
+    if type(step) is not int or step < 0:
+        raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+    checkpoints = []
     for operation, key in _CHECKPOINT_KEYS:  # a lookup per operation, not a scan of the line's keys
         if key in record and (seconds := _number(record[key], key)) is not None:
-            checkpoint[operation] = seconds
-            ops.append(CheckpointOp(rank=state.rank, step=step, operation=operation, seconds=seconds))
-    if ops:
-        changes["checkpoint_seconds"] = checkpoint
+            checkpoints.append((operation, seconds))
     outage = _number(record.get(_STORAGE_OUTAGE), _STORAGE_OUTAGE)
-    if outage is not None:
-        # Each line in an outage is a sign of life (the trainer writes them while it waits for the storage).
-        changes["storage_outage_seconds"] = outage
-        changes["storage_wait_at"] = _number(record.get("time"), "time") if outage > 0 else None
+    wait_at = nan
+    if outage is not None and outage > 0:
+        when = _number(record.get("time"), "time")
+        wait_at = when if when is not None else nan
     if "step_seconds" not in record:  # a checkpoint line
-        if changes and now is not None:
-            changes["updated_at"] = now
-        return (replace(state, **changes) if changes else state), None, ops
-    # A step line, the one a rank writes every step: the new state is built whole, not through `replace`
-    # (which reads every field back first: a line a rank a second adds up at 16,384 ranks).
+        return step, checkpoints, outage, wait_at, None
     wall = _number(record["step_seconds"], "step_seconds")
     own = _number(record.get("own_work_seconds"), "own_work_seconds")
-    phases = {}
-    for phase, key in _PHASE_KEYS:
+    phases = []
+    for _, key in _PHASE_KEYS:
         seconds = _number(record.get(key), key)
-        if seconds is not None:
-            phases[phase] = seconds
-    text = _number(record.get("text_tokens"), "text_tokens") or 0.0
-    vision = _number(record.get("vision_tokens"), "vision_tokens") or 0.0
+        phases.append(nan if seconds is None else seconds)
     progress = _number(record.get("last_progress_timestamp_seconds"), "last_progress_timestamp_seconds")
-    new = RankState(
-        rank=state.rank,
-        attempt=state.attempt,
-        node=state.node,
-        pid=state.pid,
-        step=step,
-        last_progress=progress if progress is not None else _number(record.get("time"), "time"),
-        process_start=state.process_start,
-        step_seconds=wall,
-        own_work_seconds=own,
-        phase_seconds=phases,
-        loss=finite_or_none(_number(record.get("loss"), "loss")),
-        text_tokens_total=state.text_tokens_total + text,
-        vision_tokens_total=state.vision_tokens_total + vision,
-        tokens_per_second=(text + vision) / wall if wall else None,
-        checkpoint_seconds=changes.get("checkpoint_seconds", state.checkpoint_seconds),
-        storage_outage_seconds=changes.get("storage_outage_seconds", state.storage_outage_seconds),
-        storage_wait_at=changes.get("storage_wait_at", state.storage_wait_at),
-        updated_at=now if now is not None else state.updated_at,
-        failures=state.failures,
+    if progress is None:
+        progress = _number(record.get("time"), "time")
+    loss = _number(record.get("loss"), "loss")
+    values = (
+        nan if wall is None else wall,
+        nan if own is None else own,
+        nan if progress is None else progress,
+        nan if loss is None or not math.isfinite(loss) else loss,  # a non-finite loss is not one to average
+        _number(record.get("text_tokens"), "text_tokens") or 0.0,
+        _number(record.get("vision_tokens"), "vision_tokens") or 0.0,
+        phases,
     )
-    sample = StepSample(
-        rank=state.rank,
-        node=state.node,
-        step=step,
-        own_work_seconds=own,
-        phase_seconds=own_work_phases(phases),
-        wall_seconds=wall,
-        attempt=state.attempt,
-    )
-    return new, sample, ops
+    return step, checkpoints, outage, wait_at, values
+
+
+class _Lines:
+    """A poll's step lines in flat buffers, in reading order (ranks in turn, each rank's lines in order)."""
+
+    __slots__ = ("rank", "step", "wall", "own", "progress", "loss", "text", "vision", "phases", "checkpoint")
+
+    def __init__(self) -> None:
+        self.rank = array("q")
+        self.step = array("q")
+        self.wall, self.own, self.progress, self.loss = array("d"), array("d"), array("d"), array("d")
+        self.text, self.vision = array("d"), array("d")
+        self.phases = array("d")  # len(PHASES) a line
+        self.checkpoint = bytearray()
+
+    def add(self, rank: int, step: int, values: _StepValues, *, checkpoint_step: bool) -> int:
+        wall, own, progress, loss, text, vision, phases = values
+        self.rank.append(rank)
+        self.step.append(step)
+        self.wall.append(wall)
+        self.own.append(own)
+        self.progress.append(progress)
+        self.loss.append(loss)
+        self.text.append(text)
+        self.vision.append(vision)
+        self.phases.extend(phases)
+        self.checkpoint.append(checkpoint_step)
+        return len(self.rank) - 1
+
+    def commit(self, columns: RankColumns, now: float | None) -> StepBatch:
+        """Writes each rank's last step line into `columns` (token totals: every line) and returns the lines
+        as the poll's StepBatch."""
+        rank = np.frombuffer(self.rank, dtype=np.int64)
+        n = rank.size
+        phases = np.frombuffer(self.phases, dtype=np.float64).reshape(n, len(PHASES))
+        wall = np.frombuffer(self.wall, dtype=np.float64)
+        own = np.frombuffer(self.own, dtype=np.float64)
+        step = np.frombuffer(self.step, dtype=np.int64)
+        if n:
+            # The lines come rank by rank: a rank's last line is where the next line's rank differs.
+            last = np.flatnonzero(np.append(rank[1:] != rank[:-1], True))
+            at = rank[last]
+            text = np.frombuffer(self.text, dtype=np.float64)
+            vision = np.frombuffer(self.vision, dtype=np.float64)
+            columns.step[at] = step[last]
+            columns.last_progress[at] = np.frombuffer(self.progress, dtype=np.float64)[last]
+            columns.step_seconds[at] = wall[last]
+            columns.own_work_seconds[at] = own[last]
+            columns.loss[at] = np.frombuffer(self.loss, dtype=np.float64)[last]
+            columns.phase_seconds[at] = phases[last]
+            tokens = text[last] + vision[last]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rate = tokens / wall[last]
+            columns.tokens_per_second[at] = np.where((wall[last] != 0) & ~np.isnan(wall[last]), rate, np.nan)
+            # Every line's tokens: sums per rank, its lines in order (np.add.reduceat over each rank's run).
+            starts = np.append(0, last[:-1] + 1)
+            columns.text_tokens_total[at] += np.add.reduceat(text, starts)
+            columns.vision_tokens_total[at] += np.add.reduceat(vision, starts)
+            if now is not None:
+                columns.updated_at[at] = now
+        return StepBatch(
+            rank=rank,
+            node=columns.node[rank],
+            step=step,
+            own_work_seconds=own,
+            phase_seconds=phases[:, OWN_WORK_COLUMNS],
+            is_checkpoint_step=np.frombuffer(self.checkpoint, dtype=bool),
+            after_restart=np.zeros(n, dtype=bool),
+            attempt=np.full(n, columns.attempt),
+            wall_seconds=wall,
+        )

@@ -74,14 +74,14 @@ class PrometheusTelemetry:
         self.clock_skew_seconds = clock_skew_seconds
         self.timeout_seconds = timeout_seconds
         self.failures_total = 0  # failed queries since construction
-        self._ranks = ScrapedRanks(attempt)
+        self._ranks = ScrapedRanks(self.num_ranks, attempt)
         job = training_job.replace("\\", "\\\\").replace('"', '\\"')
         self.query = f'{{__name__=~"{"|".join(QUERIED)}", {LABEL_TRAINING_JOB}="{job}"}}'
 
     def start_attempt(self, attempt: int, *, launched_at: float | None = None) -> None:
         self.attempt = attempt
         self.launched_at = launched_at
-        self._ranks = ScrapedRanks(attempt)
+        self._ranks = ScrapedRanks(self.num_ranks, attempt)
 
     def poll(self, now: float) -> TelemetryUpdate:
         steps: list[StepSample] = []
@@ -93,14 +93,14 @@ class PrometheusTelemetry:
             return TelemetryUpdate(
                 attempt=self.attempt,
                 steps=steps,
-                ranks=dict(self._ranks.states),
+                ranks=self._ranks.states(),
                 checkpoint_ops=ops,
                 error=f"{self.base_url}: {getattr(e, 'reason', None) or e}",
             )
         for sample in samples:
             self._ranks.observe(sample, now, steps, ops)
         return TelemetryUpdate(
-            attempt=self.attempt, steps=steps, ranks=dict(self._ranks.states), checkpoint_ops=ops
+            attempt=self.attempt, steps=steps, ranks=self._ranks.states(), checkpoint_ops=ops
         )
 
     def close(self) -> None:

@@ -1,20 +1,21 @@
-"""Per-rank state: what every telemetry source reports, and how a whole-rank snapshot updates it.
+"""What every telemetry source reports (`TelemetryUpdate`), and how a whole-rank snapshot updates a rank.
 
-`RankState` is the newest known telemetry of one rank; a source keeps one per rank (fixed fields; its phase and
-checkpoint maps hold at most the contract's label values), so nothing grows with the steps. JSONL lines fold
-into it in `jsonl`; snapshots (an endpoint scrape, a Prometheus query) through `ScrapedRanks` here.
+A source keeps its ranks' newest telemetry in `columns.RankColumns` (fixed width per rank: nothing grows with
+the steps). JSONL lines fold into it in `jsonl`; snapshots (an endpoint scrape, a Prometheus query) through
+`ScrapedRanks` here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from controller.hangs import RankProgress
-from controller.stragglers import StepSample
+from controller.stragglers import StepBatch, StepSample
 from trainer.contract.telemetry import CHECKPOINT_OPERATIONS, OWN_WORK_PHASES, PHASES, RankSample
+
+from .columns import RankColumns, RankState, RankStates
 
 ATTEMPT_KEY = "attempt"  # in JSONL lines and endpoint files (trainer.contract.telemetry.ENV_ATTEMPT)
 SAVING_OPERATIONS = ("stage", "save")  # the operations that make a step a checkpoint step
@@ -28,49 +29,39 @@ class CheckpointOp:
     seconds: float
 
 
-@dataclass(kw_only=True, frozen=True, slots=True)
-class RankState:
-    """The newest known telemetry of one rank in the source's attempt; None where not reported yet."""
-
-    rank: int
-    attempt: int
-    node: str = ""
-    pid: int | None = None  # scrapes only (JSONL lines do not carry it)
-    step: int | None = None  # last completed step (a scrape: the step gauge)
-    last_progress: float | None = None  # unix seconds of the last step or micro-step (JSONL: step ends only)
-    process_start: float | None = None  # unix seconds; scrapes only
-    step_seconds: float | None = None  # wall time of the last step
-    own_work_seconds: float | None = None
-    phase_seconds: Mapping[str, float] = field(default_factory=dict)  # the last step's, keys from PHASES
-    loss: float | None = None  # None also for a non-finite loss
-    text_tokens_total: float = 0.0  # JSONL: over the lines read; scrapes: the process's counter
-    vision_tokens_total: float = 0.0
-    tokens_per_second: float | None = None  # this rank's text + vision tokens per second of the last step(s)
-    checkpoint_seconds: Mapping[str, float] = field(default_factory=dict)  # newest per operation
-    storage_outage_seconds: float | None = None  # the checkpoint storage outage it reports (0: none)
-    storage_wait_at: float | None = None  # unix seconds of its newest sign of life while in an outage
-    updated_at: float | None = None  # the controller's clock (poll `now`) when this rank last reported
-    failures: int = 0  # consecutive failed scrapes (endpoint source)
-
-    def progress(self) -> RankProgress:
-        return RankProgress(
-            rank=self.rank,
-            node=self.node,
-            step=self.step,
-            last_progress=self.last_progress,
-            process_start=self.process_start,
-            storage_wait_at=self.storage_wait_at,
-        )
-
-
-@dataclass(kw_only=True, slots=True)
 class TelemetryUpdate:
-    attempt: int
-    steps: list[StepSample]  # new since the previous poll, in reading order
-    ranks: dict[int, RankState]  # every rank that has reported in the attempt (a copy: safe to keep)
-    checkpoint_ops: list[CheckpointOp]  # new since the previous poll
-    failed: dict[int, str] = field(default_factory=dict)  # rank -> why its scrape failed in this poll
-    error: str | None = None  # the source as a whole failed in this poll (Prometheus unreachable)
+    """One poll of a source: the step samples read since the previous poll, in columns (`batch`; `steps` builds
+    StepSample objects from it, for readers of a few), and every rank's newest state (`ranks`: a view of the
+    source's columns, valid until its next poll)."""
+
+    __slots__ = ("attempt", "batch", "ranks", "checkpoint_ops", "failed", "error", "_steps")
+
+    def __init__(
+        self,
+        *,
+        attempt: int,
+        steps: StepBatch | Sequence[StepSample],
+        ranks: RankStates | Mapping[int, RankState],
+        checkpoint_ops: list[CheckpointOp],
+        failed: dict[int, str] | None = None,
+        error: str | None = None,
+    ):
+        self.attempt = attempt
+        self.batch = steps if isinstance(steps, StepBatch) else StepBatch.from_samples(steps)
+        self.ranks = (
+            ranks if isinstance(ranks, RankStates) else RankColumns.from_states(attempt, ranks).view()
+        )
+        self.checkpoint_ops = checkpoint_ops  # new since the previous poll
+        self.failed = failed if failed is not None else {}  # rank -> why its scrape failed in this poll
+        self.error = error  # the source as a whole failed in this poll (Prometheus unreachable)
+        self._steps: list[StepSample] | None = None
+
+    @property
+    def steps(self) -> list[StepSample]:
+        """The batch as StepSample objects, in reading order (built on first access)."""
+        if self._steps is None:
+            self._steps = self.batch.samples()
+        return self._steps
 
 
 class TelemetrySource(Protocol):
@@ -97,14 +88,18 @@ def own_work_phases(phases: Mapping[str, float]) -> dict[str, float]:
 class ScrapedRanks:
     """Rank states built from whole-rank snapshots (an endpoint scrape, a Prometheus query)."""
 
-    def __init__(self, attempt: int):
+    def __init__(self, num_ranks: int, attempt: int):
         self.attempt = attempt
-        self.states: dict[int, RankState] = {}
+        self.columns = RankColumns(num_ranks, attempt)
+
+    def states(self) -> RankStates:
+        return self.columns.view()
 
     def observe(
         self, sample: RankSample, now: float, steps: list[StepSample], ops: list[CheckpointOp]
     ) -> None:
-        prev = self.states.get(sample.rank)
+        columns = self.columns
+        prev = columns.state(sample.rank) if columns.reported[sample.rank] else None
         checkpoint = {op: v for op, v in sample.checkpoint_seconds.items() if op in CHECKPOINT_OPERATIONS}
         before = prev.checkpoint_seconds if prev is not None else {}
         changed = [
@@ -129,25 +124,27 @@ class ScrapedRanks:
         if outage is not None and outage > 0:
             grew = prev is None or prev.storage_outage_seconds is None or outage > prev.storage_outage_seconds
             wait_at = now if grew else (prev.storage_wait_at if prev is not None else None)
-        self.states[sample.rank] = RankState(
-            rank=sample.rank,
-            attempt=self.attempt,
-            node=sample.node,
-            pid=sample.pid,
-            step=step,
-            last_progress=sample.last_progress_timestamp_seconds,
-            process_start=sample.process_start_time_seconds,
-            step_seconds=sample.step_seconds,
-            own_work_seconds=sample.own_work_seconds,
-            phase_seconds=phases,
-            loss=finite_or_none(sample.loss),
-            text_tokens_total=text,
-            vision_tokens_total=vision,
-            tokens_per_second=rate,
-            checkpoint_seconds=checkpoint,
-            storage_outage_seconds=outage,
-            storage_wait_at=wait_at,
-            updated_at=now,
+        columns.set_state(
+            RankState(
+                rank=sample.rank,
+                attempt=self.attempt,
+                node=sample.node,
+                pid=sample.pid,
+                step=step,
+                last_progress=sample.last_progress_timestamp_seconds,
+                process_start=sample.process_start_time_seconds,
+                step_seconds=sample.step_seconds,
+                own_work_seconds=sample.own_work_seconds,
+                phase_seconds=phases,
+                loss=finite_or_none(sample.loss),
+                text_tokens_total=text,
+                vision_tokens_total=vision,
+                tokens_per_second=rate,
+                checkpoint_seconds=checkpoint,
+                storage_outage_seconds=outage,
+                storage_wait_at=wait_at,
+                updated_at=now,
+            )
         )
         if advanced and sample.step_seconds is not None:
             steps.append(
@@ -164,6 +161,5 @@ class ScrapedRanks:
             )
 
     def fail(self, rank: int) -> None:
-        prev = self.states.get(rank)
-        if prev is not None:
-            self.states[rank] = replace(prev, failures=prev.failures + 1)
+        if self.columns.reported[rank]:
+            self.columns.failures[rank] += 1

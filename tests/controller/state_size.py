@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from controller.ingest import JsonlTelemetry
 
 
@@ -25,5 +27,6 @@ def deep_sizeof(obj: object, _seen: set[int] | None = None) -> int:
 
 
 def jsonl_state_nbytes(source: JsonlTelemetry) -> int:
-    """What a JSONL source keeps per rank: its read cursors and rank states (not its file paths)."""
-    return deep_sizeof(source._cursors) + deep_sizeof(source._states)
+    """What a JSONL source keeps per rank: its read cursors and rank state columns (not its file paths)."""
+    columns = sum(sys.getsizeof(a) for a in vars(source._columns).values() if isinstance(a, np.ndarray))
+    return deep_sizeof(source._cursors) + columns

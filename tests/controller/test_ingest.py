@@ -583,18 +583,17 @@ def test_the_prometheus_path_at_a_15s_scrape_flags_a_slow_rank_and_nothing_else(
     assert live.flagged[slow_rank].slowdown == pytest.approx(1.3, abs=0.1)
 
 
-def test_a_step_line_keeps_every_field_it_does_not_carry():
-    # _fold_line builds a step line's state whole (not through dataclasses.replace, for speed): a field it did
-    # not list would fall back to its default at every step. A new RankState field fails here until it is
-    # carried over there.
+def test_every_rank_state_field_is_a_column_and_a_step_line_keeps_those_it_does_not_carry(tmp_path):
+    # Rank states live in columns (controller.ingest.columns): a RankState field without a column would read
+    # back as its default. A new field fails the round trip here until the columns carry it.
     import dataclasses
 
-    from controller.ingest.jsonl import _fold_line
+    from controller.ingest import RankColumns
 
     kept = {
-        "rank": 3,
+        "rank": 1,
         "attempt": 2,
-        "node": "n1",
+        "node": "node-with-a-long-name",
         "pid": 77,
         "process_start": 5.0,
         "failures": 2,
@@ -602,21 +601,31 @@ def test_a_step_line_keeps_every_field_it_does_not_carry():
         "storage_outage_seconds": 0.0,
         "storage_wait_at": None,
     }
-    from_line = {
-        "step",
-        "last_progress",
-        "step_seconds",
-        "own_work_seconds",
-        "phase_seconds",
-        "loss",
-        "text_tokens_total",
-        "vision_tokens_total",
-        "tokens_per_second",
-        "updated_at",
-    }
-    assert {f.name for f in dataclasses.fields(RankState)} == set(kept) | from_line
-    old = RankState(**kept, text_tokens_total=10.0, vision_tokens_total=1.0, updated_at=1.0)
+    full = RankState(
+        **{**kept, "storage_wait_at": 8.0},
+        step=3,
+        last_progress=8.5,
+        step_seconds=1.5,
+        own_work_seconds=1.25,
+        phase_seconds={"forward": 0.5, "collective_wait": 0.25},
+        loss=2.5,
+        text_tokens_total=10.0,
+        vision_tokens_total=1.0,
+        tokens_per_second=7.0,
+        updated_at=1.0,
+    )
+    assert all(getattr(full, f.name) != f.default for f in dataclasses.fields(RankState)), (
+        "a field left unset"
+    )
+    columns = RankColumns(2, attempt=2)
+    columns.set_state(full)
+    assert columns.state(1) == full and dict(columns.view()) == {1: full}
+
+    # A step line over that state: what the line carries changes, the rest stays.
+    source = JsonlTelemetry(tmp_path, 2, 2)
+    source._columns.set_state(replace(full, storage_wait_at=None))
     line = {
+        "attempt": 2,
         "step": 4,
         "time": 9.0,
         "step_seconds": 1.0,
@@ -626,7 +635,11 @@ def test_a_step_line_keeps_every_field_it_does_not_carry():
         "text_tokens": 5,
         "vision_tokens": 1,
     }
-    new, sample, ops = _fold_line(old, line, 4, 20.0)
-    assert {k: getattr(new, k) for k in kept} == kept and ops == []
+    (tmp_path / JSONL_FILE.format(rank=1)).write_text(json.dumps(line) + "\n")
+    update = source.poll(now=20.0)
+    new = update.ranks[1]
+    assert {k: getattr(new, k) for k in kept} == kept
     assert (new.step, new.last_progress, new.text_tokens_total, new.updated_at) == (4, 9.0, 15.0, 20.0)
-    assert sample.step == 4 and sample.phase_seconds == {"forward": 0.5}
+    assert new.phase_seconds == {"forward": 0.5} and new.tokens_per_second == 6.0
+    (sample,) = update.steps
+    assert sample.step == 4 and sample.phase_seconds == {"forward": 0.5} and sample.node == kept["node"]
