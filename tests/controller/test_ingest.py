@@ -535,7 +535,9 @@ def check_bounded_state(tmp_path: Path, num_ranks: int) -> None:
         assert len(update.steps) == 2 * num_ranks and len(update.ranks) == num_ranks
         sizes.append(jsonl_state_nbytes(source))
     per_rank = sizes[-1] / num_ranks
-    assert sizes[-1] == sizes[1] and per_rank < 4096  # constant as steps accumulate
+    # Constant as steps accumulate; a cursor and a row of the columns (about 320 bytes at 1,024 ranks and at
+    # 16,384), where an object per rank held about 1 KB.
+    assert sizes[-1] == sizes[1] and per_rank < 512
 
 
 @pytest.mark.parametrize("slow_rank", [21, None])
