@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || \
 		apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
 		(apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null)
+	# A real browser for the dashboard's tests (Playwright drives it): Debian's Chromium, when it is missing.
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+		apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -33,6 +34,7 @@ from .live import job_snapshot, render_snapshot
 from .options import OutputOption
 from .output import OutputFormat, emit, stderr
 from .signals import StopRequest, stop_on_signals
+from .ui import UiHostOption, UiOption, UiPortOption, UiTokenOption
 
 if TYPE_CHECKING:
     from controller.reconciler import Controller
@@ -101,6 +103,10 @@ def controller(
             "another controller takes the job over once it expires"
         ),
     ] = 30.0,
+    with_ui: UiOption = False,
+    ui_host: UiHostOption = "127.0.0.1",
+    ui_port: UiPortOption = 8470,
+    ui_token: UiTokenOption = None,
 ) -> None:
     """Run the reconcile loop: launch pending jobs, supervise running ones, restart failed ones."""
     if on_exit not in ("stop", "detach"):
@@ -109,7 +115,7 @@ def controller(
     from .store import store
 
     stop = threading.Event()
-    with stop_on_signals(stop), store() as db:
+    with stop_on_signals(stop), store() as db, _dashboard(db, with_ui, ui_host, ui_port, ui_token):
         ctl = _controller(
             db,
             poll_seconds=poll_seconds,
@@ -140,6 +146,23 @@ def controller(
         )
 
 
+@contextlib.contextmanager
+def _dashboard(db, enabled: bool, host: str, port: int, token: str | None) -> Iterator[None]:
+    """The dashboard in a thread beside the loop while it runs (`--ui`)."""
+    if not enabled:
+        yield
+        return
+    from .ui import announce, dashboard
+
+    server = dashboard(db, host, port, token)
+    server.start()
+    announce(server, server.token_required)
+    try:
+        yield
+    finally:
+        server.stop()
+
+
 def _serve_metrics(db, host: str, port: int):
     if not port:
         return None
@@ -157,6 +180,10 @@ def run(
     trainer_module: Annotated[
         str, typer.Option(help="what each rank runs with the attempt's config (local backend)", hidden=True)
     ] = "trainer.train",
+    with_ui: UiOption = False,
+    ui_host: UiHostOption = "127.0.0.1",
+    ui_port: UiPortOption = 8470,
+    ui_token: UiTokenOption = None,
 ) -> None:
     """Submit a job and supervise it in the foreground, with a live view of step, loss, tokens/s, ETA, restarts
     and stragglers. Ctrl-C (or SIGTERM) cancels the job."""
@@ -165,7 +192,7 @@ def run(
     from .store_jobs import create, load_submitted_spec
 
     spec = load_submitted_spec(file)  # relative paths from this directory, inputs and memory checked
-    with store() as db:
+    with store() as db, _dashboard(db, with_ui, ui_host, ui_port, ui_token):
         with db.transaction() as session:
             create(spec, session)
         stopped = StopRequest()

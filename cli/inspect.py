@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .options import JobArgument, OutputOption
-from .output import OutputFormat, emit, human_seconds, iso, stderr
+from .output import OutputFormat, emit, human_seconds, stderr
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -35,7 +35,7 @@ def _checkpoint_state(committed: bool, verified: bool | None) -> str:
 def checkpoints(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
     """The job's checkpoints, oldest first, marking the one its next launch resumes from."""
     from controller.store.records import list_checkpoints
-    from trainer.contract.memory import human_bytes
+    from controller.views import checkpoint_dict
 
     from .store import load_job, store
 
@@ -44,19 +44,7 @@ def checkpoints(job: JobArgument, output: OutputOption = OutputFormat.table) -> 
         # An explicit `resume --from-step` wins over the newest valid checkpoint, as in the controller.
         resume_step = found.last_checkpoint_step if found.resume_from_step is None else found.resume_from_step
         rows = [
-            {
-                "step": c.step,
-                "uri": c.uri,
-                "attempt": c.attempt,
-                "committed": c.committed,
-                "verified": c.verified,
-                "size_bytes": c.size_bytes,
-                "size": None if c.size_bytes is None else human_bytes(c.size_bytes),
-                "save_seconds": c.save_seconds,
-                "created": iso(c.created_at),
-                "committed_at": iso(c.committed_at),
-                "resume_next": c.step == resume_step,
-            }
+            checkpoint_dict(c, resume_step=resume_step)
             for c in list_checkpoints(session=session, job_id=found.id)
         ]
     if not rows and output is OutputFormat.table:
@@ -118,8 +106,7 @@ def _straggler_events(session: Session, job_id: int) -> list[dict[str, Any]]:
     from controller.domain.phases import EventType, SupervisionReason
     from controller.store.models import Event
     from controller.store.records import NODE_EXCLUDED
-
-    from .store_jobs import event_dict
+    from controller.views import event_dict
 
     stmt = (
         select(Event)

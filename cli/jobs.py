@@ -176,33 +176,24 @@ def _status_lines(v: JobView) -> list[tuple[str, str]]:
 
 
 def _node_table(ranks: tuple[RankView, ...]) -> Table:
-    """A large job's nodes, the ones worth a look first (most flagged ranks, then furthest behind, then the
-    slowest median own work), STATUS_TABLE_MAX_NODES of them and a line on the rest."""
-    by_node: dict[str, list[RankView]] = {}
-    for r in ranks:
-        by_node.setdefault(r.node, []).append(r)
-    rows = []
-    for node, members in by_node.items():
-        steps = [r.step for r in members if r.step is not None]
-        own = sorted(r.own_work_s for r in members if r.own_work_s is not None)
-        flagged = sum(r.flagged for r in members)
-        median = own[len(own) // 2] if own else None
-        rows.append((node, len(members), steps, own, median, flagged))
-    inf = float("inf")
-    rows.sort(key=lambda x: (-x[5], min(x[2]) if x[2] else inf, -(x[4] or 0.0), x[0]))
-    shown, rest = rows[:STATUS_TABLE_MAX_NODES], rows[STATUS_TABLE_MAX_NODES:]
+    """A large job's nodes, the ones worth a look first (controller.views.node_summaries),
+    STATUS_TABLE_MAX_NODES of them and a line on the rest."""
+    from controller.views import node_summaries  # the store's libraries: not at `vlctl --help`
+
+    nodes = node_summaries(ranks)
+    shown, rest = nodes[:STATUS_TABLE_MAX_NODES], nodes[STATUS_TABLE_MAX_NODES:]
     caption = f"{len(rest)} more nodes" if rest else None
     t = Table(box=box.SIMPLE_HEAD, caption=caption)
     for column in ("node", "ranks", "steps", "own s median", "own s max", "flagged"):
         t.add_column(column, no_wrap=True, justify="left" if column == "node" else "right")
-    for node, count, steps, own, median, flagged in shown:
+    for n in shown:
         t.add_row(
-            node or "(unknown)",
-            str(count),
-            _span(steps),
-            _cell(median, "{:.3f}"),
-            _cell(own[-1] if own else None, "{:.3f}"),
-            str(flagged) if flagged else "",
+            n.node or "(unknown)",
+            str(n.ranks),
+            _span([s for s in (n.first_step, n.last_step) if s is not None]),
+            _cell(n.own_work_median_s, "{:.3f}"),
+            _cell(n.own_work_max_s, "{:.3f}"),
+            str(n.flagged) if n.flagged else "",
         )
     return t
 
@@ -213,16 +204,9 @@ def _rank_table(ranks: tuple[RankView, ...], *, every_rank: bool = False) -> Tab
     if len(ranks) <= STATUS_TABLE_MAX_RANKS or every_rank:
         shown, caption = sorted(ranks, key=lambda r: r.rank), None
     else:
-        inf = float("inf")
-        shown = sorted(
-            ranks,
-            key=lambda r: (
-                not r.flagged,
-                inf if r.step is None else r.step,  # behind first (a rank with no step yet: last)
-                -(r.own_work_s or 0.0),
-                r.rank,
-            ),
-        )[:STATUS_TABLE_MAX_RANKS]
+        from controller.views import ranks_worth_a_look
+
+        shown = ranks_worth_a_look(ranks, STATUS_TABLE_MAX_RANKS)
         caption = (
             f"flagged, furthest behind and slowest first; {_rest_of(ranks, shown)}; --ranks all lists all"
         )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from . import control, inspect, jobs, model, operator, process, render, simulate
+from . import control, inspect, jobs, model, operator, process, render, simulate, ui
 from .errors import exit_code_for
 
 
@@ -39,6 +39,7 @@ control.register(app)
 render.register(app)
 operator.register(app)
 simulate.register(app)
+ui.register(app)
 
 
 def _version() -> str:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controller.domain.phases import Phase
-from controller.views import JobView, read_job_view, read_job_views
+from controller.views import JobView, event_dict, read_job_view, read_job_views
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from controller.spec import TrainingJobSpec
-    from controller.store.models import Event, Job
+    from controller.store.models import Job
 
 from .client import Answer, LogRequest
 from .errors import EXIT_USER_ERROR, CliError
@@ -75,18 +75,6 @@ def create(spec: TrainingJobSpec, session: Session) -> Job:
         return create_job(session=session, name=spec.name, spec=spec.model_dump(mode="json"))
     except JobExists as err:
         raise CliError(str(err), EXIT_USER_ERROR) from None
-
-
-def event_dict(e: Event) -> dict[str, Any]:
-    return {
-        "seq": e.seq,
-        "time": e.time.isoformat(),
-        "attempt": e.attempt,
-        "type": e.type,
-        "reason": e.reason,
-        "message": e.message,
-        "data": e.data,
-    }
 
 
 class StoreJobs:

@@ -88,11 +88,11 @@ from controller.policy import ExclusionCase, decide_exclusion, decide_restart
 from controller.spec import TrainingJobSpec
 from controller.store.claims import claim_jobs, release_claims, renew_leases
 from controller.store.models import Event, Job
-from controller.store.records import exclude_node, excluded_nodes
+from controller.store.records import exclude_node, excluded_nodes, prune_rank_windows, record_rank_windows
 from controller.store.repo import append_event, get_current_attempt
 from controller.store.session import Store
 from controller.stragglers import StragglerReport
-from controller.supervision import LiveAttempt
+from controller.supervision import KEEP_WINDOWS, LiveAttempt
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +520,19 @@ class Controller:
             for report in newly_flagged:
                 self._report_straggler(session, job, report)
             for window in windows:
-                for node in window.nodes:
+                record_rank_windows(
+                    session=session,
+                    job_id=job_id,
+                    attempt=live.attempt,
+                    windows=live.window_records(window),
+                    now=_dt(self.clock()),
+                )
+                prune_rank_windows(session=session, job_id=job_id, keep_windows=KEEP_WINDOWS)
+                # A node is reported when it becomes slow, as a rank is when it is flagged: one event per
+                # episode, not one per window (a node of one rank filled the timeline every window).
+                newly_slow = [node for node in window.nodes if node.node not in live.slow_nodes]
+                live.slow_nodes = {node.node for node in window.nodes}
+                for node in newly_slow:
                     append_event(
                         session=session,
                         now=_dt(self.clock()),

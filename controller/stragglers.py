@@ -281,6 +281,15 @@ class WindowResult:
     mad_seconds: float
     stragglers: tuple[StragglerReport, ...]
     nodes: tuple[NodeReport, ...]
+    # Every evaluated rank's values in the window, for the record the dashboard's heatmap reads (arrays in the
+    # same order): rank, node name, own work's median, mean and 90th percentile, clean samples, score.
+    ranks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rank_nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    own_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    own_mean_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    own_p90_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 class StragglerDetector:
@@ -453,6 +462,12 @@ class StragglerDetector:
             rel_all = row_medians(self._own / column_leave_one_out_medians(self._own))[0]
         ranks = np.flatnonzero(counts >= cfg.min_samples)
         phase_med = row_medians(self._phases[ranks])[0]  # (n, P)
+        # The evaluated ranks' mean and 90th percentile (nearest rank) of the window, for its record.
+        ordered = np.sort(self._own[ranks], axis=1).astype(np.float64)  # NaN last
+        n_ok = counts[ranks]
+        own_mean = np.nansum(ordered, axis=1) / np.maximum(n_ok, 1)
+        p90_at = np.maximum(np.ceil(0.9 * n_ok).astype(np.int64) - 1, 0)[:, None]
+        own_p90 = np.take_along_axis(ordered, p90_at, axis=1)[:, 0]
         first_step, last_step = self._window_start, self._window_start + cfg.window * self.stride - 1
         self._own.fill(np.nan)
         self._phases.fill(np.nan)
@@ -503,6 +518,7 @@ class StragglerDetector:
             summarize_node(self._node_names[c - 1], int(node_total[c]), reports)
             for c in np.flatnonzero(node_slow)
         )
+        names = np.array(["", *self._node_names], dtype=str)  # code -1: "" (a rank whose node is unknown)
         return WindowResult(
             first_step=first_step,
             last_step=last_step,
@@ -511,6 +527,13 @@ class StragglerDetector:
             mad_seconds=mad,
             stragglers=reports,
             nodes=nodes,
+            ranks=ranks,
+            rank_nodes=names[code + 1],
+            own_seconds=x.astype(np.float64),
+            own_mean_seconds=own_mean,
+            own_p90_seconds=own_p90,
+            samples=n_ok,
+            scores=np.asarray(score, dtype=np.float64),
         )
 
     def _learn_baselines(self, ranks: np.ndarray, rel: np.ndarray, phase_frac: np.ndarray) -> None:

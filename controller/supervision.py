@@ -9,7 +9,9 @@ telemetry is re-read): losing this object loses nothing but a few seconds of str
 Decisions:
 
 - The straggler detector is fed every step sample the source reports; a rank is reported once when it is
-  flagged (an event), then carried in `flagged` until a window clears it, so the timeline is not flooded.
+  flagged (an event), then carried in `flagged` until a window clears it, so the timeline is not flooded; a
+  slow node likewise (`slow_nodes`). Each closed window is recorded in the store for the dashboard's heatmap
+  (`window_records`: per rank up to WINDOW_RECORD_RANKS ranks, per node beyond).
 - Step progress for status (step, loss, tokens/s) is the slowest rank's step and the mean loss over ranks at
   that step (`step_progress`: the one definition of a job's step and loss from its ranks); tokens/s is the rate
   of rank 0's token counters over the last steps times the data-parallel size (rank 0 sees every token of its
@@ -33,10 +35,12 @@ import numpy as np
 from controller.backends.base import GangHandle
 from controller.hangs import HangConfig, HangVerdict, detect_hang
 from controller.ingest import RankState, RankStates, TelemetrySource, TelemetryUpdate
-from controller.store.records import RankRows
+from controller.store.records import RankRows, RankWindowStats
 from controller.stragglers import StepBatch, StragglerConfig, StragglerDetector, StragglerReport, WindowResult
 
 RECENT_STEPS = 50  # step times kept for the median (hang threshold, ETA)
+WINDOW_RECORD_RANKS = 64  # a job of up to this many ranks records every rank's window; larger: per node
+KEEP_WINDOWS = 60  # the newest windows a job keeps in the store (flagged ones stay: controller.store.records)
 
 
 class StepProgress(NamedTuple):
@@ -93,6 +97,7 @@ class LiveAttempt:
     total_steps: int | None = None  # the job's `training.steps`: past its last, the gang is finishing
     progress: Progress = field(default_factory=Progress)
     flagged: dict[int, StragglerReport] = field(default_factory=dict)  # rank -> its newest report
+    slow_nodes: set[str] = field(default_factory=set)  # nodes slow in the newest window (reported once each)
     checkpoint_stall_seconds: float = 0.0
     straggler_seconds: float = 0.0
     stage_seconds_by_step: dict[int, float] = field(default_factory=dict)
@@ -180,6 +185,44 @@ class LiveAttempt:
                 (t0, n0), (t1, n1) = self._tokens[0], self._tokens[-1]
                 if t1 > t0:
                     p.tokens_per_second = (n1 - n0) / (t1 - t0) * self.dp
+
+    def window_records(self, window: WindowResult) -> list[RankWindowStats]:
+        """What the store keeps of a closed window (the dashboard's heatmap): every evaluated rank of a job of
+        up to WINDOW_RECORD_RANKS ranks; of a larger one, each node's slowest rank and every flagged rank, so the
+        rows grow with the nodes (2,048 a window at 16,384 ranks), not the ranks."""
+        flagged = {r.rank for r in window.stragglers}
+        keep = np.arange(window.ranks.size)
+        if self.num_ranks > WINDOW_RECORD_RANKS and window.ranks.size:
+            # Sorted by node, then own work descending: each node's first row is its slowest rank.
+            order = np.lexsort((-window.own_seconds, window.rank_nodes))
+            first = np.append(True, window.rank_nodes[order][1:] != window.rank_nodes[order][:-1])
+            chosen = set(order[first].tolist())
+            chosen.update(i for i, r in enumerate(window.ranks.tolist()) if r in flagged)
+            keep = np.array(sorted(chosen), dtype=np.int64)
+        steps = window.last_step - window.first_step + 1
+        return [
+            RankWindowStats(
+                rank=rank,
+                node=node,
+                window_start_step=window.first_step,
+                window_end_step=window.last_step,
+                num_steps=steps,
+                mean_own_s=mean,
+                median_own_s=median,
+                p90_own_s=p90,
+                straggler_score=None if score != score else score,
+                flagged=rank in flagged,
+            )
+            for rank, node, mean, median, p90, score in zip(
+                window.ranks[keep].tolist(),
+                window.rank_nodes[keep].tolist(),
+                window.own_mean_seconds[keep].tolist(),
+                window.own_seconds[keep].tolist(),
+                window.own_p90_seconds[keep].tolist(),
+                window.scores[keep].tolist(),
+                strict=True,
+            )
+        ]
 
     def check_hang(self, now: float) -> HangVerdict:
         return detect_hang(

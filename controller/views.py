@@ -206,7 +206,7 @@ class JobView:
                 "conditions": [dict(x) for x in c.conditions],
             }
         if ranks:
-            data["ranks"] = None if self.ranks is None else [_rank_dict(r) for r in self.ranks]
+            data["ranks"] = None if self.ranks is None else [rank_dict(r) for r in self.ranks]
         return data
 
 
@@ -223,7 +223,8 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _rank_dict(r: RankView) -> dict[str, Any]:
+def rank_dict(r: RankView) -> dict[str, Any]:
+    """A rank as `vlctl status -o json` and the dashboard give it."""
     return {
         "rank": r.rank,
         "attempt": r.attempt,
@@ -241,6 +242,106 @@ def _rank_dict(r: RankView) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ from the store
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSummary:
+    """One node's ranks in a large job, as `vlctl status` and the dashboard show them."""
+
+    node: str
+    ranks: int
+    first_step: int | None  # the furthest-behind rank's step
+    last_step: int | None
+    own_work_median_s: float | None
+    own_work_max_s: float | None
+    flagged: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "ranks": self.ranks,
+            "first_step": self.first_step,
+            "last_step": self.last_step,
+            "own_work_median_s": self.own_work_median_s,
+            "own_work_max_s": self.own_work_max_s,
+            "flagged": self.flagged,
+        }
+
+
+def node_summaries(ranks: Sequence[RankView]) -> list[NodeSummary]:
+    """Every node of the ranks, the ones worth a look first: most flagged ranks, then furthest behind, then the
+    slowest median own work."""
+    by_node: dict[str, list[RankView]] = defaultdict(list)
+    for r in ranks:
+        by_node[r.node].append(r)
+    out = []
+    for node, members in by_node.items():
+        steps = [r.step for r in members if r.step is not None]
+        own = sorted(r.own_work_s for r in members if r.own_work_s is not None)
+        out.append(
+            NodeSummary(
+                node=node,
+                ranks=len(members),
+                first_step=min(steps) if steps else None,
+                last_step=max(steps) if steps else None,
+                own_work_median_s=own[len(own) // 2] if own else None,
+                own_work_max_s=own[-1] if own else None,
+                flagged=sum(r.flagged for r in members),
+            )
+        )
+    inf = float("inf")
+    out.sort(
+        key=lambda n: (
+            -n.flagged,
+            inf if n.first_step is None else n.first_step,
+            -(n.own_work_median_s or 0.0),
+            n.node,
+        )
+    )
+    return out
+
+
+def ranks_worth_a_look(ranks: Sequence[RankView], limit: int) -> list[RankView]:
+    """The `limit` ranks worth a look first: flagged, then the furthest behind (a rank with no step yet: last),
+    then the slowest own work."""
+    inf = float("inf")
+    return sorted(
+        ranks,
+        key=lambda r: (not r.flagged, inf if r.step is None else r.step, -(r.own_work_s or 0.0), r.rank),
+    )[:limit]
+
+
+def event_dict(e: Any) -> dict[str, Any]:
+    """An event row (ORM or Core) as `vlctl events -o json` and the dashboard give it."""
+    return {
+        "seq": e.seq,
+        "time": e.time.isoformat(),
+        "attempt": e.attempt,
+        "type": e.type,
+        "reason": e.reason,
+        "message": e.message,
+        "data": e.data,
+    }
+
+
+def checkpoint_dict(c: Any, *, resume_step: int | None) -> dict[str, Any]:
+    """A checkpoint row as `vlctl checkpoints -o json` and the dashboard give it; `resume_step`: the step the
+    job's next launch resumes from (an explicit `resume --from-step`, else the newest valid checkpoint)."""
+    from trainer.contract.memory import human_bytes
+
+    return {
+        "step": c.step,
+        "uri": c.uri,
+        "attempt": c.attempt,
+        "committed": c.committed,
+        "verified": c.verified,
+        "size_bytes": c.size_bytes,
+        "size": None if c.size_bytes is None else human_bytes(c.size_bytes),
+        "save_seconds": c.save_seconds,
+        "created": _iso(c.created_at),
+        "committed_at": _iso(c.committed_at),
+        "resume_next": c.step == resume_step,
+    }
 
 
 def read_job_views(

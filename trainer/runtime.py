@@ -157,6 +157,7 @@ class Run:
                 os.environ,
                 enabled=t.enabled,
                 host=host,
+                tensorboard=t.tensorboard,
                 **({"base_port": t.base_port} if t.base_port else {}),
             ),
             run_dir=self.run_dir,

@@ -139,7 +139,7 @@ class RankStepWindow(Base):
     mean_own_s: Mapped[float]
     median_own_s: Mapped[float]
     p90_own_s: Mapped[float]
-    mean_wall_s: Mapped[float]
+    mean_wall_s: Mapped[float | None]
     straggler_score: Mapped[float | None]
     flagged: Mapped[bool]
     recorded_at: Mapped[datetime]

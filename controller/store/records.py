@@ -153,7 +153,7 @@ class RankWindowStats:
     mean_own_s: float
     median_own_s: float
     p90_own_s: float
-    mean_wall_s: float
+    mean_wall_s: float | None = None  # the detector judges own work only: it records none
     straggler_score: float | None = None
     flagged: bool = False
 

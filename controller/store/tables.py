@@ -232,7 +232,7 @@ rank_step_windows = Table(
     Column("mean_own_s", Double, nullable=False),
     Column("median_own_s", Double, nullable=False),
     Column("p90_own_s", Double, nullable=False),
-    Column("mean_wall_s", Double, nullable=False),
+    Column("mean_wall_s", Double),  # NULL: the detector records own work only (migration 0005)
     Column("straggler_score", Double),
     Column("flagged", Boolean, nullable=False, default=False),
     _time("recorded_at", nullable=False, default=utcnow),

@@ -167,6 +167,11 @@ class TelemetrySection(_Section):
         0, ge=0, le=65535, description="rank endpoint port = base_port + local rank; 0: any"
     )
     peak_flops: float | None = Field(None, gt=0, description="per device, for MFU; None: by device type")
+    tensorboard: bool = Field(
+        False,
+        description="rank 0 also writes loss, learning rate, grad norm, tokens/s and MFU as TensorBoard event "
+        "files under <run_dir>/tensorboard/",
+    )
 
 
 class TrainingConfig(_Section):

@@ -5,7 +5,7 @@ imports torch at import time (`sync_point` and device detection import it when c
 the sinks also serve processes that never touch a GPU.
 
 - timers: StepTimer (phases, collective waits, CUDA-synchronised clock reads), timed_collective, sync_point.
-- sinks: the MetricSink interface, the per-rank JSONL file and the rank-0 log line.
+- sinks: the MetricSink interface, the per-rank JSONL file, the rank-0 log line and TensorBoard event files.
 - prometheus: the per-rank HTTP endpoint on its own registry, and its sink.
 - rank: TelemetryConfig and RankTelemetry, what the training loop holds.
 - mfu: the FLOPs formula and the MFU estimate.
@@ -14,7 +14,7 @@ the sinks also serve processes that never touch a GPU.
 from .mfu import PEAK_FLOPS, BatchShape, FlopsModel, MfuConfig, MfuMeter, mfu, parameter_counts
 from .prometheus import PrometheusExporter, PrometheusSink
 from .rank import RankTelemetry, TelemetryConfig, process_start_time
-from .sinks import JsonlSink, LoggingSink, MetricSink, read_jsonl
+from .sinks import JsonlSink, LoggingSink, MetricSink, TensorBoardSink, read_jsonl
 from .timers import StepTimer, StepTimes, sync_flags, sync_point, timed_collective
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "StepTimer",
     "StepTimes",
     "TelemetryConfig",
+    "TensorBoardSink",
     "mfu",
     "parameter_counts",
     "process_start_time",

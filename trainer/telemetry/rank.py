@@ -12,7 +12,9 @@
 Decisions: the progress timestamp is refreshed by `micro_step_done` and `end_step` only, nothing else (a rank that
 loops without finishing micro-steps is not making progress). The Prometheus endpoint starts in the constructor,
 before the model is built, so the controller can watch start-up; its address goes to the log and, with a run
-folder, to `metrics-rank{N}.endpoint.json` (written atomically). Rank 0 alone logs step lines. The launcher's
+folder, to `metrics-rank{N}.endpoint.json` (written atomically). Rank 0 alone logs step lines and, with
+`tensorboard`, writes TensorBoard event files (one writer per run, not one per rank: the loss, learning rate and
+gradient norm are the whole job's, and per-rank times are the JSONL files' and Prometheus's job). The launcher's
 attempt number (VLCTL_ATTEMPT) goes into every JSONL line and the endpoint file, since every attempt writes to
 the same run folder.
 """
@@ -41,7 +43,7 @@ from trainer.contract.telemetry import (
 )
 
 from .prometheus import PrometheusExporter, PrometheusSink
-from .sinks import JsonlSink, LoggingSink, MetricSink
+from .sinks import TENSORBOARD_DIR, JsonlSink, LoggingSink, MetricSink, TensorBoardSink
 from .timers import StepTimer, StepTimes
 
 log = logging.getLogger("trainer.telemetry")
@@ -57,6 +59,7 @@ class TelemetryConfig:
     jsonl: bool = True  # metrics-rank{N}.jsonl in the run folder
     log_every: int = 1  # rank 0 logs a line every N steps; 0: never
     cuda_sync: bool | None = None  # StepTimer: None synchronises CUDA when it is in use
+    tensorboard: bool = False  # rank 0 also writes TensorBoard event files under <run folder>/tensorboard/
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -70,6 +73,8 @@ class TelemetryConfig:
                 raise ValueError("telemetry.base_port: set either port or base_port, not both")
         if self.log_every < 0:
             raise ValueError(f"telemetry.log_every: must be >= 0, got {self.log_every}")
+        if not isinstance(self.tensorboard, bool):  # a string "false" would be truthy
+            raise ValueError(f"telemetry.tensorboard: must be true or false, got {self.tensorboard!r}")
 
     def port_for(self, local_rank: int) -> int:
         if self.base_port is None:
@@ -124,6 +129,11 @@ class RankTelemetry:
         if config.jsonl and run_dir is not None:
             path = Path(run_dir) / JSONL_FILE.format(rank=labels.rank)
             self.sinks.append(JsonlSink(path, attempt=attempt))
+        if config.tensorboard and labels.rank == 0:
+            if run_dir is None:
+                log.warning("telemetry.tensorboard is ignored: no run folder to write event files in")
+            else:
+                self.sinks.append(TensorBoardSink(Path(run_dir) / TENSORBOARD_DIR))
         if config.log_every and labels.rank == 0:
             self.sinks.append(LoggingSink(every=config.log_every))
         self.sinks.extend(extra_sinks)

@@ -12,6 +12,10 @@ controller) sees each step as it ends and a crash loses nothing written. Non-fin
 written as null, keeping the file strict JSON. Every attempt of a job appends to the same file, so a sink given
 the launcher's attempt number writes it as "attempt" in every line: the reader ignores a previous attempt's
 late lines by it.
+
+TensorBoard decisions (`TensorBoardSink`, global rank 0 only, with `telemetry.tensorboard: true`): event files
+under `<run folder>/tensorboard/`, written by torch's `SummaryWriter` (imported when the sink first writes, so a
+run without it never pays the import); see the class for the tags, the step axis and resumes.
 """
 
 from __future__ import annotations
@@ -22,9 +26,22 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("trainer.telemetry")
+
+TENSORBOARD_DIR = "tensorboard"  # under the run folder: `tensorboard --logdir <run folder>/tensorboard`
+# JSONL key -> TensorBoard tag; tokens per second is derived (see TensorBoardSink).
+TENSORBOARD_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "mfu": "train/mfu",
+}
+TOKENS_PER_SECOND_TAG = "train/tokens_per_second"
 
 
 @runtime_checkable
@@ -72,6 +89,92 @@ def _finite_or_none(value: float) -> float | None:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+class TensorBoardSink:
+    """Loss, learning rate, gradient norm, tokens per second and MFU of each step as TensorBoard scalars, in event
+    files under `log_dir` (the runtime passes `<run folder>/tensorboard`).
+
+    Tags: `train/loss`, `train/learning_rate`, `train/grad_norm`, `train/tokens_per_second` (this rank's text
+    and vision tokens over the step's wall time, as the log line shows: one data-parallel replica's throughput)
+    and `train/mfu`. The step axis is the step the JSONL lines carry. A value the JSONL file writes as null
+    (NaN, infinite) or does not have is left out of that step rather than written as NaN; a line with none of
+    them (a checkpoint timing) writes nothing. TensorBoard stores these scalars as float32, so a reader gets the
+    JSONL value rounded to float32.
+
+    Flushed after every step, as the JSONL file is, so `tensorboard` follows a live run and a crash loses at
+    most the step being written; `close` (the runtime's exit, also when training fails) flushes and closes.
+
+    Resumes and rollbacks: each process writes an event file of its own beside the earlier ones (SummaryWriter
+    names it by time, host and pid, and never opens an existing file), so a new attempt cannot damage what
+    earlier attempts wrote. But a resumed run redoes the steps after its checkpoint, which an earlier attempt
+    may have logged already, and TensorBoard's Python reader (EventAccumulator) keeps both values of such a
+    step: the curve would zigzag over that range. So the file is opened at the first step logged, with that step
+    as SummaryWriter's `purge_step`: it starts with a SessionLog START at that step, on which the reader drops
+    every point read so far at that step or later. A step at or before the last one logged by this process
+    (in-place recovery back to a snapshot) writes the same START event into the file. Each step then shows once,
+    with the newest value, as "the last line of a step wins" for the JSONL file. (The Rust data server,
+    `tensorboard`'s default loader where installed, also drops a series' points when its step goes back.) The
+    first step logged is the purge step, not the checkpoint's: the sink never sees which step was loaded.
+    """
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        # Opened by the first step logged (its purge step), so a run that fails before its first step leaves no
+        # empty event file.
+        self._writer: SummaryWriter | None = None
+        self._last_step = -1
+        self._closed = False
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.log_dir}: sink is closed")
+        scalars = tensorboard_scalars(metrics)
+        if not scalars:
+            return
+        if self._writer is None:
+            # Imported here, not at the top: ~0.3 s that a run without the option never pays.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step)
+        elif step <= self._last_step:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            # What SummaryWriter writes for purge_step, here in the open file rather than a new one.
+            self._writer.file_writer.add_event(
+                Event(session_log=SessionLog(status=SessionLog.START)), step=step
+            )
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+        self._writer.flush()
+        self._last_step = step
+
+    def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def tensorboard_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The TensorBoard tags a metrics dict gives, with their values; a value the JSONL file would write as null,
+    or cannot be computed (no wall time), is left out."""
+    out = {
+        tag: v for key, tag in TENSORBOARD_TAGS.items() if (v := _finite_float(metrics.get(key))) is not None
+    }
+    wall = _finite_float(metrics.get("step_seconds"))
+    if wall and wall > 0 and ("text_tokens" in metrics or "vision_tokens" in metrics):
+        tokens = metrics.get("text_tokens", 0) + metrics.get("vision_tokens", 0)
+        if (rate := _finite_float(tokens / wall)) is not None:
+            out[TOKENS_PER_SECOND_TAG] = rate
+    return out
+
+
+def _finite_float(value: float | None) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 class LoggingSink:

@@ -1,0 +1,226 @@
+"""The dashboard's documents: the read model (controller.views) as JSON, plus what only a page shows.
+
+Every function takes an open read session of the store and returns plain JSON-ready values. The job and jobs
+documents are `JobView.as_dict` (the same keys as `vlctl status -o json` and `vlctl list -o json`); events and
+checkpoints are the rows of `vlctl events -o json` and `vlctl checkpoints -o json`. What the page adds: the loss
+curve (the run folder's rank-0 JSONL, read from a byte offset so a live page fetches only new steps), the
+straggler heatmap (the detector's windows in `rank_step_windows`), the attempts, and a large job's ranks as
+node summaries and the ranks worth a look.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import func, select
+
+from controller.domain.phases import Phase
+from controller.store.tables import attempts, events, jobs, rank_step_windows
+from controller.views import (
+    checkpoint_dict,
+    event_dict,
+    node_summaries,
+    rank_dict,
+    ranks_worth_a_look,
+    read_job_views,
+)
+from trainer.contract.telemetry import JSONL_FILE
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+PAGE_RANKS = 32  # ranks listed on a job's page (the ones worth a look); all of them up to this many
+PAGE_NODES = 64  # node summaries listed on a job's page
+HEATMAP_RANK_ROWS = 64  # a heatmap row per rank up to this many ranks; above, a row per node
+STEPS_CHUNK_BYTES = 8 << 20  # the most of the JSONL one steps request reads (a long run loads in chunks)
+EVENTS_LIMIT = 2000  # the newest events a job's page lists
+
+
+class NotFound(LookupError):
+    """No job of that name."""
+
+
+def _job_id(session: Session, name: str) -> int:
+    job_id = session.execute(select(jobs.c.id).where(jobs.c.name == name)).scalar()
+    if job_id is None:
+        raise NotFound(f"no job named {name!r}")
+    return int(job_id)
+
+
+def jobs_document(session: Session, phase: str | None = None) -> list[dict[str, Any]]:
+    """Every job (or those in `phase`), oldest first: `vlctl list -o json`'s rows."""
+    if phase is not None and phase not in Phase.__members__.values():
+        raise ValueError(f"phase: expected one of {', '.join(Phase)}, got {phase!r}")
+    phases = None if phase is None else [Phase(phase)]
+    return [v.as_dict(ranks=False) for v in read_job_views(session, phases=phases, ranks=False)]
+
+
+def job_document(session: Session, name: str) -> dict[str, Any]:
+    """One job: `vlctl status -o json`'s keys, its ranks as node summaries and the ranks worth a look (all of
+    them for a small job), its attempts, checkpoints and newest events."""
+    job_id = _job_id(session, name)
+    (view,) = read_job_views(session, job_ids=[job_id])
+    doc = view.as_dict(ranks=False)
+    ranks = view.ranks or ()
+    doc["num_ranks"] = len(ranks)
+    doc["nodes_summary"] = [n.as_dict() for n in node_summaries(ranks)[:PAGE_NODES]]
+    shown = (
+        sorted(ranks, key=lambda r: r.rank)
+        if len(ranks) <= PAGE_RANKS
+        else ranks_worth_a_look(ranks, PAGE_RANKS)
+    )
+    doc["ranks"] = [rank_dict(r) for r in shown]
+    doc["attempts"] = _attempts(session, job_id)
+    resume = (
+        view.resume_from_step
+        if view.resume_from_step is not None
+        else (view.last_checkpoint.step if view.last_checkpoint is not None else None)
+    )
+    from controller.store.records import list_checkpoints  # the ORM, as `vlctl checkpoints`
+
+    doc["checkpoints"] = [
+        checkpoint_dict(c, resume_step=resume) for c in list_checkpoints(session=session, job_id=job_id)
+    ]
+    rows = session.execute(
+        select(events).where(events.c.job_id == job_id).order_by(events.c.seq.desc()).limit(EVENTS_LIMIT)
+    ).all()
+    doc["events"] = [event_dict(e) for e in reversed(rows)]
+    doc["eta_seconds"] = view.eta_seconds
+    return doc
+
+
+def _attempts(session: Session, job_id: int) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.number)
+    ).all()
+
+    def iso(value: Any) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return [
+        {
+            "number": a.number,
+            "nodes": list(a.nodes or ()),
+            "started": iso(a.started_at),
+            "running": iso(a.running_at),
+            "first_step": iso(a.first_step_at),
+            "ended": iso(a.ended_at),
+            "exit_class": a.exit_class,
+            "failure_step": a.failure_step,
+            "failure_message": a.failure_message,
+            "resumed_from_step": a.resumed_from_step,
+            "last_step": a.last_step,
+        }
+        for a in rows
+    ]
+
+
+def heatmap_document(session: Session, name: str) -> dict[str, Any]:
+    """The current attempt's straggler windows: own-work median per rank (a row per node for a job of more than
+    HEATMAP_RANK_ROWS ranks: its slowest rank's) and window, with the flagged cells."""
+    job_id = _job_id(session, name)
+    attempt = session.execute(select(jobs.c.current_attempt).where(jobs.c.id == job_id)).scalar() or 0
+    w = rank_step_windows.c
+    where = (w.job_id == job_id) & (w.attempt == attempt)
+    num_ranks = session.execute(select(func.count(func.distinct(w.rank))).where(where)).scalar() or 0
+    by_node = num_ranks > HEATMAP_RANK_ROWS
+    key = w.node if by_node else w.rank
+    rows = session.execute(
+        select(key, w.window_start_step, func.max(w.median_own_s), func.max(w.straggler_score), func.count())
+        .where(where)
+        .group_by(key, w.window_start_step)
+    ).all()
+    flagged_rows = session.execute(
+        select(key, w.window_start_step, func.count())
+        .where(where & w.flagged)
+        .group_by(key, w.window_start_step)
+    ).all()
+    flagged = {(k, start): n for k, start, n in flagged_rows}
+    labels = sorted({r[0] for r in rows}, key=lambda k: (str(type(k)), k))
+    windows = sorted({r[1] for r in rows})
+    row_of = {k: i for i, k in enumerate(labels)}
+    col_of = {s: j for j, s in enumerate(windows)}
+    z: list[list[float | None]] = [[None] * len(windows) for _ in labels]
+    cells = []
+    for k, start, own, score, _count in rows:
+        z[row_of[k]][col_of[start]] = own
+        if (k, start) in flagged:
+            cells.append(
+                {"row": row_of[k], "window": col_of[start], "ranks": flagged[(k, start)], "score": score}
+            )
+    return {
+        "attempt": attempt,
+        "by": "node" if by_node else "rank",
+        "num_ranks": num_ranks,
+        "rows": [str(k) for k in labels],
+        "windows": windows,
+        "own_work_s": z,
+        "flagged": cells,
+    }
+
+
+def steps_document(session: Session, name: str, offset: int = 0) -> dict[str, Any]:
+    """Rank 0's step lines from byte `offset` of its JSONL file in the run folder (every attempt's, in order):
+    step, attempt, loss, the job's tokens/s (rank 0's replica times the data-parallel size) and MFU. `offset`
+    in the answer is where the next request starts; a file shorter than `offset` (a new run folder) starts over.
+    """
+    row = session.execute(select(jobs.c.run_dir, jobs.c.spec).where(jobs.c.name == name)).first()
+    if row is None:
+        raise NotFound(f"no job named {name!r}")
+    empty = {"points": [], "offset": offset, "reset": False}
+    if not row.run_dir:
+        return empty
+    dp = _data_parallel(row.spec)
+    path = Path(row.run_dir) / JSONL_FILE.format(rank=0)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return empty
+    try:
+        size = os.fstat(fd).st_size
+        reset = offset > size
+        start = 0 if reset else offset
+        data = os.pread(fd, min(size - start, STEPS_CHUNK_BYTES), start)
+    finally:
+        os.close(fd)
+    end = data.rfind(b"\n") + 1  # a line still being written is read by the next request
+    points = []
+    for line in data[:end].splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "step_seconds" not in record:
+            continue  # checkpoint lines
+        points.append(_point(record, dp))
+    return {"points": points, "offset": start + end, "reset": reset}
+
+
+def _point(record: dict[str, Any], dp: int) -> dict[str, Any]:
+    def number(key: str) -> float | None:
+        value = record.get(key)
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+    wall = number("step_seconds")
+    tokens = (number("text_tokens") or 0.0) + (number("vision_tokens") or 0.0)
+    return {
+        "step": record.get("step"),
+        "attempt": record.get("attempt", 0),
+        "time": number("time"),
+        "loss": number("loss"),
+        "tokens_per_second": tokens / wall * dp if wall else None,
+        "mfu": number("mfu"),
+    }
+
+
+def _data_parallel(spec: Any) -> int:
+    try:
+        parallel = spec["training"]["parallel"]
+        dp = int(parallel.get("dp") or 1)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 1
+    return max(dp, 1)
