@@ -44,6 +44,7 @@ from .output import stderr, stdout
 
 JOB = "demo"
 STEPS = 80
+UI_PORT = 8470  # vlctl ui's default
 INTERVAL = 10
 KILL_AT_STEP = 14  # after the checkpoint at step 10: in place, at most one step is done again
 # The straggler detector learns each rank's own speed over 3 windows after the warm-up (steps 3..32, and the
@@ -119,6 +120,7 @@ class Chaos:
             f"[demo] step {snapshot.step}: SIGKILL to rank {KILL_RANK} (pid {pid}); the controller takes it "
             "from here",
             highlight=False,
+            markup=False,
         )
 
 
@@ -133,7 +135,7 @@ def run_demo(out: str, *, keep: bool = False) -> None:
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
     data, run_dir = root / "data", root / "run"
-    stderr.print(f"[demo] synthetic grounding and video data in {data}", highlight=False)
+    stderr.print(f"[demo] synthetic grounding and video data in {data}", highlight=False, markup=False)
     # In a child process: the CLI imports only the trainer's contract (its data code pulls in torch).
     made = subprocess.run(
         [sys.executable, "-m", "trainer.data.synthetic", str(data), "--seed", "0"]
@@ -151,11 +153,18 @@ def run_demo(out: str, *, keep: bool = False) -> None:
         create_job(session=session, name=JOB, spec=spec.model_dump(mode="json"))
     server, _ = serve_metrics(db, "127.0.0.1", 0)
     metrics_url = f"http://127.0.0.1:{server.server_port}/metrics"
+    ui = _dashboard(db)
     stderr.print(
         f"[demo] job {JOB!r}: 2 local nodes x 1 rank, {STEPS} steps, a checkpoint every {INTERVAL}; "
         f"rank {KILL_RANK} is killed at step {KILL_AT_STEP}, rank {SLOW_RANK} runs {SLOW_FACTOR}x slower from "
         f"step {SLOW_FROM_STEP}; controller metrics on {metrics_url}",
         highlight=False,
+        markup=False,
+    )
+    stderr.print(
+        f"[demo] watch it live: the dashboard is on {ui.url}jobs/{JOB} until the demo ends (`vlctl ui` after it)",
+        highlight=False,
+        markup=False,
     )
     chaos = Chaos()
     env = {
@@ -178,17 +187,29 @@ def run_demo(out: str, *, keep: bool = False) -> None:
         summary = _summary(db, run_dir, data, chaos, metrics_url, started)
     finally:
         server.shutdown()
+        ui.stop()
         db.dispose()
     _print_summary(summary)
     stdout.print(
         f"\nEverything is in {root}. Look around with:\n"
         f"  export VLCTL_DATABASE_URL={url}\n"
         f"  vlctl status {JOB}; vlctl events {JOB}; vlctl stragglers {JOB}; vlctl checkpoints {JOB}; "
-        f"vlctl logs {JOB} --rank 1",
+        f"vlctl logs {JOB} --rank 1; vlctl ui (this job's page: http://127.0.0.1:{UI_PORT}/jobs/{JOB})",
         highlight=False,
     )
     if str(phase) != "succeeded":
         raise CliError(f"demo: the job ended {phase}; see `vlctl events {JOB}` as above", EXIT_FAILURE)
+
+
+def _dashboard(db):
+    """`vlctl ui` for the demo's store, on its usual port when free (the URL stays the same from run to run)."""
+    from controller.dashboard import DashboardServer
+
+    try:
+        server = DashboardServer(db, port=UI_PORT)
+    except OSError:
+        server = DashboardServer(db, port=0)
+    return server.start()
 
 
 def _progress_printer():
@@ -205,6 +226,7 @@ def _progress_printer():
                 f"[demo] {snapshot.phase} attempt {snapshot.attempt} step {step}/{STEPS} loss {loss} "
                 f"restarts {snapshot.restarts}" + (f" stragglers {flagged}" if flagged else ""),
                 highlight=False,
+                markup=False,
             )
 
     return show

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from controller.domain.phases import Phase
 from controller.store.tables import attempts, events, jobs, rank_step_windows
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 PAGE_RANKS = 32  # ranks listed on a job's page (the ones worth a look); all of them up to this many
 PAGE_NODES = 64  # node summaries listed on a job's page
 HEATMAP_RANK_ROWS = 64  # a heatmap row per rank up to this many ranks; above, a row per node
+HEATMAP_NODE_ROWS = 64  # the nodes a large job's heatmap shows (the ones worth a look)
 STEPS_CHUNK_BYTES = 8 << 20  # the most of the JSONL one steps request reads (a long run loads in chunks)
 EVENTS_LIMIT = 2000  # the newest events a job's page lists
 
@@ -120,8 +122,10 @@ def _attempts(session: Session, job_id: int) -> list[dict[str, Any]]:
 
 
 def heatmap_document(session: Session, name: str) -> dict[str, Any]:
-    """The current attempt's straggler windows: own-work median per rank (a row per node for a job of more than
-    HEATMAP_RANK_ROWS ranks: its slowest rank's) and window, with the flagged cells."""
+    """The current attempt's straggler windows: own-work median per rank and window, with the flagged cells.
+    A job of more than HEATMAP_RANK_ROWS ranks gets a row per node (its slowest rank's median), and only the
+    HEATMAP_NODE_ROWS nodes worth a look (the most flagged windows, then the slowest), under a first row with
+    the median over all nodes: 2,048 rows would be a pixel each."""
     job_id = _job_id(session, name)
     attempt = session.execute(select(jobs.c.current_attempt).where(jobs.c.id == job_id)).scalar() or 0
     w = rank_step_windows.c
@@ -130,32 +134,47 @@ def heatmap_document(session: Session, name: str) -> dict[str, Any]:
     by_node = num_ranks > HEATMAP_RANK_ROWS
     key = w.node if by_node else w.rank
     rows = session.execute(
-        select(key, w.window_start_step, func.max(w.median_own_s), func.max(w.straggler_score), func.count())
+        select(key, w.window_start_step, func.max(w.median_own_s), func.sum(case((w.flagged, 1), else_=0)))
         .where(where)
         .group_by(key, w.window_start_step)
     ).all()
-    flagged_rows = session.execute(
-        select(key, w.window_start_step, func.count())
-        .where(where & w.flagged)
-        .group_by(key, w.window_start_step)
-    ).all()
-    flagged = {(k, start): n for k, start, n in flagged_rows}
-    labels = sorted({r[0] for r in rows}, key=lambda k: (str(type(k)), k))
     windows = sorted({r[1] for r in rows})
-    row_of = {k: i for i, k in enumerate(labels)}
     col_of = {s: j for j, s in enumerate(windows)}
-    z: list[list[float | None]] = [[None] * len(windows) for _ in labels]
-    cells = []
-    for k, start, own, score, _count in rows:
-        z[row_of[k]][col_of[start]] = own
-        if (k, start) in flagged:
-            cells.append(
-                {"row": row_of[k], "window": col_of[start], "ranks": flagged[(k, start)], "score": score}
+    values: dict[Any, list[float | None]] = {}
+    flagged: dict[Any, dict[int, int]] = {}
+    for k, start, own, n_flagged in rows:
+        values.setdefault(k, [None] * len(windows))[col_of[start]] = own
+        if n_flagged:
+            flagged.setdefault(k, {})[col_of[start]] = int(n_flagged)
+    labels: list[Any] = sorted(values)
+    z = [values[k] for k in labels]
+    note = None
+    if by_node:
+
+        def worth(k: Any) -> tuple[int, float, str]:
+            return (
+                -sum(flagged.get(k, {}).values()),
+                -max((v for v in values[k] if v is not None), default=0.0),
+                k,
             )
+
+        everyone = [
+            statistics.median(v[j] for v in values.values() if v[j] is not None) for j in range(len(windows))
+        ]
+        labels = sorted(values, key=worth)[:HEATMAP_NODE_ROWS]
+        z = [everyone, *(values[k] for k in labels)]
+        note = f"median of {len(values)} nodes"
+        labels = [note, *labels]
+    cells = [
+        {"row": i, "window": j, "ranks": n}
+        for i, k in enumerate(labels)
+        for j, n in sorted(flagged.get(k, {}).items())
+    ]
     return {
         "attempt": attempt,
         "by": "node" if by_node else "rank",
         "num_ranks": num_ranks,
+        "num_rows": len(values),  # ranks or nodes with windows (the rows shown may be fewer)
         "rows": [str(k) for k in labels],
         "windows": windows,
         "own_work_s": z,

@@ -16,13 +16,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from bench.stored_jobs import SCRIPT, store_hostile_job, store_large_job
 from controller.dashboard import DashboardConfig, DashboardServer
 from controller.store import StoreConfig, open_store
 from controller.store.migrate import upgrade
 from controller.views import read_job_views
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dashboard_data import SCRIPT, store_hostile_job, store_large_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "t0k3n-for-the-dashboard-tests"
@@ -93,8 +91,12 @@ def test_a_16384_rank_job_is_summarised_by_node(migrated_store, tmp_path: Path) 
         assert all(r["flagged"] for r in job["ranks"][:8])
         assert len(body) < 200_000  # not 16,384 rows
         heat = json.loads(get(server.url + "api/jobs/large/heatmap")[2])
-        assert heat["by"] == "node" and len(heat["rows"]) == 2048 and heat["windows"] == [20, 25, 30]
+        # A row for the median of every node, then the 64 nodes worth a look: the flagged one first.
+        assert heat["by"] == "node" and heat["num_rows"] == 2048 and heat["windows"] == [20, 25, 30]
+        assert heat["rows"][:2] == ["median of 2048 nodes", "node-1024"] and len(heat["rows"]) == 65
+        assert heat["own_work_s"][0] == [0.9, 0.9, 0.9] and heat["own_work_s"][1] == [1.3, 1.3, 1.3]
         assert {heat["rows"][c["row"]] for c in heat["flagged"]} == {"node-1024"}
+        assert [c["ranks"] for c in heat["flagged"]] == [8]  # window 30: the node's 8 ranks
     finally:
         server.stop()
 

@@ -271,7 +271,7 @@ function drawCurves(points, attempts, events) {
   Plotly.react("loss-chart", [{ x, y: points.map((p) => p.loss), text, mode: "lines", line: { width: 1.5 }, hovertemplate: "step %{x}<br>loss %{y:.4f}<br>%{text}<extra></extra>" }],
     { ...LAYOUT, yaxis: { title: { text: "loss" } }, shapes, annotations }, CONFIG);
   Plotly.react("tps-chart", [{ x, y: points.map((p) => p.tokens_per_second), mode: "lines", line: { width: 1 } }],
-    { ...LAYOUT, yaxis: { title: { text: "tokens/s" } } }, CONFIG);
+    { ...LAYOUT, yaxis: { title: { text: "tokens/s" }, rangemode: "tozero" } }, CONFIG);
   const mfu = points.map((p) => p.mfu === null ? null : 100 * p.mfu);
   const mfuChart = document.getElementById("mfu-chart");
   if (mfu.every((v) => v === null)) {
@@ -279,7 +279,7 @@ function drawCurves(points, attempts, events) {
     mfuChart.replaceChildren(el("p", { class: "muted", text: "no MFU reported (the trainer reports it once it knows the device's peak: mfu.device or mfu.peak_flops)" }));
   } else {
     if (!mfuChart.data) mfuChart.replaceChildren();
-    Plotly.react(mfuChart, [{ x, y: mfu, mode: "lines", line: { width: 1 } }], { ...LAYOUT, yaxis: { title: { text: "MFU %" } } }, CONFIG);
+    Plotly.react(mfuChart, [{ x, y: mfu, mode: "lines", line: { width: 1 } }], { ...LAYOUT, yaxis: { title: { text: "MFU %" }, rangemode: "tozero" } }, CONFIG);
   }
 }
 
@@ -290,17 +290,18 @@ function drawHeatmap(h) {
     Plotly.purge("heatmap");
     return;
   }
-  note.textContent = (h.by === "node" ? `a row per node (its slowest rank's median), ${h.num_ranks} ranks` : "a row per rank") +
+  note.textContent = (h.by === "node" ? `${h.num_ranks} ranks: a row per node (its slowest rank's median), the ${h.rows.length - 1} of ${h.num_rows} nodes worth a look under the median of all` : "a row per rank") +
     `; median own-work seconds per window of attempt ${h.attempt}; x: flagged as a straggler`;
   const y = h.rows.map(plotlyText);
   const heat = { type: "heatmap", x: h.windows, y, z: h.own_work_s, colorscale: "YlOrRd", reversescale: true, colorbar: { title: { text: "own s" } },
     hovertemplate: (h.by === "node" ? "node" : "rank") + " %{y}<br>window from step %{x}<br>own %{z:.3f} s<extra></extra>" };
   const flagged = { type: "scatter", mode: "markers", x: h.flagged.map((c) => h.windows[c.window]), y: h.flagged.map((c) => y[c.row]),
     marker: { symbol: "x", size: 10, color: "#0d47a1" }, hovertemplate: "flagged<extra></extra>", name: "flagged" };
-  const height = Math.max(240, Math.min(900, 40 + 14 * y.length));
+  const height = Math.max(240, Math.min(1400, 60 + 17 * y.length));  // a readable label per row (<= 65 rows)
   document.getElementById("heatmap").style.height = height + "px";
-  Plotly.react("heatmap", [heat, flagged], { ...LAYOUT, xaxis: { title: { text: "window start step" } },
-    yaxis: { type: "category", autorange: "reversed" } }, CONFIG);
+  Plotly.react("heatmap", [heat, flagged], { ...LAYOUT, margin: { ...LAYOUT.margin, l: 20 },
+    xaxis: { title: { text: "window start step" } },
+    yaxis: { type: "category", autorange: "reversed", automargin: true, tickmode: "array", tickvals: y, ticktext: y } }, CONFIG);
 }
 
 function drawGoodput(j) {

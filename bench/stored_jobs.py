@@ -1,5 +1,6 @@
-"""Stored jobs for the dashboard's tests: a job whose strings try to inject markup, and a 16,384-rank job, written
-straight into a store the way the controller would have left them (no training runs)."""
+"""Stored jobs for the dashboard's tests and its benchmark (bench_dashboard): a job whose strings try to inject
+markup, and a 16,384-rank job, written straight into a store the way the controller would have left them (no
+training runs)."""
 
 from __future__ import annotations
 
