@@ -48,6 +48,8 @@ def store_hostile_job(store: Store, run_dir: Path, name: str = "hostile") -> Non
         job = create_job(session=session, name=name, spec=_spec(name, 2, 1))
         record_attempt_started(session=session, job=job, nodes=[SCRIPT, "local-1"], launched_by="test")
         append_event(session=session, job=job, type="Failure", reason="Crash", message=SCRIPT, attempt=1)
+        append_event(session=session, job=job, type="Straggler", reason="StragglerFlagged", message="rank 1 is slow",
+                     attempt=1, data={"rank": 1, "cause": "compute", "phase": "backward", "slowdown": 1.4, "step": 9})  # fmt: skip
         session.flush()
         session.execute(
             update(jobs)

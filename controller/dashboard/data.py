@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from sqlalchemy import case, func, select
 
-from controller.domain.phases import Phase
+from controller.domain.phases import Phase, SupervisionReason
 from controller.store.tables import attempts, events, jobs, rank_step_windows
 from controller.views import (
     checkpoint_dict,
@@ -34,6 +34,7 @@ from trainer.contract.telemetry import JSONL_FILE
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+STRAGGLER_FLAGGED = SupervisionReason.STRAGGLER_FLAGGED
 PAGE_RANKS = 32  # ranks listed on a job's page (the ones worth a look); all of them up to this many
 PAGE_NODES = 64  # node summaries listed on a job's page
 HEATMAP_RANK_ROWS = 64  # a heatmap row per rank up to this many ranks; above, a row per node
@@ -76,6 +77,25 @@ def job_document(session: Session, name: str) -> dict[str, Any]:
         else ranks_worth_a_look(ranks, PAGE_RANKS)
     )
     doc["ranks"] = [rank_dict(r) for r in shown]
+    # Why each flagged rank is slow: its newest StragglerFlagged report in this attempt (the rank rows hold the
+    # flag and score; the cause and the slowdown are in the report).
+    flagged = {r["rank"] for r in doc["ranks"] if r["flagged"]}
+    causes: dict[int, dict[str, Any]] = {}
+    if flagged:
+        reports = session.execute(
+            select(events.c.data)
+            .where(
+                events.c.job_id == job_id,
+                events.c.attempt == view.attempt,
+                events.c.reason == STRAGGLER_FLAGGED,
+            )
+            .order_by(events.c.seq)
+        ).scalars()
+        for data in reports:
+            if isinstance(data, dict) and data.get("rank") in flagged:
+                causes[data["rank"]] = {k: data.get(k) for k in ("cause", "phase", "slowdown", "step")}
+    for r in doc["ranks"]:
+        r["straggler"] = causes.get(r["rank"]) if r["flagged"] else None
     doc["attempts"] = _attempts(session, job_id)
     resume = (
         view.resume_from_step

@@ -6,6 +6,7 @@ The browser side (real Chromium) is tests/controller/test_dashboard_browser.py.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -60,9 +61,16 @@ def test_the_api_gives_the_read_model_and_the_page_its_own_documents(served) -> 
     job = json.loads(get(server.url + "api/jobs/hostile")[2])
     assert job["name"] == "hostile" and job["phase"] == "running" and job["num_ranks"] == 2
     assert [r["rank"] for r in job["ranks"]] == [0, 1] and job["ranks"][1]["flagged"]
-    assert [e["reason"] for e in job["events"]] == ["Submitted", "Crash"] and job["attempts"][0][
-        "number"
-    ] == 1
+    assert job["ranks"][1]["straggler"] == {
+        "cause": "compute",
+        "phase": "backward",
+        "slowdown": 1.4,
+        "step": 9,
+    }
+    assert job["ranks"][0]["straggler"] is None
+    assert [e["reason"] for e in job["events"]] == ["Submitted", "Crash", "StragglerFlagged"] and job[
+        "attempts"
+    ][0]["number"] == 1
     assert get(server.url + "api/jobs/missing")[0] == 404
 
     steps = json.loads(get(server.url + "api/jobs/hostile/steps")[2])
@@ -124,6 +132,20 @@ def test_a_token_guards_every_request(migrated_store, tmp_path: Path) -> None:
 def test_serving_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     env = {"VLCTL_DATABASE_URL": f"sqlite:///{tmp_path / 's.db'}", "PATH": "/usr/bin:/bin"}
     vlctl = [sys.executable, "-m", "cli"]
+    # Bound to every address with a token: a request without it is 401, with it 200.
+    proc = subprocess.Popen([*vlctl, "ui", "--host", "0.0.0.0", "--port", "0"], cwd=REPO,
+                            env={**env, "VLCTL_UI_TOKEN": TOKEN}, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        assert "dashboard on http://0.0.0.0:" in line and TOKEN not in line, line
+        url = "http://127.0.0.1:" + line.split("0.0.0.0:")[1].split("/")[0] + "/"
+        assert get(url + "api/jobs")[0] == 401 and get(url)[0] == 401
+        assert get(url + "api/jobs", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully, then (recent releases) lets the signal end the process as it would have.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    # Without one it does not start.
     out = subprocess.run([*vlctl, "ui", "--host", "0.0.0.0", "--port", "0"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "needs --token" in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -159,7 +181,7 @@ def test_markup_from_a_job_stays_data(served) -> None:
     job = json.loads(get(server.url + "api/jobs/hostile")[2])
     assert (
         job["message"] == SCRIPT
-        and job["events"][-1]["message"] == SCRIPT
+        and job["events"][1]["message"] == SCRIPT
         and job["ranks"][0]["node"] == SCRIPT
     )
     script = (REPO / "controller" / "dashboard" / "static" / "dashboard.js").read_text()

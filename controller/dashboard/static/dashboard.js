@@ -220,7 +220,8 @@ function drawJob(j) {
     { label: "own s", num: true, value: (r) => fmtNum(r.own_work_s, 3) },
     { label: "step s", num: true, value: (r) => fmtNum(r.step_s, 3) },
     { label: "score", num: true, value: (r) => fmtNum(r.straggler_score, 1) },
-    { label: "flagged", value: (r) => r.flagged ? "straggler" : "" },
+    { label: "flagged", wrap: true, value: (r) => !r.flagged ? "" : "straggler" + (r.straggler ?
+      `: ${r.straggler.cause || "unknown cause"}${r.straggler.phase ? " (" + r.straggler.phase + ")" : ""}, ${fmtNum(r.straggler.slowdown, 2)}x since step ${r.straggler.step}` : "") },
   ], j.ranks, (r) => r.flagged ? "flagged" : ""));
   ranks.replaceChildren(...parts);
 
