@@ -154,3 +154,33 @@ def store_large_job(
 def job_id(store: Store, name: str) -> int:
     with store.read() as session:
         return session.query(Job.id).filter(Job.name == name).scalar()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m bench.stored_jobs DB_URL [--ranks N]`: a stored job of N ranks (default 16,384) named `large`
+    and the `hostile` one, to look at with `VLCTL_DATABASE_URL=DB_URL vlctl ui`."""
+    import argparse
+
+    from controller.store import StoreConfig, open_store
+    from controller.store.migrate import upgrade
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("url")
+    parser.add_argument("--ranks", type=int, default=16_384)
+    parser.add_argument("--run-root", type=Path, default=Path("runs/stored-jobs"))
+    args = parser.parse_args(argv)
+    store = open_store(StoreConfig(url=args.url))
+    try:
+        upgrade(store)
+        store_large_job(store, args.run_root.resolve() / "large", ranks=args.ranks)
+        store_hostile_job(store, args.run_root.resolve() / "hostile")
+    finally:
+        store.dispose()
+    print(f"stored jobs large ({args.ranks} ranks) and hostile; VLCTL_DATABASE_URL={args.url} vlctl ui")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

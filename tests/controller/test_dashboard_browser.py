@@ -128,6 +128,10 @@ def test_a_live_job_on_the_dashboard(browser, tmp_path: Path) -> None:
         _until(page, "() => { const d = document.getElementById('heatmap').data; "
                      "return d && d.length > 1 && d[1].y.includes('1') }", 240, "rank 1 flagged on the heatmap")  # fmt: skip
         assert page.locator("#ranks tr.flagged").first.inner_text().startswith("1")
+        # The cause is beside the flag and in the flagged cell's hover (from the rank's StragglerFlagged report).
+        _until(page, "() => document.getElementById('heatmap').data[1].text.some((t) => t.startsWith('rank 1: '))",
+               30, "the straggler's cause on the heatmap")  # fmt: skip
+        assert "straggler: " in page.locator("#ranks tr.flagged").first.inner_text()
         _shot(page, "ui-job.png")
 
         # A killed rank: a failure, then the recovery (the next attempt), on the timeline.

@@ -177,8 +177,8 @@ async function jobPage(main, name) {
         drawn.steps = steps.points.length;
         drawn.attempts = key;
       }
-      const heatKey = JSON.stringify(heat);
-      if (heatKey !== drawn.heat) { drawHeatmap(heat); drawn.heat = heatKey; }
+      const heatKey = JSON.stringify(heat) + JSON.stringify(job.ranks.map((r) => r.straggler));
+      if (heatKey !== drawn.heat) { drawHeatmap(heat, job.ranks); drawn.heat = heatKey; }
       const goodKey = JSON.stringify([job.productive_seconds, job.lost_seconds]);
       if (goodKey !== drawn.goodput) { drawGoodput(job); drawn.goodput = goodKey; }
       setLive(true);
@@ -284,7 +284,15 @@ function drawCurves(points, attempts, events) {
   }
 }
 
-function drawHeatmap(h) {
+// What a flagged cell's hover says: the cause of the row's flagged rank(s), from their newest report. Each
+// line is escaped (plotly reads a little HTML), then joined with plotly's line break.
+function flaggedText(h, ranks, label) {
+  const why = ranks.filter((r) => r.flagged && r.straggler && (h.by === "rank" ? String(r.rank) === label : r.node === label))
+    .map((r) => `rank ${r.rank}: ${r.straggler.cause || "unknown cause"}${r.straggler.phase ? " (" + r.straggler.phase + ")" : ""}, ${fmtNum(r.straggler.slowdown, 2)}x`);
+  return why.length ? why.map(plotlyText).join("<br>") : "flagged";
+}
+
+function drawHeatmap(h, ranks) {
   const note = document.getElementById("heatmap-note");
   if (!h.rows.length) {
     note.textContent = "no straggler windows yet in attempt " + h.attempt;
@@ -297,7 +305,8 @@ function drawHeatmap(h) {
   const heat = { type: "heatmap", x: h.windows, y, z: h.own_work_s, colorscale: "YlOrRd", reversescale: true, colorbar: { title: { text: "own s" } },
     hovertemplate: (h.by === "node" ? "node" : "rank") + " %{y}<br>window from step %{x}<br>own %{z:.3f} s<extra></extra>" };
   const flagged = { type: "scatter", mode: "markers", x: h.flagged.map((c) => h.windows[c.window]), y: h.flagged.map((c) => y[c.row]),
-    marker: { symbol: "x", size: 10, color: "#0d47a1" }, hovertemplate: "flagged<extra></extra>", name: "flagged" };
+    text: h.flagged.map((c) => flaggedText(h, ranks, h.rows[c.row])),
+    marker: { symbol: "x", size: 10, color: "#0d47a1" }, hovertemplate: "flagged: %{text}<extra></extra>", name: "flagged" };
   const height = Math.max(240, Math.min(1400, 60 + 17 * y.length));  // a readable label per row (<= 65 rows)
   document.getElementById("heatmap").style.height = height + "px";
   Plotly.react("heatmap", [heat, flagged], { ...LAYOUT, margin: { ...LAYOUT.margin, l: 20 },
