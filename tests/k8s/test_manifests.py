@@ -270,3 +270,24 @@ def test_kustomize_builds_the_base_into_valid_objects() -> None:
             validate(obj)
     dashboard = next(o for o in objects if o["metadata"]["name"] == "vlctl-grafana-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_the_optional_dashboard_is_locked_down_and_takes_its_secrets_by_reference() -> None:
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in documents(BASE / "optional" / "dashboard.yaml")}
+    deployment, service = objects[("Deployment", "vlctl-dashboard")], objects[("Service", "vlctl-dashboard")]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False  # it needs no Kubernetes API
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["command"] == ["vlctl", "ui"] and container["args"][:2] == ["--host", "0.0.0.0"]
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e for e in container["env"]}
+    # Beyond loopback `vlctl ui` refuses to start without a token: both come from Secrets, never inline.
+    assert env["VLCTL_UI_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "vlctl-ui-token"
+    assert "value" not in env["VLCTL_DATABASE_URL"] and "value" not in env["VLCTL_UI_TOKEN"]
+    assert all(
+        "tcpSocket" in container[p] for p in ("readinessProbe", "livenessProbe")
+    )  # HTTP needs the token
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
