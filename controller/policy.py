@@ -21,7 +21,9 @@ Decisions:
 - Checkpoint interval `auto`: Young's optimum sqrt(2 C M), C the measured blocking save time, M the mean time
   between failures. M = (observed seconds + prior_failures x prior_mtbf_seconds) / (failures + prior_failures):
   a Gamma prior worth `prior_failures` failures, so a job without failures yet gets the prior, not infinity,
-  and the data take over as failures accumulate. Daly's higher-order terms differ by under 1% when C < M/50.
+  and the data take over as failures accumulate. The prior is one failure a day unless the spec says what to
+  expect (`checkpoint_policy.expected_failures_per_day`): at 131,072 GPUs the one-a-day prior kept the first
+  intervals far too long (`vlctl simulate`: 84% ETTR against 94% with the failure model's rate, docs/scale.md). Daly's higher-order terms differ by under 1% when C < M/50.
   Converted to steps with the median step time and clamped to [min_interval_steps, max_interval_steps].
 - Checkpoint interval in effect: the spec's number when it gives one; with `auto`, the trainer's own setting
   (within the policy's bounds) until a step time and a save time are measured, Young/Daly after. Before a save

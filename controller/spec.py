@@ -68,6 +68,12 @@ class CheckpointPolicy(_Section):
     )
     min_interval_steps: int = Field(10, ge=1)
     max_interval_steps: int = Field(5000, ge=1)
+    expected_failures_per_day: float | None = Field(
+        None,
+        gt=0,
+        description="auto's prior before the job's own failures tell: the failures a day you expect for a job "
+        "this size (your fleet's rate per node-day x nodes); unset: one a day",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> CheckpointPolicy:
@@ -235,8 +241,13 @@ class TrainingJobSpec(_Section):
 
     def checkpoint_interval_policy(self) -> CheckpointIntervalPolicy:
         c = self.checkpoint_policy
+        prior = (
+            {}
+            if c.expected_failures_per_day is None
+            else {"prior_mtbf_seconds": 86400.0 / c.expected_failures_per_day}
+        )
         return CheckpointIntervalPolicy(
-            min_interval_steps=c.min_interval_steps, max_interval_steps=c.max_interval_steps
+            min_interval_steps=c.min_interval_steps, max_interval_steps=c.max_interval_steps, **prior
         )
 
     def failure_rules(self) -> list[FailureRule]:

@@ -4,7 +4,7 @@ A YAML file (`vlctl simulate SPEC`) with these sections, every field optional ex
 
     job:     {name, nodes, gpus_per_node, step_seconds, params_billion, days}
     policy:  {recovery: restart | in-place, hot_spares, checkpoint_interval: STEPS | auto, min_interval_steps,
-              max_interval_steps, hang_timeout_seconds, backoff_base_seconds, backoff_max_seconds,
+              max_interval_steps, expected_failures_per_day: N | model, hang_timeout_seconds, backoff_base_seconds, backoff_max_seconds,
               max_restarts, stragglers: report | exclude-node, spare_nodes}
     failure_model: llama3 | meta-research | PATH.yaml    (or {model, causes: [subset]})
     cost_model: {FIELD: VALUE}                           (controller/simulate/costs.py, over the defaults)
@@ -57,6 +57,9 @@ class PolicySettings:
     checkpoint_interval: int | Literal["auto"] = "auto"
     # The training config's own interval: what `auto` runs at until the job has measured a save (docs/scale.md).
     trainer_interval_steps: int = 1000
+    # `auto`'s prior (the spec's checkpoint_policy.expected_failures_per_day): a number, "model" (what the
+    # failure model predicts for this job: its rate per node-day x the physical nodes), or None (one a day).
+    expected_failures_per_day: float | Literal["model"] | None = None
     min_interval_steps: int = 1
     max_interval_steps: int = 100_000
     hang_timeout_seconds: float = 600.0
@@ -138,6 +141,8 @@ class SimSpec:
             raise SimSpecError(f"policy.stragglers: expected report or exclude-node, got {p.stragglers!r}")
         if p.checkpoint_interval != "auto":
             _positive(p.checkpoint_interval, "policy.checkpoint_interval", integer=True)
+        if p.expected_failures_per_day not in (None, "model"):
+            _positive(p.expected_failures_per_day, "policy.expected_failures_per_day")
         if p.recovery == "in-place" and self.tracked_nodes < 2:
             raise SimSpecError("job.nodes: in-place recovery needs at least 2 nodes")
         if j.nodes % self.tracked_nodes:
@@ -145,6 +150,15 @@ class SimSpec:
                 f"job.nodes: {j.nodes} is not a multiple of the {self.tracked_nodes} nodes the controller tracks "
                 "(simulation.max_tracked_nodes)"
             )
+
+    def expected_failures_per_day(self) -> float | None:
+        """The prior the job spec gets (PolicySettings.expected_failures_per_day): "model" is the failure
+        model's rate of unplanned failures (planned maintenance saves first: no work lost) per node-day times
+        the physical nodes (not the tracked ones: the rate is the job's)."""
+        wanted = self.policy.expected_failures_per_day
+        if wanted == "model":
+            return self.load_model().rate_per_node_second(unplanned_only=True) * 86_400 * self.job.nodes
+        return wanted
 
     def training_job(self, run_dir: Path) -> dict[str, Any]:
         """The TrainingJob spec the controller supervises: one rank per tracked node, data-parallel."""
@@ -177,6 +191,7 @@ class SimSpec:
                 "interval": p.checkpoint_interval,
                 "min_interval_steps": p.min_interval_steps,
                 "max_interval_steps": p.max_interval_steps,
+                "expected_failures_per_day": self.expected_failures_per_day(),
             },
             "fault_tolerance": {
                 "recovery": p.recovery,

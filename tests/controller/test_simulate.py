@@ -82,6 +82,25 @@ def test_a_malformed_failure_model_names_its_field(raw, message):
         parse_failure_model(raw, source="m.yaml")
 
 
+def test_the_interval_prior_can_come_from_the_failure_model():
+    # "model": the failure model's unplanned rate per node-day times the physical nodes (not the tracked ones).
+    spec = parse_sim_spec(
+        small(job={"nodes": 1024}, policy={"expected_failures_per_day": "model"}), source="s"
+    )
+    unplanned = spec.load_model().rate_per_node_second(unplanned_only=True) * 86_400
+    assert spec.tracked_nodes == 16 and spec.expected_failures_per_day() == pytest.approx(1024 * unplanned)
+    job = spec.training_job(Path("/tmp/run"))
+    assert job["checkpoint_policy"]["expected_failures_per_day"] == pytest.approx(1024 * unplanned)
+    assert (
+        parse_sim_spec(small(), source="s").training_job(Path("/r"))["checkpoint_policy"][
+            "expected_failures_per_day"
+        ]
+        is None
+    )
+    with pytest.raises(SimSpecError, match="policy.expected_failures_per_day: expected a number > 0"):
+        parse_sim_spec(small(policy={"expected_failures_per_day": 0}), source="s")
+
+
 def test_an_unknown_cause_and_a_bad_spec_are_one_line_errors_with_exit_2(tmp_path: Path):
     with pytest.raises(SimSpecError, match="unknown cause 'gremlins'"):
         parse_sim_spec(small(failure_model={"model": "llama3", "causes": ["gremlins"]}), source="s.yaml")

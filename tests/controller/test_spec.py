@@ -53,6 +53,14 @@ def test_valid_spec_builds_the_decision_settings(tmp_path):
     rules = spec.failure_rules()
     assert rules[0].action is FailureAction.IGNORE_FOR_LIMIT
     assert spec.checkpoint_interval_policy().min_interval_steps == 10
+    assert spec.checkpoint_interval_policy().prior_mtbf_seconds == 86_400  # unset: one failure a day
+    sized = parse_spec(
+        {
+            **VALID,
+            "checkpoint_policy": {**VALID.get("checkpoint_policy", {}), "expected_failures_per_day": 48},
+        }
+    )
+    assert sized.checkpoint_interval_policy().prior_mtbf_seconds == 1800  # a job expecting 48 a day
 
 
 @pytest.mark.parametrize(
