@@ -29,8 +29,10 @@ Decisions:
   for a window on a 2-core machine, which broke its persistence count). A baseline that stays put, unlike an EWMA that would follow a slow drift, catches a
   1%-per-window degradation that hides inside the spread of a heterogeneous job. It restarts when the rank moves
   to another node, and survives attempts otherwise.
-- A window is slow for a rank when score >= threshold or ratio >= ratio_threshold; `persistence` consecutive slow
-  windows flag it, and it is reported every window until a window is not slow. A window in which the rank is not
+- A window is slow for a rank when score >= threshold or ratio >= ratio_threshold, the ratio only while the
+  rank is not faster than its reference by more than that same threshold (own work x ratio_threshold >= the
+  reference: a rank well ahead of the others holds nobody up, and in a 2-rank job a baseline learned while the
+  other rank was slow would otherwise flag the fast one); `persistence` consecutive slow windows flag it, and it is reported every window until a window is not slow. A window in which the rank is not
   evaluated leaves its count as it was.
 - Never judged: the first warmup_steps steps of each attempt, checkpoint steps, steps marked after_restart. A new
   attempt (a higher `attempt` in the input) clears the windows and counts.
@@ -485,7 +487,10 @@ class StragglerDetector:
         learn = ~established & (score < cfg.threshold)  # a rank slow from the start must not learn slowness
         self._learn_baselines(ranks[learn], rel[learn], phase_frac[learn])
 
-        slow = (score >= cfg.threshold) | (ratio >= cfg.ratio_threshold)
+        # The ratio alone never flags a rank faster than its reference by the ratio's own threshold: it holds
+        # nobody up, and its "slowdown" is a baseline learned while its reference was slow (a 2-rank job under
+        # load flagged its faster rank, at 0.64x the other, "1.40x its own baseline").
+        slow = (score >= cfg.threshold) | ((ratio >= cfg.ratio_threshold) & (x * cfg.ratio_threshold >= ref))
         self._consecutive[ranks] = np.where(slow, self._consecutive[ranks] + 1, 0)
         flagged = self._consecutive[ranks] >= cfg.persistence
         code = self._node[ranks]
