@@ -6,10 +6,11 @@ arrays themselves where they look at every rank (the job's step and loss, the ha
 
 Decisions:
 
-- Columns, not an object per rank (issue 14: <= 2 KB a rank at 16,384 ranks). A frozen RankState per rank with
-  its float objects and phase dict was about 700 bytes, twice over during a pass (the source's new states next
-  to the attempt's old ones), and the pass walked them in Python; the columns are about 200 bytes a rank,
-  written in place, and the pass reads them with numpy.
+- Columns, not an object per rank (issue 14: <= 2 KB a rank at 16,384 ranks). A frozen RankState per rank,
+  rebuilt every step with its float objects and phase dict, lived twice during a pass (the source's new states
+  next to the attempt's old ones), and the pass walked them in Python: the controller held 1.75 KB a rank, 2.76
+  KB at the peak of a pass, and the pass grew with exponent 1.15. In columns, written in place and read with
+  numpy: 1.11 / 1.37 KB, exponent 0.85 (bench_controller_scale, docs/benchmarks.md).
 - "Not reported" is NaN for a float, -1 for the step and the pid (neither is negative when reported), and a
   rank not reported at all is `reported[rank] == False`. Token totals start at 0, as RankState's do.
 - Phase and checkpoint maps are fixed-width columns in the contract's order (PHASES, CHECKPOINT_OPERATIONS);
@@ -127,10 +128,6 @@ class RankColumns:
         for s in states.values():
             columns.set_state(s)
         return columns
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
 
     def view(self) -> RankStates:
         return RankStates(self)
