@@ -66,7 +66,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     reps = 3 if args.quick else args.reps
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        return {"skipped": "no chromium on PATH (`make venv` installs Debian's)"}
+        raise SystemExit("bench_dashboard: no chromium on PATH (`make venv` installs Debian's)")
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory(prefix="vlctl-bench-ui-") as tmp:

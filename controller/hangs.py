@@ -130,12 +130,18 @@ class ProgressColumns:
         )
 
 
+def alive_times(last_progress: np.ndarray, storage_wait_at: np.ndarray) -> np.ndarray:
+    """Each rank's newest sign that it is doing its work: its progress, or a later report of waiting out a
+    storage outage (NaN: none yet)."""
+    waiting = ~np.isnan(storage_wait_at) & ~(last_progress >= storage_wait_at)
+    return np.where(waiting, storage_wait_at, last_progress)
+
+
 def alive_at(rank: ProgressLike) -> float | None:
-    """The newest sign that the rank is doing its work: a step, or waiting out a storage outage."""
-    progress, waiting = rank.last_progress, rank.storage_wait_at
-    if waiting is None or (progress is not None and progress >= waiting):
-        return progress
-    return waiting
+    """One rank's `alive_times`."""
+    c = ProgressColumns.of([rank])
+    value = float(alive_times(c.last_progress, c.storage_wait_at)[0])
+    return None if math.isnan(value) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +210,7 @@ def detect_hang(
         raise ValueError(f"median_step_seconds: must be >= 0, got {median_step_seconds}")
     c = ranks if isinstance(ranks, ProgressColumns) else ProgressColumns.of(ranks)
     # Each rank's newest sign of life: its progress, or a later report of waiting out a storage outage.
-    waiting = ~np.isnan(c.storage_wait_at) & ~(c.last_progress >= c.storage_wait_at)
-    alive = np.where(waiting, c.storage_wait_at, c.last_progress)
+    alive = alive_times(c.last_progress, c.storage_wait_at)
     progressed = ~np.isnan(alive)
     started = c.process_start[~np.isnan(c.process_start)]
     since_of = np.where(progressed, alive, np.where(np.isnan(c.process_start), launched_at, c.process_start))

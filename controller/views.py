@@ -163,15 +163,15 @@ class JobView:
             "loss": self.loss,
             "tokens_per_second": self.tokens_per_second,
             "eta_seconds": self.eta_seconds,
-            "progress_at": _iso(self.progress_at),
+            "progress_at": iso(self.progress_at),
             "checkpoint_interval_steps": self.checkpoint_interval_steps,
             "last_checkpoint_step": None if ckpt is None else ckpt.step,
             "last_checkpoint_uri": None if ckpt is None else ckpt.uri,
             "last_checkpoint": None
             if ckpt is None
-            else {"step": ckpt.step, "uri": ckpt.uri, "committed_at": _iso(ckpt.committed_at)},
+            else {"step": ckpt.step, "uri": ckpt.uri, "committed_at": iso(ckpt.committed_at)},
             "resume_from_step": self.resume_from_step,
-            "next_attempt_at": _iso(self.next_attempt_at),
+            "next_attempt_at": iso(self.next_attempt_at),
             "run_dir": self.run_dir,
             "ettr": self.ettr,
             "productive_seconds": self.productive_seconds,
@@ -180,19 +180,19 @@ class JobView:
             "stragglers": [
                 {"rank": r.rank, "node": r.node, "score": r.straggler_score} for r in self.stragglers
             ],
-            "created": _iso(self.created),
-            "updated": _iso(self.updated),
-            "finished": _iso(self.finished),
+            "created": iso(self.created),
+            "updated": iso(self.updated),
+            "finished": iso(self.finished),
             "in_place": None if self.in_place is None else dict(self.in_place),
-            "attempt_started": None if a is None else _iso(a.started),
+            "attempt_started": None if a is None else iso(a.started),
             "current_attempt": None
             if a is None
             else {
                 "number": a.number,
                 "nodes": list(a.nodes),
-                "started": _iso(a.started),
-                "running": _iso(a.running),
-                "ended": _iso(a.ended),
+                "started": iso(a.started),
+                "running": iso(a.running),
+                "ended": iso(a.ended),
                 "exit_class": a.exit_class,
                 "resumed_from_step": a.resumed_from_step,
             },
@@ -219,7 +219,8 @@ def eta_seconds(
     return max(0, total_steps - (step or 0)) * statistics.median(step_times)
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
+    """A time as the JSON documents give it (ISO 8601), None as None."""
     return None if value is None else value.isoformat()
 
 
@@ -231,13 +232,13 @@ def rank_dict(r: RankView) -> dict[str, Any]:
         "node": r.node,
         "pid": r.pid,
         "step": r.step,
-        "last_progress": _iso(r.last_progress),
+        "last_progress": iso(r.last_progress),
         "own_work_s": r.own_work_s,
         "step_s": r.step_s,
         "loss": r.loss,
         "straggler_score": r.straggler_score,
         "flagged": r.flagged,
-        "updated": _iso(r.updated),
+        "updated": iso(r.updated),
     }
 
 
@@ -338,8 +339,8 @@ def checkpoint_dict(c: Any, *, resume_step: int | None) -> dict[str, Any]:
         "size_bytes": c.size_bytes,
         "size": None if c.size_bytes is None else human_bytes(c.size_bytes),
         "save_seconds": c.save_seconds,
-        "created": _iso(c.created_at),
-        "committed_at": _iso(c.committed_at),
+        "created": iso(c.created_at),
+        "committed_at": iso(c.committed_at),
         "resume_next": c.step == resume_step,
     }
 

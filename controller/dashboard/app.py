@@ -17,8 +17,8 @@ Decisions:
   them in its thread pool): each opens one read session of the store, the way the CLI's commands do.
 - Charts are plotly.js, shipped inside the `plotly` Python package and served from it: no CDN, so the page
   works offline and on an air-gapped cluster.
-- Live: the page polls the JSON API every second (a job, and the loss curve's new bytes); a step is on the page
-  within about two polls of its line being written. Polling keeps the server stateless and works through any
+- Live: the page polls the JSON API every second (a job, and the loss curve's new bytes: a step's line reaches
+  the page at the first poll after it is written). Polling keeps the server stateless and works through any
   proxy; server-sent events would save little at this rate.
 - Security: with a token (`--token` or VLCTL_UI_TOKEN; required when bound beyond loopback), every request
   must carry it: `Authorization: Bearer <token>`, or the `vlctl_ui_token` cookie that a first visit with

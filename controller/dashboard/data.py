@@ -24,6 +24,7 @@ from controller.store.tables import attempts, events, jobs, rank_step_windows
 from controller.views import (
     checkpoint_dict,
     event_dict,
+    iso,
     node_summaries,
     rank_dict,
     ranks_worth_a_look,
@@ -111,7 +112,6 @@ def job_document(session: Session, name: str) -> dict[str, Any]:
         select(events).where(events.c.job_id == job_id).order_by(events.c.seq.desc()).limit(EVENTS_LIMIT)
     ).all()
     doc["events"] = [event_dict(e) for e in reversed(rows)]
-    doc["eta_seconds"] = view.eta_seconds
     return doc
 
 
@@ -119,9 +119,6 @@ def _attempts(session: Session, job_id: int) -> list[dict[str, Any]]:
     rows = session.execute(
         select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.number)
     ).all()
-
-    def iso(value: Any) -> str | None:
-        return None if value is None else value.isoformat()
 
     return [
         {
